@@ -1,0 +1,26 @@
+"""genflow: fast sampling, likelihoods and training for diffusion and flow generative models.
+
+Public API (DESIGN.md §3)::
+
+    import genflow as gf
+    process = gf.VP()                                   # or SubVP, VE, CosineVP, EDM, LinearPath, DiscreteVP
+    model = gf.Model(net, process, prediction="eps")    # eps | x0 | score | v | velocity
+    x = gf.sample(model, shape=(16, 2), solver="dpmpp_2m", steps=20, generator=0)
+"""
+from genflow import ops, schedules, solvers
+from genflow._extension import HAS_EXTENSION, warn_missing_once
+from genflow.mixtures import GaussianMixture
+from genflow.models import KINDS, Model, conversion, guided
+from genflow.processes import EDM, VE, VP, CosineVP, DiscreteVP, LinearPath, Process, SubVP
+from genflow.sample import sample
+from genflow.schedules import time_grid
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EDM", "HAS_EXTENSION", "KINDS", "VE", "VP", "CosineVP", "DiscreteVP", "GaussianMixture",
+    "LinearPath", "Model", "Process", "SubVP", "conversion", "guided", "ops", "sample",
+    "schedules", "solvers", "time_grid",
+]
+
+warn_missing_once()

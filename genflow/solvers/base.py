@@ -1,0 +1,139 @@
+"""The solver base class: grid tables, model evaluation and the fused update call.
+
+A solver step is scalar coefficient math (float64 on the host, precomputed per grid point)
+plus one call of the fused op ``out = c0 x + sum_k c_k term_k + s noise`` (DESIGN.md §1).
+Coefficients are Python floats for a shared time grid, or float64 [B] tensors when every
+sample has its own times; the helpers below work on both.
+"""
+import abc
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from genflow.models import conversion
+from genflow.ops import fused_update
+
+__all__ = ["Solver", "Point", "point", "sqrt", "exp", "expm1", "where"]
+
+
+class Point(NamedTuple):
+    """Process quantities at one time: floats, or [B] float64 tensors for per-sample times."""
+
+    t: object
+    alpha: object
+    sigma: object
+    lam: object
+    f: object
+    g2: object
+    dalpha: object
+    dsigma: object
+
+
+def _is_tensor(*values):
+    return any(isinstance(v, torch.Tensor) for v in values)
+
+
+def sqrt(v):
+    return torch.sqrt(v) if _is_tensor(v) else math.sqrt(v)
+
+
+def exp(v):
+    return torch.exp(v) if _is_tensor(v) else math.exp(v)
+
+
+def expm1(v):
+    return torch.expm1(v) if _is_tensor(v) else math.expm1(v)
+
+
+def where(cond, a, b):
+    """Elementwise ``a if cond else b`` for floats or per-sample tensors."""
+    if _is_tensor(cond, a, b):
+        cond = torch.as_tensor(cond)
+        return torch.where(cond, torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+    return a if cond else b
+
+
+def _table(process, ts: torch.Tensor) -> list:
+    """Per-grid-point ``Point``s computed in one vectorised pass over the grid."""
+    with torch.no_grad():
+        cols = [ts, process.alpha(ts), process.sigma(ts), process.log_snr(ts), process.f(ts),
+                process.g2(ts), process.dalpha(ts), process.dsigma(ts)]
+    cols = [c.to(torch.float64) for c in cols]
+    if ts.dim() == 1:
+        rows = zip(*(c.tolist() for c in cols))
+    else:
+        rows = zip(*(c.unbind(0) for c in cols))
+    return [Point(*row) for row in rows]
+
+
+def point(process, t) -> Point:
+    """``Point`` at an arbitrary (off-grid) time."""
+    return _table(process, torch.as_tensor(t, dtype=torch.float64).unsqueeze(0))[0]
+
+
+def _is_zero(c):
+    return not isinstance(c, torch.Tensor) and c == 0.0
+
+
+class Solver(abc.ABC):
+    """Base class of fixed-grid solvers. Subclasses set the class attributes and ``step``.
+
+    Attributes:
+        name: registry name.  order: convergence order (strong order for ODEs).
+        stochastic: whether the default configuration injects noise.
+        nfe_per_step: model evaluations per step.  default_eta: churn when ``eta=None``.
+    """
+
+    name = ""
+    order = 1
+    stochastic = False
+    nfe_per_step = 1
+    default_eta: Optional[float] = None  # None: the solver takes no eta
+
+    def __init__(self, model, ts: torch.Tensor, *, noise=None, eta=None, backend="auto"):
+        if eta is not None and self.default_eta is None:
+            raise ValueError(f"solver {self.name!r} is deterministic and takes no eta, got eta={eta}")
+        self.eta = self.default_eta if eta is None else float(eta)
+        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        self.model = model
+        self.process = model.process
+        self.ts = ts
+        self.grid = _table(model.process, ts)
+        self.noise = noise
+        self.backend = backend
+        self.evaluations = 0
+
+    @classmethod
+    def nfe(cls, steps: int) -> int:
+        """Model evaluations of a solve with ``steps`` steps."""
+        return cls.nfe_per_step * steps
+
+    def evaluate(self, x: torch.Tensor, p: Point) -> torch.Tensor:
+        """One model evaluation: the network's raw output at ``(x, p.t)``."""
+        self.evaluations += 1
+        return self.model.raw(x, p.t)
+
+    def coef(self, kind: str, p: Point):
+        """``(a, b)`` with ``kind = a x + b raw_output`` at ``p``."""
+        return conversion(self.model.prediction, kind, p.alpha, p.sigma, p.dalpha, p.dsigma)
+
+    def update(self, x, terms, coefs, noise_scale=0.0, *, out=None, noise_at=(None, None)):
+        """``out = coefs[0] x + sum_k coefs[k] terms[k-1] + noise_scale * noise`` (one fused pass).
+
+        Terms whose coefficient is exactly 0.0 are skipped; noise is drawn from the solver's
+        noise source only when ``noise_scale`` is nonzero.
+        """
+        kept = [(t, c) for t, c in zip(terms, coefs[1:]) if not _is_zero(c)]
+        noise_kwargs = {}
+        if not _is_zero(noise_scale):
+            if self.noise is None:
+                raise ValueError(f"solver {self.name!r} needs noise but no noise source was given")
+            noise_kwargs = self.noise.draw(x, *noise_at)
+        return fused_update(x, [t for t, _ in kept], [coefs[0]] + [c for _, c in kept],
+                            noise_scale, out=out, backend=self.backend, **noise_kwargs)
+
+    @abc.abstractmethod
+    def step(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Advance ``x`` from ``grid[i]`` to ``grid[i+1]``; may update ``x`` in place."""
