@@ -1,0 +1,9 @@
+"""genflow's fused primitives: one Python entry each, dispatching by device (DESIGN.md §4).
+
+``fused_update`` (``out = c0 x + sum_k c_k terms[k-1] + s z``) and ``randn`` (the Philox normal
+stream it uses) run the compiled kernels of ``genflow._C`` when built for the tensors' device and
+the pure-PyTorch reference (``genflow.ops._reference``) otherwise.
+"""
+from genflow.ops.fused_update import MAX_TERMS, fused_update, randn
+
+__all__ = ["MAX_TERMS", "fused_update", "randn"]

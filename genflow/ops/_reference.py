@@ -1,0 +1,246 @@
+"""Pure-PyTorch twins of genflow's compiled ops: the test oracle and the fallback path.
+
+Each function here has the semantics of the op of the same name in ``torch.ops.genflow``
+(``csrc/ops/*.cpp``), with the packed arguments the op takes. The Philox normal stream is
+reproduced bit for bit: Philox4x32-10 in int64 tensor arithmetic (the 32x32->64 products are
+split into 16-bit limbs, so nothing overflows), then the same float32 operations as
+``csrc/common/philox.h``: every fused multiply-add is emulated exactly (float64 product, an
+error-free sum rounded to odd, then one rounding to float32), so the reference stream equals
+the kernels' stream bitwise.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = [
+    "philox4x32_10", "normal_stream", "philox_normal", "fused_update", "fused_update_out",
+    "log_approx", "sincos_2pi_approx", "sqrt_approx",
+]
+
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------- Philox4x32-10 (int64 tensors)
+
+def _mulhilo(m: int, c: torch.Tensor):
+    """(hi, lo) 32-bit halves of m * c for m < 2^32 and c an int64 tensor in [0, 2^32)."""
+    p_lo = m * (c & 0xFFFF)  # < 2^48
+    p_hi = m * (c >> 16)  # < 2^48
+    s = ((p_hi & 0xFFFF) << 16) + p_lo  # < 2^49
+    return (p_hi >> 16) + (s >> 32), s & _MASK32
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 of ``counter`` (4 int64 tensors/ints in [0, 2^32)) under ``key`` (2 of them).
+
+    Returns the 4 output words as int64 tensors in [0, 2^32) (broadcast shape of the inputs).
+    """
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in counter)
+    k0, k1 = (torch.as_tensor(k, dtype=torch.int64) for k in key)
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(_M0, c0)
+        hi1, lo1 = _mulhilo(_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _W0) & _MASK32
+        k1 = (k1 + _W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+# ---------------------------------------------------------------- exact float32 arithmetic
+
+def _f64(v):
+    return v.double() if isinstance(v, torch.Tensor) else float(v)
+
+
+def _mul32(a, b) -> torch.Tensor:
+    """float32 a * b, rounded once (the float64 product of two floats is exact)."""
+    return (_f64(a) * _f64(b)).float()
+
+
+def _fma32(a, b, c) -> torch.Tensor:
+    """float32 fma(a, b, c) with a single rounding, like fmaf.
+
+    a * b is exact in float64; TwoSum gives p + c = s + err exactly; rounding s to odd (when err
+    is nonzero and s is even, step one ulp toward err) keeps enough information that the final
+    rounding to float32 is the correctly rounded result (Boldo & Melquiond 2008).
+    """
+    p = _f64(a) * _f64(b)
+    cd = _f64(c)
+    if not isinstance(p, torch.Tensor):
+        p = torch.tensor(p, dtype=torch.float64)
+    s = p + cd
+    bb = s - p
+    err = (p - (s - bb)) + (cd - bb)
+    even = (s.view(torch.int64) & 1) == 0
+    toward = torch.where(err > 0, torch.full_like(s, float("inf")), torch.full_like(s, float("-inf")))
+    s = torch.where((err != 0) & even, torch.nextafter(s, toward), s)
+    return s.float()
+
+
+def _bits(v: torch.Tensor) -> torch.Tensor:
+    """IEEE bits of a float32 tensor as int64 in [0, 2^32)."""
+    return v.contiguous().view(torch.int32).to(torch.int64) & _MASK32
+
+
+def _from_bits(b: torch.Tensor) -> torch.Tensor:
+    """float32 tensor with IEEE bits b (int64 in [0, 2^32))."""
+    b = torch.where(b >= 2**31, b - 2**32, b)
+    return b.to(torch.int32).view(torch.float32)
+
+
+# ---------------------------------------------------------------- float32 approximations
+
+_LOG_P = (-0.07621793448925018, 0.12904445827007294, -0.13242986798286438, 0.14181822538375854,
+          -0.16609081625938416, 0.2000197470188141, -0.25001582503318787, 0.33333325386047363,
+          -0.49999988079071045)
+_SIN_P = (-75.39356231689453, 81.59235382080078, -41.3416633605957, 6.2831854820251465)
+_COS_P = (59.229244232177734, -85.4432373046875, 64.93932342529297, -19.739208221435547, 1.0)
+
+
+def _horner(coefs, v):
+    p = torch.full_like(v, coefs[0])
+    for c in coefs[1:]:
+        p = _fma32(p, v, c)
+    return p
+
+
+def log_approx(u: torch.Tensor) -> torch.Tensor:
+    """genflow's float32 natural log (philox.h ``log_approx``) of positive normal floats."""
+    ix = _bits(u)
+    e = (ix - 0x3F3504F3) >> 23  # ix < 2^31, so this is the int32 arithmetic shift
+    m = _from_bits(ix - e * (1 << 23))
+    f = (m.double() - 1.0).float()  # exact
+    y = _fma32(_mul32(f, f), _horner(_LOG_P, f), f)
+    ef = e.to(torch.float32)
+    return _fma32(ef, 0.693145751953125, _fma32(ef, 1.428606765330187e-06, y))
+
+
+def sincos_2pi_approx(t: torch.Tensor):
+    """genflow's float32 (cos 2 pi t, sin 2 pi t) for t in [0, 1] (philox.h ``sincos_2pi_approx``)."""
+    magic = 12582912.0
+    qm = _fma32(t, 4.0, magic)
+    quadrant = _bits(qm) & 3
+    q = (qm.double() - magic).float()
+    r = _fma32(q, -0.25, t)
+    v = _mul32(r, r)
+    s = _mul32(r, _horner(_SIN_P, v))
+    c = _horner(_COS_P, v)
+    swap = (quadrant & 1) == 1
+    cos = torch.where(swap, s, c)
+    sin = torch.where(swap, c, s)
+    cos = torch.where(((quadrant + 1) & 2) != 0, -cos, cos)
+    sin = torch.where((quadrant & 2) != 0, -sin, sin)
+    return cos, sin
+
+
+def sqrt_approx(v: torch.Tensor) -> torch.Tensor:
+    """genflow's float32 square root (philox.h ``sqrt_approx``) of v in [0, 2^64]."""
+    b = torch.clamp_min(_bits(v) & 0x7FFFFFFF, 0x0DA24260)  # max(|v|, 1e-30) on the bits
+    vc = _from_bits(b)
+    y = _from_bits(0x5F375A86 - (b >> 1))
+    h = _mul32(0.5, vc)
+    y = _mul32(y, _fma32(-h, _mul32(y, y), 1.5))
+    y = _mul32(y, _fma32(-h, _mul32(y, y), 1.5))
+    s = _mul32(v, y)
+    return _fma32(_fma32(-s, s, v), _mul32(0.5, y), s)
+
+
+def _box_muller(wa: torch.Tensor, wb: torch.Tensor):
+    u = _fma32(wa.double().float(), 2.0**-32, 2.0**-33)
+    r = sqrt_approx(_mul32(-2.0, log_approx(u)))
+    t = _mul32(wb.double().float(), 2.0**-32)
+    c, s = sincos_2pi_approx(t)
+    return _mul32(r, c), _mul32(r, s)
+
+
+# ---------------------------------------------------------------- the normal stream
+
+def _split64(v) -> tuple:
+    """(lo32, hi32) of a 64-bit two's complement integer (int or int64 tensor)."""
+    if isinstance(v, torch.Tensor):
+        return v & _MASK32, (v >> 32) & _MASK32
+    v = int(v) % 2**64
+    return v & _MASK32, v >> 32
+
+
+def normal_stream(seed, offset: int, count: int, device=None) -> torch.Tensor:
+    """The first ``count`` values N(seed, offset)[0:count] of the stream (float32).
+
+    ``seed`` is an int or an int64 tensor of shape [S] (S streams; then the result is [S, count]).
+    """
+    groups = (count + 3) // 4
+    g = torch.arange(groups, dtype=torch.int64, device=device)
+    k0, k1 = _split64(seed)
+    if isinstance(seed, torch.Tensor):
+        k0, k1, g = k0.to(device)[:, None], k1.to(device)[:, None], g[None, :]
+    o0, o1 = _split64(offset)
+    w0, w1, w2, w3 = philox4x32_10((g & _MASK32, g >> 32, o0, o1), (k0, k1))
+    z0, z1 = _box_muller(w0, w1)
+    z2, z3 = _box_muller(w2, w3)
+    z = torch.stack(torch.broadcast_tensors(z0, z1, z2, z3), dim=-1)
+    return z.reshape(*z.shape[:-2], 4 * groups)[..., :count]
+
+
+def philox_normal(seed: torch.Tensor, offset: int, size: Sequence[int], dtype: torch.dtype,
+                  device=None) -> torch.Tensor:
+    """Twin of ``genflow::philox_normal``: the stream in the shape ``size``, as ``dtype``.
+
+    seed (int64 [1]: one stream over the row-major flat index; [B]: stream b for sample b).
+    The values are float32 rounded to ``dtype``. ``device`` defaults to seed's device.
+    """
+    size = tuple(int(s) for s in size)
+    device = seed.device if device is None else torch.device(device)
+    numel = 1
+    for s in size:
+        numel *= s
+    seed = seed.to(torch.int64).reshape(-1)
+    if numel == 0:
+        return torch.empty(size, dtype=dtype, device=device)
+    if seed.numel() > 1:
+        batch = size[0]
+        z = normal_stream(seed.to(device), offset, numel // batch, device=device)
+    else:
+        z = normal_stream(int(seed[0]), offset, numel, device=device)
+    return z.reshape(size).to(dtype)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fused_update(x: torch.Tensor, terms: Sequence[torch.Tensor], coef: torch.Tensor,
+                 noise: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None,
+                 offset: int = 0) -> torch.Tensor:
+    """Twin of ``genflow::fused_update``: ``c0 x + sum_k c_k terms[k-1] + s z`` (contiguous).
+
+    coef is float64 [K+2] or [K+2, B] (c0, c1..cK, s); z is ``noise``, or the stream of ``seed``
+    rounded to x's dtype, or absent. Accumulates in float32 (float64 for float64 x) in the
+    kernels' order with their fmas: bitwise equal to them except for float64 (within 1e-16).
+    """
+    acc = _acc_dtype(x.dtype)
+    coef = coef.to(device=x.device, dtype=torch.float64)
+    if coef.dim() == 2:
+        shape = (coef.shape[1],) + (1,) * (x.dim() - 1) if x.dim() > 0 else ()
+        c = [coef[k].reshape(shape).to(acc) for k in range(coef.shape[0])]
+    else:
+        c = [coef[k].to(acc) for k in range(coef.shape[0])]
+    if noise is None and seed is not None:
+        noise = philox_normal(seed, offset, x.shape, x.dtype, device=x.device)
+    inputs = list(terms) + ([noise] if noise is not None else [])
+    # The kernels' order and rounding: acc = c0 x, then acc = fma(c_k, input_k, acc). float32
+    # fmas are emulated exactly (bitwise equal results); float64 ones round twice (~1e-16).
+    out = c[0] * x.to(acc)
+    for ck, v in zip(c[1:len(terms) + 1] + c[-1:], inputs):
+        out = _fma32(ck, v.to(acc), out) if acc == torch.float32 else out + ck * v.to(acc)
+    return out.to(x.dtype).contiguous()
+
+
+def fused_update_out(x: torch.Tensor, terms: Sequence[torch.Tensor], coef: torch.Tensor,
+                     noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], offset: int,
+                     out: torch.Tensor) -> None:
+    """Twin of ``genflow::fused_update_out``: the update written into ``out`` (may be x)."""
+    out.copy_(fused_update(x, terms, coef, noise, seed, offset))
