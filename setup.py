@@ -49,7 +49,7 @@ def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = _sources("csrc/ops/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # torch.utils.cpp_extension adds the C++ standard torch needs
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
         return [
@@ -58,7 +58,7 @@ def _extensions():
                 sources + _sources("csrc/cuda/*.cu"),
                 include_dirs=include_dirs,
                 define_macros=[("GENFLOW_WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
                 extra_link_args=["-fopenmp"],
             )
         ]
