@@ -44,7 +44,8 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
            generator=None, x_T: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
            device=None, backend: str = "auto", progress: bool = False,
            callback: Optional[Callable] = None, return_trajectory: bool = False,
-           noise_sampler: Optional[Callable] = None, **solver_options):
+           noise_sampler: Optional[Callable] = None, final_step: Optional[str] = None,
+           **solver_options):
     """Draw samples by integrating ``model`` from ``t_start`` (noise) to ``t_end`` (data).
 
     Args:
@@ -69,6 +70,8 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
             sampler's working buffer (updated in place by later steps: clone it to keep it).
         return_trajectory: also return the states at every grid time, ``[steps+1, B, *D]``.
         noise_sampler: ``fn(sigma, sigma_next) -> Tensor`` supplying the noise instead.
+        final_step: ``"x0"`` replaces the final state by the model's data prediction at
+            ``t_end`` (one more NFE; removes the residual noise ``sigma(t_end)``).
         **solver_options: passed to the solver (e.g. ``variance="large"`` for ``ddpm``).
 
     Returns:
@@ -76,6 +79,8 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
     """
     if not isinstance(model, Model):
         raise TypeError(f"model must be a genflow.Model, got {type(model).__name__}")
+    if final_step not in (None, "x0"):
+        raise ValueError(f"final_step must be None or 'x0', got {final_step!r}")
     solver_cls = get_solver(solver)
     if backend not in ("auto", "torch", "cpu", "cuda"):
         raise ValueError(f"backend must be 'auto', 'torch', 'cpu' or 'cuda', got {backend!r}")
@@ -107,6 +112,10 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
             trajectory.append(x.clone())
         if callback is not None:
             callback({"i": i, "t": ts[i], "t_next": ts[i + 1], "x": x, "nfe": stepper.evaluations})
+    if final_step == "x0":
+        x = stepper.denoise(x, stepper.grid[-1])
+        if trajectory is not None:
+            trajectory[-1] = x.clone()
     if return_trajectory:
         return x, torch.stack(trajectory)
     return x

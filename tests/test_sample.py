@@ -85,3 +85,23 @@ def test_bad_model_and_shape():
         gf.sample(gf.GaussianMixture.ring().model(gf.VP()))
     with pytest.raises(ValueError, match="shape"):
         gf.sample(gf.GaussianMixture.ring().model(gf.VP()), (0, 2))
+
+
+def test_final_step_denoises_to_the_data_prediction(model):
+    x, traj = gf.sample(model, (16, 2), solver="ddim", steps=10, generator=0, final_step="x0", return_trajectory=True)
+    plain = gf.sample(model, (16, 2), solver="ddim", steps=10, generator=0)
+    torch.testing.assert_close(x, model.x0(plain, model.process.t_min))
+    assert torch.equal(traj[-1], x)
+    with pytest.raises(ValueError, match="final_step"):
+        gf.sample(model, (4, 2), final_step="eps")
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ddpm", "dpmpp_2m"])
+def test_dynamic_thresholding_clips_the_data_prediction(solver):
+    far = gf.GaussianMixture([[3.0, -3.0]], [0.1]).model(gf.VP())
+    x = gf.sample(far, (8, 2), solver=solver, steps=10, generator=0, thresholding=True, final_step="x0")
+    assert x.abs().max() <= 1.0 + 1e-6
+    unclipped = gf.sample(far, (8, 2), solver=solver, steps=10, generator=0, final_step="x0")
+    assert unclipped.abs().max() > 2.5
+    with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
+        gf.sample(far, (8, 2), solver=solver, thresholding=True, dynamic_thresholding_ratio=1.5)

@@ -1,15 +1,33 @@
-"""The solver registry: ``SOLVERS = {name: class}``; registration alone enrols a solver in the
-order, determinism and device tests."""
+"""The solver registry ``SOLVERS = {name: class}``.
+
+Every module of this package is imported and every ``Solver`` subclass with a ``name`` is
+registered, so adding a solver is writing its class; registration alone enrols it in the
+order, determinism and device tests.
+"""
+import importlib
+import pkgutil
 from typing import NamedTuple
 
 from genflow.solvers.base import Solver
-from genflow.solvers.ddim import DDIM, DDPM
-from genflow.solvers.dpm_solver import DPMSolverPP2M
-from genflow.solvers.euler import Euler, EulerMaruyama, Heun
 
 __all__ = ["SOLVERS", "Solver", "SolverInfo", "available", "get"]
 
-SOLVERS = {cls.name: cls for cls in (Euler, EulerMaruyama, Heun, DDIM, DDPM, DPMSolverPP2M)}
+
+def _discover() -> dict:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    found, stack = {}, list(Solver.__subclasses__())
+    while stack:
+        cls = stack.pop(0)
+        stack.extend(cls.__subclasses__())
+        if cls.name:
+            if cls.name in found and found[cls.name] is not cls:
+                raise RuntimeError(f"two solvers are named {cls.name!r}: {found[cls.name]} and {cls}")
+            found[cls.name] = cls
+    return dict(sorted(found.items()))
+
+
+SOLVERS = _discover()
 
 
 class SolverInfo(NamedTuple):

@@ -14,7 +14,7 @@ import torch
 from genflow.models import conversion
 from genflow.ops import fused_update
 
-__all__ = ["Solver", "Point", "point", "sqrt", "exp", "expm1", "where"]
+__all__ = ["Solver", "Point", "dynamic_threshold", "point", "sqrt", "exp", "expm1", "where"]
 
 
 class Point(NamedTuple):
@@ -72,6 +72,15 @@ def point(process, t) -> Point:
     return _table(process, torch.as_tensor(t, dtype=torch.float64).unsqueeze(0))[0]
 
 
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3): per sample,
+    ``s = clamp(quantile(|x0|, ratio), 1, max_value)`` and ``x0 <- clamp(x0, -s, s) / s``."""
+    flat = x0.reshape(x0.shape[0], -1).abs().float()
+    s = torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max_value)
+    s = s.to(x0.dtype).reshape((-1,) + (1,) * (x0.dim() - 1))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
 def _is_zero(c):
     return not isinstance(c, torch.Tensor) and c == 0.0
 
@@ -83,6 +92,12 @@ class Solver(abc.ABC):
         name: registry name.  order: convergence order (strong order for ODEs).
         stochastic: whether the default configuration injects noise.
         nfe_per_step: model evaluations per step.  default_eta: churn when ``eta=None``.
+        order_test_options: the option sets the convergence-order test runs (see
+            ``expected_order``).
+
+    Options every solver takes: ``thresholding`` (dynamic thresholding of the data prediction,
+    with diffusers' parameter names ``dynamic_thresholding_ratio`` and ``sample_max_value``).
+    Solvers read the model through ``x0_view``/``eps_view`` so that thresholding applies to all.
     """
 
     name = ""
@@ -90,8 +105,11 @@ class Solver(abc.ABC):
     stochastic = False
     nfe_per_step = 1
     default_eta: Optional[float] = None  # None: the solver takes no eta
+    order_test_options = ({},)
 
-    def __init__(self, model, ts: torch.Tensor, *, noise=None, eta=None, backend="auto"):
+    def __init__(self, model, ts: torch.Tensor, *, noise=None, eta=None, backend="auto",
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 sample_max_value: float = 1.0):
         if eta is not None and self.default_eta is None:
             raise ValueError(f"solver {self.name!r} is deterministic and takes no eta, got eta={eta}")
         self.eta = self.default_eta if eta is None else float(eta)
@@ -104,6 +122,16 @@ class Solver(abc.ABC):
         self.noise = noise
         self.backend = backend
         self.evaluations = 0
+        if not 0.0 < dynamic_thresholding_ratio <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
+        if not sample_max_value >= 1.0:
+            raise ValueError(f"sample_max_value must be >= 1, got {sample_max_value}")
+        self.threshold = (dynamic_thresholding_ratio, sample_max_value) if thresholding else None
+
+    @classmethod
+    def expected_order(cls, **options) -> int:
+        """The global convergence order with these options (what the order test checks)."""
+        return cls.order
 
     @classmethod
     def nfe(cls, steps: int) -> int:
@@ -118,6 +146,31 @@ class Solver(abc.ABC):
     def coef(self, kind: str, p: Point):
         """``(a, b)`` with ``kind = a x + b raw_output`` at ``p``."""
         return conversion(self.model.prediction, kind, p.alpha, p.sigma, p.dalpha, p.dsigma)
+
+    def x0_view(self, x, out, p: Point):
+        """``(term, a, b)`` with the data prediction ``x0 = a x + b term``.
+
+        Without thresholding ``term`` is the raw output and the conversion is folded into the
+        caller's coefficients; with it, ``x0`` is materialised, thresholded and ``(a, b) = (0, 1)``.
+        """
+        a, b = self.coef("x0", p)
+        if self.threshold is None:
+            return out, a, b
+        return dynamic_threshold(self.update(x, [out], [a, b]), *self.threshold), 0.0, 1.0
+
+    def eps_view(self, x, out, p: Point):
+        """``(term, a, b)`` with the noise prediction ``eps = a x + b term`` (thresholded via x0)."""
+        if self.threshold is None:
+            a, b = self.coef("eps", p)
+            return out, a, b
+        x0, _, _ = self.x0_view(x, out, p)
+        return x0, 1.0 / p.sigma, -p.alpha / p.sigma
+
+    def denoise(self, x, p: Point) -> torch.Tensor:
+        """Replace ``x`` (in place) by the model's data prediction at ``p`` (one NFE)."""
+        out = self.evaluate(x, p)
+        term, a, b = self.x0_view(x, out, p)
+        return self.update(x, [term], [a, b], out=x)
 
     def update(self, x, terms, coefs, noise_scale=0.0, *, out=None, noise_at=(None, None)):
         """``out = coefs[0] x + sum_k coefs[k] terms[k-1] + noise_scale * noise`` (one fused pass).

@@ -1,5 +1,5 @@
 """DDIM and DDPM (ancestral) updates, written for any ``x_t = alpha x0 + sigma eps`` process."""
-from genflow.solvers.base import Solver, expm1, sqrt
+from genflow.solvers.base import Solver, exp, expm1, sqrt
 
 
 class DDIM(Solver):
@@ -17,13 +17,16 @@ class DDIM(Solver):
 
     def step(self, i, x):
         p, q = self.grid[i], self.grid[i + 1]
-        a0, b0 = self.coef("x0", p)
-        a1, b1 = self.coef("eps", p)
-        c = self.eta * q.sigma * sqrt(-expm1(-2 * (q.lam - p.lam)))
-        k = sqrt(q.sigma ** 2 - c ** 2)
+        h = q.lam - p.lam
+        c = self.eta * q.sigma * sqrt(-expm1(-2 * h))
+        # x' = alpha' x0 + k eps with eps = (x - alpha x0) / sigma and k = sqrt(sigma'^2 - c^2)
+        #    = (sigma'/sigma) r x + alpha' (1 - e^{-h} r) x0,  r = sqrt(1 - eta^2 (1 - e^{-2h}))
+        r = sqrt(1 - self.eta ** 2 * -expm1(-2 * h))
+        cx = (q.sigma / p.sigma) * r
+        c0 = q.alpha * (-expm1(-h) + exp(-h) * (1 - r))
         out = self.evaluate(x, p)
-        return self.update(x, [out], [q.alpha * a0 + k * a1, q.alpha * b0 + k * b1], c, out=x,
-                           noise_at=(p.sigma, q.sigma))
+        term, a0, b0 = self.x0_view(x, out, p)
+        return self.update(x, [term], [cx + c0 * a0, c0 * b0], c, out=x, noise_at=(p.sigma, q.sigma))
 
 
 class DDPM(Solver):
@@ -46,10 +49,10 @@ class DDPM(Solver):
 
     def step(self, i, x):
         p, q = self.grid[i], self.grid[i + 1]
-        a0, b0 = self.coef("x0", p)
         one_minus = -expm1(-2 * (q.lam - p.lam))
         cx = (p.alpha / q.alpha) * (q.sigma / p.sigma) ** 2
         c0 = q.alpha * one_minus
         std = sqrt(one_minus) * (q.sigma if self.variance == "small" else p.sigma * (q.sigma > 0))
         out = self.evaluate(x, p)
-        return self.update(x, [out], [cx + c0 * a0, c0 * b0], std, out=x, noise_at=(p.sigma, q.sigma))
+        term, a0, b0 = self.x0_view(x, out, p)
+        return self.update(x, [term], [cx + c0 * a0, c0 * b0], std, out=x, noise_at=(p.sigma, q.sigma))

@@ -22,8 +22,8 @@ class DPMSolverPP2M(Solver):
     def step(self, i, x):
         p, q = self.grid[i], self.grid[i + 1]
         h = q.lam - p.lam
-        a0, b0 = self.coef("x0", p)
         out = self.evaluate(x, p)
+        out, a0, b0 = self.x0_view(x, out, p)
         c = -q.alpha * expm1(-h)
         cx = q.sigma / p.sigma
         last = i + 1 == len(self.grid) - 1
