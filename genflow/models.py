@@ -111,11 +111,23 @@ class Model:
             return self.process.T - t
         return self.time(t)
 
+    def prepare_time(self, t, x: torch.Tensor) -> torch.Tensor:
+        """The time tensor ``net`` receives for process time ``t`` and batch ``x``: [B], mapped
+        by ``time``, float64 when x is float64 else float32."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if type(t) is float and self.time in ("native", "reversed"):  # the common, fast case
+            value = t if self.time == "native" else self.process.T - t
+            return torch.full((x.shape[0],), value, dtype=dtype, device=x.device)
+        t = _time_vector(t, x)
+        return self.net_time(t).to(dtype)
+
     def raw(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
         """The network's own output (kind ``self.prediction``) at ``(x, t)``."""
-        t = _time_vector(t, x)
-        t_net = self.net_time(t).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        out = self.net(x, t_net, **{**self.cond, **cond})
+        return self.call(x, self.prepare_time(t, x), **cond)
+
+    def call(self, x: torch.Tensor, t_net: torch.Tensor, **cond) -> torch.Tensor:
+        """``net(x, t_net, **cond)`` with ``t_net`` from ``prepare_time``, output checked."""
+        out = self.net(x, t_net, **{**self.cond, **cond}) if cond else self.net(x, t_net, **self.cond)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"net must return a tensor shaped like x {tuple(x.shape)}, got {got}")

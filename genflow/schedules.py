@@ -30,6 +30,9 @@ def _finite_log_snr(process, t: torch.Tensor, toward: torch.Tensor) -> torch.Ten
     return torch.where(torch.isfinite(lam), lam, process.log_snr(nudged))
 
 
+_GRIDS = {}  # (id(process), steps, schedule, t_start, t_end, rho) -> (process, grid, grid._version)
+
+
 def time_grid(process, steps: int, schedule: str = "logsnr", t_start=None, t_end=None, *,
               rho: float = 7.0) -> torch.Tensor:
     """A decreasing grid of ``steps + 1`` times from ``t_start`` to ``t_end``.
@@ -44,7 +47,22 @@ def time_grid(process, steps: int, schedule: str = "logsnr", t_start=None, t_end
       * ``cosine``:    the log-SNR spacing of the cosine schedule (Nichol & Dhariwal 2021),
         ``lambda = -2 log tan(pi w / 2)`` uniform in ``w``, for any process.
     The endpoints are exact. ``t_start`` defaults to ``process.T``, ``t_end`` to ``process.t_min``.
+    Grids with scalar endpoints are cached and shared between calls: clone before modifying.
     """
+    scalar = all(v is None or type(v) in (int, float) for v in (t_start, t_end))
+    key = (id(process), steps, schedule, t_start, t_end, rho) if scalar else None
+    hit = _GRIDS.get(key)
+    if hit is not None and hit[0] is process and hit[1]._version == hit[2]:
+        return hit[1]
+    ts = _time_grid(process, steps, schedule, t_start, t_end, rho)
+    if key is not None:
+        if len(_GRIDS) >= 64:
+            _GRIDS.clear()
+        _GRIDS[key] = (process, ts, ts._version)
+    return ts
+
+
+def _time_grid(process, steps, schedule, t_start, t_end, rho):
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if steps < 1:

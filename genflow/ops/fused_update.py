@@ -27,7 +27,7 @@ import torch
 from genflow._extension import HAS_EXTENSION, has_cuda_kernels, warn_missing_once
 from genflow.ops import _reference
 
-__all__ = ["fused_update", "randn", "MAX_TERMS"]
+__all__ = ["fused_update", "fused_update_unchecked", "randn", "seed_tensor", "use_kernel", "MAX_TERMS"]
 
 MAX_TERMS = 4
 _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -195,11 +195,9 @@ def fused_update(x: torch.Tensor, terms: Sequence[torch.Tensor] = (), coefs: Seq
     batch = x.shape[0] if x.dim() > 0 else 1
     values = list(coefs)
     values.append(noise_scale)
-    scalar = True  # every coefficient a Python float
     for k, v in enumerate(values):
         if type(v) is not float:
-            values[k] = v = _check_coef(v, "coefs[%d]" % k if k <= K else "noise_scale", batch, device)
-            scalar = scalar and type(v) is float
+            values[k] = _check_coef(v, "coefs[%d]" % k if k <= K else "noise_scale", batch, device)
     if noise is not None and seed is not None:
         raise ValueError("pass either noise= or seed= (noise generated in the kernel), not both")
     if noise is not None:
@@ -211,26 +209,39 @@ def fused_update(x: torch.Tensor, terms: Sequence[torch.Tensor] = (), coefs: Seq
     offset = _check_offset(offset)
     if out is not None:
         _check_like(out, "out", x)
+    seed_t = None if seed is None else _seed_tensor(seed, batch, device)
+    return fused_update_unchecked(x, list(terms), values, kernel=_use_kernel(backend, device),
+                                  noise=noise, seed=seed_t, offset=offset, out=out)
 
-    if scalar:
+
+def fused_update_unchecked(x: torch.Tensor, terms: list, values: list, *, kernel: bool,
+                           noise: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None,
+                           offset: int = 0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``fused_update`` without argument checks, for callers that validated once (solver loops).
+
+    ``values`` is ``[c0, c1..cK, s]`` (floats or float64 [B] tensors), ``seed`` an int64 tensor
+    from ``seed_tensor`` (or None), ``kernel`` the result of ``use_kernel(backend, x.device)``.
+    """
+    if all(type(v) is float for v in values):
         coef = _host_tensor(values, torch.float64, "d")  # CPU: the CUDA op takes it by value
     else:
-        coef = torch.stack([v.to(device=device, dtype=torch.float64) if isinstance(v, torch.Tensor)
-                            else torch.full((batch,), v, dtype=torch.float64, device=device)
+        batch = x.shape[0]
+        coef = torch.stack([v.to(device=x.device, dtype=torch.float64) if isinstance(v, torch.Tensor)
+                            else torch.full((batch,), v, dtype=torch.float64, device=x.device)
                             for v in values])
-    seed_t = None if seed is None else _seed_tensor(seed, batch, device)
-    if type(terms) is not list:
-        terms = list(terms)
-
-    if _use_kernel(backend, device):
+    if kernel:
         if out is None:
-            return torch.ops.genflow.fused_update(x, terms, coef, noise, seed_t, offset)
-        torch.ops.genflow.fused_update_out(x, terms, coef, noise, seed_t, offset, out)
+            return torch.ops.genflow.fused_update(x, terms, coef, noise, seed, offset)
+        torch.ops.genflow.fused_update_out(x, terms, coef, noise, seed, offset, out)
         return out
     if out is None:
-        return _reference.fused_update(x, terms, coef, noise, seed_t, offset)
-    _reference.fused_update_out(x, terms, coef, noise, seed_t, offset, out)
+        return _reference.fused_update(x, terms, coef, noise, seed, offset)
+    _reference.fused_update_out(x, terms, coef, noise, seed, offset, out)
     return out
+
+
+use_kernel = _use_kernel
+seed_tensor = _seed_tensor
 
 
 def randn(shape, *, seed, offset: int = 0, dtype: torch.dtype = torch.float32, device=None,

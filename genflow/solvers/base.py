@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from genflow.models import conversion
-from genflow.ops import fused_update
+from genflow.ops.fused_update import fused_update_unchecked, seed_tensor, use_kernel
 
 __all__ = ["Solver", "Point", "dynamic_threshold", "point", "sqrt", "exp", "expm1", "where"]
 
@@ -30,32 +30,47 @@ class Point(NamedTuple):
     dsigma: object
 
 
-def _is_tensor(*values):
-    return any(isinstance(v, torch.Tensor) for v in values)
+_Tensor = torch.Tensor
 
 
 def sqrt(v):
-    return torch.sqrt(v) if _is_tensor(v) else math.sqrt(v)
+    return torch.sqrt(v) if isinstance(v, _Tensor) else math.sqrt(v)
 
 
 def exp(v):
-    return torch.exp(v) if _is_tensor(v) else math.exp(v)
+    return torch.exp(v) if isinstance(v, _Tensor) else math.exp(v)
 
 
 def expm1(v):
-    return torch.expm1(v) if _is_tensor(v) else math.expm1(v)
+    return torch.expm1(v) if isinstance(v, _Tensor) else math.expm1(v)
 
 
 def where(cond, a, b):
     """Elementwise ``a if cond else b`` for floats or per-sample tensors."""
-    if _is_tensor(cond, a, b):
+    if isinstance(cond, _Tensor) or isinstance(a, _Tensor) or isinstance(b, _Tensor):
         cond = torch.as_tensor(cond)
         return torch.where(cond, torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
     return a if cond else b
 
 
+_TABLES = {}  # (id(process), id(ts)) -> (process, ts, ts._version, points): grids are reused
+
+
 def _table(process, ts: torch.Tensor) -> list:
-    """Per-grid-point ``Point``s computed in one vectorised pass over the grid."""
+    """Per-grid-point ``Point``s computed in one vectorised pass over the grid (cached for a
+    grid tensor seen before and not modified since, as the cached ``time_grid`` returns)."""
+    key = (id(process), id(ts))
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] is process and hit[1] is ts and hit[2] == ts._version:
+        return hit[3]
+    points = _compute_table(process, ts)
+    if len(_TABLES) >= 64:
+        _TABLES.clear()
+    _TABLES[key] = (process, ts, ts._version, points)
+    return points
+
+
+def _compute_table(process, ts: torch.Tensor) -> list:
     with torch.no_grad():
         cols = [ts, process.alpha(ts), process.sigma(ts), process.log_snr(ts), process.f(ts),
                 process.g2(ts), process.dalpha(ts), process.dsigma(ts)]
@@ -122,6 +137,8 @@ class Solver(abc.ABC):
         self.noise = noise
         self.backend = backend
         self.evaluations = 0
+        self._kernel = None  # use_kernel(backend, device), decided at the first update
+        self._seed = None
         if not 0.0 < dynamic_thresholding_ratio <= 1.0:
             raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
         if not sample_max_value >= 1.0:
@@ -141,7 +158,7 @@ class Solver(abc.ABC):
     def evaluate(self, x: torch.Tensor, p: Point) -> torch.Tensor:
         """One model evaluation: the network's raw output at ``(x, p.t)``."""
         self.evaluations += 1
-        return self.model.raw(x, p.t)
+        return self.model.call(x, self.model.prepare_time(p.t, x))
 
     def coef(self, kind: str, p: Point):
         """``(a, b)`` with ``kind = a x + b raw_output`` at ``p``."""
@@ -178,14 +195,29 @@ class Solver(abc.ABC):
         Terms whose coefficient is exactly 0.0 are skipped; noise is drawn from the solver's
         noise source only when ``noise_scale`` is nonzero.
         """
-        kept = [(t, c) for t, c in zip(terms, coefs[1:]) if not _is_zero(c)]
-        noise_kwargs = {}
-        if not _is_zero(noise_scale):
+        kept_terms, values = [], [coefs[0]]
+        for term, c in zip(terms, coefs[1:]):
+            if not _is_zero(c):
+                kept_terms.append(term)
+                values.append(c)
+        if self._kernel is None:
+            self._kernel = use_kernel(self.backend, x.device)
+        noise = seed = None
+        offset = 0
+        if _is_zero(noise_scale):
+            values.append(0.0)
+        else:
             if self.noise is None:
                 raise ValueError(f"solver {self.name!r} needs noise but no noise source was given")
-            noise_kwargs = self.noise.draw(x, *noise_at)
-        return fused_update(x, [t for t, _ in kept], [coefs[0]] + [c for _, c in kept],
-                            noise_scale, out=out, backend=self.backend, **noise_kwargs)
+            values.append(noise_scale)
+            drawn = self.noise.draw(x, *noise_at)
+            noise = drawn.get("noise")
+            if "seed" in drawn:
+                if self._seed is None:
+                    self._seed = seed_tensor(drawn["seed"], x.shape[0], x.device)
+                seed, offset = self._seed, drawn["offset"]
+        return fused_update_unchecked(x, kept_terms, values, kernel=self._kernel, noise=noise,
+                                      seed=seed, offset=offset, out=out)
 
     @abc.abstractmethod
     def step(self, i: int, x: torch.Tensor) -> torch.Tensor:
