@@ -1,4 +1,9 @@
-"""``gf.sample``: the one loop over time (progress bar, callback, trajectory)."""
+"""``gf.sample``: the one loop over time (progress bar, callback, trajectory).
+
+Fixed-grid solvers are stepped over the time grid; adaptive solvers (class attribute
+``adaptive = True``) choose their own steps, and their ``solve(x)`` generator replaces the grid
+(its iterations feed the same progress bar, callback and trajectory).
+"""
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -39,19 +44,28 @@ def _check_shape(shape):
     return shape
 
 
+def _grid_steps(stepper, ts, x):
+    """The fixed-grid loop: ``(x, info, steps done)`` after every step."""
+    for i in range(ts.shape[0] - 1):
+        x = stepper.step(i, x)
+        yield x, {"i": i, "t": ts[i], "t_next": ts[i + 1]}, i + 1
+
+
 def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str = "dpmpp_2m",
            steps: int = 20, schedule="logsnr", t_start=None, t_end=None, eta: Optional[float] = None,
            generator=None, x_T: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
            device=None, backend: str = "auto", progress: bool = False,
            callback: Optional[Callable] = None, return_trajectory: bool = False,
-           noise_sampler: Optional[Callable] = None, final_step: Optional[str] = None,
+           noise_sampler: Optional[Callable] = None, noise=None, final_step: Optional[str] = None,
            **solver_options):
     """Draw samples by integrating ``model`` from ``t_start`` (noise) to ``t_end`` (data).
 
     Args:
         model: a ``genflow.Model``.
         shape: ``(B, *D)``; required when ``x_T`` is not given.
-        solver: a name from ``gf.solvers.available()``.
+        solver: a name from ``gf.solvers.available()``. Adaptive solvers (``rk45``,
+            ``sde_adaptive``) pick their own steps between ``t_start`` and ``t_end``: ``steps``
+            and ``schedule`` then only fix those endpoints; pass ``rtol``/``atol`` instead.
         steps: number of solver steps (``>= 1``).
         schedule: a name from ``gf.schedules.SCHEDULES`` or an explicit decreasing grid
             (``[steps+1]`` or per-sample ``[steps+1, B]``; ``steps``, ``t_start``, ``t_end``
@@ -68,8 +82,21 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
         progress: show a tqdm progress bar.
         callback: called after every step with a dict ``i, t, t_next, x, nfe``; ``x`` is the
             sampler's working buffer (updated in place by later steps: clone it to keep it).
-        return_trajectory: also return the states at every grid time, ``[steps+1, B, *D]``.
+            For adaptive solvers, after every attempted step, with per-sample float64 [B]
+            ``t``, ``t_next`` (equal where the step was rejected), ``h``, ``error``, ``accepted``
+            (bool) and ``accepted_steps`` (cumulative counts) as well.
+        return_trajectory: also return the states at every grid time, ``[steps+1, B, *D]``;
+            for adaptive solvers the state after every iteration in which some sample took a
+            step, ``[N+1, B, *D]`` (each sample's own times are the callback's ``t_next``;
+            a sample whose step was rejected, or that has finished, repeats its state).
         noise_sampler: ``fn(sigma, sigma_next) -> Tensor`` supplying the noise instead.
+        noise: ``"philox"`` (independent in-kernel draws), ``"brownian_tree"`` (every draw an
+            increment of one Brownian path ``W(sigma)`` on ``[0, sigma(T)]`` keyed by the
+            generator: samples change little with the step count or the step sizes;
+            ``genflow.noise.BrownianTreeNoise``), or a noise source object. None (default):
+            the solver's ``default_noise``, ``"philox"`` unless it says otherwise
+            (``sde_adaptive`` takes ``"brownian_tree"``: a rejected step must be retried on
+            the same path, or the accepted noise is biased).
         final_step: ``"x0"`` replaces the final state by the model's data prediction at
             ``t_end`` (one more NFE; removes the residual noise ``sigma(t_end)``).
         **solver_options: passed to the solver (e.g. ``variance="large"`` for ``ddpm``).
@@ -97,21 +124,28 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
         batch = shape[0]
     if ts.dim() == 2 and ts.shape[1] != batch:
         raise ValueError(f"per-sample times must have length {batch} (the batch), got {ts.shape[1]}")
-    noise = noise_source(generator, batch, noise_sampler)
+    if noise is None and noise_sampler is None:
+        noise = getattr(solver_cls, "default_noise", "philox")
+    noise = noise_source(generator, batch, noise_sampler, noise=noise, sigma_max=process.sigma(process.T))
     if x_T is None:
         sigma_start = process.sigma(ts[0]).reshape((-1,) + (1,) * (len(shape) - 1))
         x = noise.prior(shape, dtype, device) * sigma_start.to(dtype=dtype, device=device)
     else:
         x = x_T.clone(memory_format=torch.contiguous_format)
     stepper = solver_cls(model, ts, noise=noise, eta=eta, backend=backend, **solver_options)
-    n_steps = ts.shape[0] - 1
+    adaptive = getattr(solver_cls, "adaptive", False)
+    if adaptive:  # the solver picks its steps; progress is the fraction of the interval done
+        loop, total, bar_format = stepper.solve(x), 1.0, "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}]"
+    else:
+        loop, total, bar_format = _grid_steps(stepper, ts, x), ts.shape[0] - 1, None
     trajectory = [x.clone()] if return_trajectory else None
-    for i in tqdm(range(n_steps), disable=not progress, desc=f"genflow {solver}", leave=False):
-        x = stepper.step(i, x)
-        if trajectory is not None:
-            trajectory.append(x.clone())
-        if callback is not None:
-            callback({"i": i, "t": ts[i], "t_next": ts[i + 1], "x": x, "nfe": stepper.evaluations})
+    with tqdm(total=total, bar_format=bar_format, disable=not progress, desc=f"genflow {solver}", leave=False) as bar:
+        for x, info, done in loop:
+            if trajectory is not None and (not adaptive or bool(info["accepted"].any())):
+                trajectory.append(x.clone())
+            if callback is not None:
+                callback({**info, "x": x, "nfe": stepper.evaluations})
+            bar.update(done - bar.n)
     if final_step == "x0":
         x = stepper.denoise(x, stepper.grid[-1])
         if trajectory is not None:

@@ -105,3 +105,11 @@ def test_dynamic_thresholding_clips_the_data_prediction(solver):
     assert unclipped.abs().max() > 2.5
     with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
         gf.sample(far, (8, 2), solver=solver, thresholding=True, dynamic_thresholding_ratio=1.5)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "euler_maruyama"])
+def test_dynamic_thresholding_reaches_velocity_and_score_solvers(solver):
+    far = gf.GaussianMixture([[3.0, -3.0]], [0.1]).model(gf.VP())
+    plain = gf.sample(far, (8, 2), solver=solver, steps=10, generator=0)
+    clipped = gf.sample(far, (8, 2), solver=solver, steps=10, generator=0, thresholding=True)
+    assert (clipped - plain).abs().max() > 0.5

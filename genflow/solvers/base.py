@@ -183,6 +183,14 @@ class Solver(abc.ABC):
         x0, _, _ = self.x0_view(x, out, p)
         return x0, 1.0 / p.sigma, -p.alpha / p.sigma
 
+    def views(self, x, out, p: Point, *kinds):
+        """``(term, [(a, b) for each kind])`` with ``kind = a x + b term``: the raw output with
+        folded conversions, or with thresholding the thresholded ``x0`` converted from."""
+        if self.threshold is None:
+            return out, [self.coef(kind, p) for kind in kinds]
+        x0, _, _ = self.x0_view(x, out, p)
+        return x0, [conversion("x0", kind, p.alpha, p.sigma, p.dalpha, p.dsigma) for kind in kinds]
+
     def denoise(self, x, p: Point) -> torch.Tensor:
         """Replace ``x`` (in place) by the model's data prediction at ``p`` (one NFE)."""
         out = self.evaluate(x, p)

@@ -16,8 +16,7 @@ class Euler(Solver):
     def step(self, i, x):
         p, q = self.grid[i], self.grid[i + 1]
         h = q.t - p.t
-        a, b = self.coef("velocity", p)
-        out = self.evaluate(x, p)
+        out, [(a, b)] = self.views(x, self.evaluate(x, p), p, "velocity")
         return self.update(x, [out], [1 + h * a, h * b], out=x)
 
 
@@ -45,13 +44,12 @@ class EulerMaruyama(Solver):
     def step(self, i, x):
         p, q = self.grid[i], self.grid[i + 1]
         h = q.t - p.t
-        a, b = self.coef("velocity", p)  # drift = velocity - eta^2/2 g2 score
+        # drift = velocity - eta^2/2 g2 score
+        out, [(a, b), (a_s, b_s)] = self.views(x, self.evaluate(x, p), p, "velocity", "score")
         if self.eta > 0:
-            a_s, b_s = self.coef("score", p)
             churn = self.eta ** 2 / 2 * p.g2
             a, b = a - churn * a_s, b - churn * b_s
         noise_scale = self.eta * sqrt(p.g2 * -h) if self.eta > 0 else 0.0
-        out = self.evaluate(x, p)
         return self.update(x, [out], [1 + h * a, h * b], noise_scale, out=x, noise_at=(p.sigma, q.sigma))
 
 
@@ -70,14 +68,12 @@ class Heun(Solver):
     def step(self, i, x):
         p, q = self.grid[i], self.grid[i + 1]
         h = q.t - p.t
-        a, b = self.coef("velocity", p)
-        out = self.evaluate(x, p)
+        out, [(a, b)] = self.views(x, self.evaluate(x, p), p, "velocity")
         at_zero = q.sigma == 0
         if not isinstance(at_zero, torch.Tensor) and at_zero:
             return self.update(x, [out], [1 + h * a, h * b], out=x)
         x_euler = self.update(x, [out], [1 + h * a, h * b])
-        out2 = self.evaluate(x_euler, q)
-        a2, b2 = self.coef("velocity", q)
+        out2, [(a2, b2)] = self.views(x_euler, self.evaluate(x_euler, q), q, "velocity")
         if isinstance(at_zero, torch.Tensor) and at_zero.any():  # per-sample: Euler where sigma' = 0
             full = ~at_zero
             coefs = [where(full, 1 + h * a / 2, 1 + h * a), where(full, h * b / 2, h * b),
