@@ -5,5 +5,6 @@ stream it uses) run the compiled kernels of ``genflow._C`` when built for the te
 the pure-PyTorch reference (``genflow.ops._reference``) otherwise.
 """
 from genflow.ops.fused_update import MAX_TERMS, fused_update, randn
+from genflow.ops.langevin import langevin_update
 
-__all__ = ["MAX_TERMS", "fused_update", "randn"]
+__all__ = ["MAX_TERMS", "fused_update", "langevin_update", "randn"]

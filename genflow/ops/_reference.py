@@ -244,3 +244,125 @@ def fused_update_out(x: torch.Tensor, terms: Sequence[torch.Tensor], coef: torch
                      out: torch.Tensor) -> None:
     """Twin of ``genflow::fused_update_out``: the update written into ``out`` (may be x)."""
     out.copy_(fused_update(x, terms, coef, noise, seed, offset))
+
+
+# ---------------------------------------------------------------- the Langevin corrector step
+
+# The kernels' reduction layout (csrc/common/langevin.h): each sample is cut into chunks of
+# _LANGEVIN_CHUNK elements; in a chunk, lane q < _LANGEVIN_LANES accumulates v[q + 1024 k]^2
+# for k = 0..3 in order, and the lanes are summed by an adjacent-pairs tree. The chunk sums of a
+# sample are reduced the same way (lane q sums chunks q + 1024 k in order, then the tree).
+_LANGEVIN_CHUNK = 4096
+_LANGEVIN_LANES = 1024
+
+
+def _pairwise_sum(v: torch.Tensor) -> torch.Tensor:
+    """Adjacent-pairs tree sum over the last dimension (a power of two): ((v0+v1)+(v2+v3))+..."""
+    while v.shape[-1] > 1:
+        v = v[..., 0::2] + v[..., 1::2]
+    return v[..., 0]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def langevin_sums(v: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``sum v^2`` (float64 [B]) of ``v`` (Tensor[B, P]) in the kernels' order.
+
+    Products of float32 values are exact in float64, so for float32, bfloat16 and float16
+    state the result equals the kernels' bitwise; float64 products are rounded before the
+    addition here (the kernels use an fma), a difference of an ulp or so.
+    """
+    v = v.to(torch.float64)
+    B, P = v.shape
+    if P <= _LANGEVIN_LANES:  # one chunk, one element per lane; the zero lanes add nothing
+        lanes = torch.nn.functional.pad(v * v, (0, _next_pow2(max(P, 1)) - P))
+        return _pairwise_sum(lanes)
+    nch = -(-P // _LANGEVIN_CHUNK)
+    v = torch.nn.functional.pad(v, (0, nch * _LANGEVIN_CHUNK - P)).reshape(B, nch, 4, _LANGEVIN_LANES)
+    acc = torch.zeros(B, nch, _LANGEVIN_LANES, dtype=torch.float64, device=v.device)
+    for k in range(4):
+        acc = acc + v[:, :, k] * v[:, :, k]
+    return lane_sum(_pairwise_sum(acc))  # chunk sums [B, nch] -> [B]
+
+
+def lane_sum(c: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension of float64 ``c`` (Tensor[..., n]) in the kernels' order for
+    chunk sums and batch sums: lane q < 1024 adds c[q + 1024 k] for k = 0, 1, ... in order,
+    then the lanes are summed by the adjacent-pairs tree."""
+    n = c.shape[-1]
+    if n <= _LANGEVIN_LANES:
+        return _pairwise_sum(torch.nn.functional.pad(c, (0, _next_pow2(max(n, 1)) - n)))
+    m = -(-n // _LANGEVIN_LANES)
+    c = torch.nn.functional.pad(c, (0, m * _LANGEVIN_LANES - n)).reshape(*c.shape[:-1], m, _LANGEVIN_LANES)
+    lanes = torch.zeros_like(c[..., 0, :])
+    for k in range(m):
+        lanes = lanes + c[..., k, :]
+    return _pairwise_sum(lanes)
+
+
+def langevin_step_coefs(coef: torch.Tensor, ss: torch.Tensor, zz: torch.Tensor,
+                        batch_mean: bool = False) -> torch.Tensor:
+    """The fused-update coefficients ``(1 + eps a, eps b, sqrt(2 eps))`` (float64 [3, B]) of a
+    Langevin step with ``coef = (a, b, r)`` ([3] or [3, B]), in the kernels' order and rounding
+    (each operation rounded once). ``eps = r zz / ss`` per sample (0 where ss = 0); with
+    ``batch_mean``, ``eps = r (Z / S)^2`` with ``Z = sum_b sqrt(zz_b)``, ``S = sum_b sqrt(ss_b)``
+    (the ratio of the batch-mean norms; 0 where S = 0)."""
+    coef = coef.to(device=ss.device, dtype=torch.float64)
+    if coef.dim() == 1:
+        coef = coef[:, None].expand(3, ss.shape[0])
+    a, b, r = coef[0], coef[1], coef[2]
+    if batch_mean:
+        S, Z = lane_sum(torch.sqrt(ss)), lane_sum(torch.sqrt(zz))
+        q = torch.where(S == 0, torch.zeros_like(S), Z / S)
+        eps = r * (q * q)
+    else:
+        eps = torch.where(ss == 0, torch.zeros_like(ss), (r * zz) / ss)
+    return torch.stack([1.0 + eps * a, eps * b, torch.sqrt(2.0 * eps)])
+
+
+def langevin_update(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor,
+                    noise: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None,
+                    offset: int = 0, batch_mean: bool = False) -> torch.Tensor:
+    """Twin of ``genflow::langevin_update``: one Langevin corrector step (contiguous result).
+
+    With the score ``s = a x + b model_out`` (accumulated like the kernels: float32 for
+    float32/bfloat16/float16 state with an exact fma, float64 otherwise), the noise ``z``
+    (``noise``, or the stream of ``seed`` at ``offset`` rounded to x's dtype) and per-sample
+    ``eps_b = r ||z_b||^2 / ||s_b||^2`` (0 where ||s_b|| = 0)::
+
+        out = (1 + eps a) x + eps b model_out + sqrt(2 eps) z.
+
+    coef is float64 [3] or [3, B]: (a, b, r), r = 2 alpha_i snr^2. ``batch_mean``: one step
+    size from the batch-mean norms, ``eps = r (mean_b ||z_b|| / mean_b ||s_b||)^2``.
+    """
+    if (noise is None) == (seed is None):
+        raise ValueError("langevin_update needs exactly one of noise or seed")
+    acc = _acc_dtype(x.dtype)
+    batch = x.shape[0] if x.dim() > 0 else 1
+    coef64 = coef.to(device=x.device, dtype=torch.float64)
+    if coef64.dim() == 2:
+        ca, cb = (coef64[k].reshape((batch,) + (1,) * max(x.dim() - 1, 0)).to(acc) for k in range(2))
+        if x.dim() == 0:
+            ca, cb = ca.reshape(()), cb.reshape(())
+    else:
+        ca, cb = coef64[0].to(acc), coef64[1].to(acc)
+    if noise is None:
+        noise = philox_normal(seed, offset, x.shape, x.dtype, device=x.device)
+    s = ca * x.to(acc)
+    s = _fma32(cb, model_out.to(acc), s) if acc == torch.float32 else s + cb * model_out.to(acc)
+    ss = langevin_sums(s.reshape(batch, -1))
+    zz = langevin_sums(noise.to(acc).reshape(batch, -1))
+    step = langevin_step_coefs(coef64, ss, zz, batch_mean)
+    return fused_update(x, [model_out], step, noise, None, 0)
+
+
+def langevin_update_out(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor,
+                        noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], offset: int,
+                        batch_mean: bool, out: torch.Tensor) -> None:
+    """Twin of ``genflow::langevin_update_out``: the step written into ``out`` (may be x)."""
+    out.copy_(langevin_update(x, model_out, coef, noise, seed, offset, batch_mean))
+
+
+__all__ += ["langevin_sums", "lane_sum", "langevin_step_coefs", "langevin_update", "langevin_update_out"]
