@@ -26,17 +26,18 @@ def _karras_sigmas():
     return gf.time_grid(gf.EDM(), STEPS, "karras")
 
 
+MODEL = gf.Model(lambda x, t: 0.5 * x, gf.EDM(), "x0")  # built once, like the peers' sigmas
+
+
 def genflow_solve(x_T):
-    model = gf.Model(lambda x, t: 0.5 * x, gf.EDM(), "x0")
-    return gf.sample(model, x_T=x_T, solver="dpmpp_2m", steps=STEPS, schedule="karras")
+    return gf.sample(MODEL, x_T=x_T, solver="dpmpp_2m", steps=STEPS, schedule="karras")
 
 
-def k_diffusion_solve(x_T):
+def k_diffusion_solve(x_T, sigmas):
+    """``sigmas``: the same Karras grid as genflow's, ending at sigma_min (built once, outside)."""
     from tests.peers import k_diffusion_sampling
 
-    sampling = k_diffusion_sampling()
-    sigmas = torch.cat([_karras_sigmas().float(), torch.zeros(1)])[:-1]  # same grid, ends at sigma_min
-    return sampling.sample_dpmpp_2m(lambda x, sigma: 0.5 * x, x_T, sigmas, disable=True)
+    return k_diffusion_sampling().sample_dpmpp_2m(lambda x, sigma: 0.5 * x, x_T, sigmas, disable=True)
 
 
 def diffusers_solve(x_T, scheduler):
@@ -69,12 +70,13 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 20-step DPM-Solver++(2M), ms per solve")
     print(f"{'shape':<20}{'elements':>10}{'genflow':>10}{'k-diff':>10}{'diffusers':>11}{'k-diff/gf':>11}{'diff/gf':>9}")
     scheduler = _diffusers_scheduler()
+    sigmas = _karras_sigmas().float()
     for shape in SHAPES:
         x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 80.0
         numel = x_T.numel()
         repeats = max(1, min(200, int(2e7 / max(numel * STEPS, 1))))
         g = _best_ms(lambda: genflow_solve(x_T), repeats)
-        k = _best_ms(lambda: k_diffusion_solve(x_T), repeats)
+        k = _best_ms(lambda: k_diffusion_solve(x_T, sigmas), repeats)
         d = _best_ms(lambda: diffusers_solve(x_T, scheduler), repeats)
         print(f"{str(shape):<20}{numel:>10}{g:>10.3f}{k:>10.3f}{d:>11.3f}{k / g:>11.2f}{d / g:>9.2f}")
 
@@ -86,7 +88,7 @@ def test_dpmpp_2m_solve(benchmark, engine, shape):
     if engine == "genflow":
         benchmark(genflow_solve, x_T)
     elif engine == "k_diffusion":
-        benchmark(k_diffusion_solve, x_T)
+        benchmark(k_diffusion_solve, x_T, _karras_sigmas().float())
     else:
         benchmark(diffusers_solve, x_T, _diffusers_scheduler())
 
