@@ -8,7 +8,8 @@ import torch
 __all__ = ["main"]
 
 DEMO_SOLVERS = (("euler", 50), ("heun", 25), ("ddim", 50), ("dpmpp_2m", 10), ("dpmpp_2m", 20),
-                ("euler_maruyama", 200), ("ddpm", 200))
+                ("dpmpp_3m", 10), ("unipc", 10), ("rk45", None), ("euler_maruyama", 200), ("ddpm", 200),
+                ("dpmpp_2m_sde", 50), ("sde_adaptive", None))
 
 
 def _demo(args) -> int:
@@ -23,20 +24,21 @@ def _demo(args) -> int:
     reference = mmd(data, mixture.sample(args.n, generator=torch.Generator().manual_seed(2)))
     print(f"genflow demo: {args.n} samples of an 8-Gaussian ring under {process!r}, "
           f"fused kernels: {'C++' if gf.HAS_EXTENSION else 'not built (PyTorch reference)'}")
-    header = f"{'solver':<16}{'steps':>6}{'NFE':>6}{'time (ms)':>11}{'MMD^2':>11}"
+    header = f"{'solver':<16}{'steps':>9}{'NFE':>6}{'time (ms)':>11}{'MMD^2':>11}"
     print(header)
     print("-" * len(header))
     results = {}
     for name, steps in DEMO_SOLVERS:
         seen = []
         started = time.perf_counter()
-        x = gf.sample(model, (args.n, 2), solver=name, steps=steps, generator=args.seed,
+        x = gf.sample(model, (args.n, 2), solver=name, steps=steps or 1, generator=args.seed,
                       callback=lambda info: seen.append(info["nfe"]))
         elapsed = 1e3 * (time.perf_counter() - started)
         score = mmd(x, data)
-        results[f"{name} ({steps})"] = x
-        print(f"{name:<16}{steps:>6}{seen[-1]:>6}{elapsed:>11.1f}{score:>11.5f}")
-    print(f"{'data vs data':<39}{reference:>11.5f}")
+        label = "adaptive" if steps is None else str(steps)
+        results[f"{name} ({label})"] = x
+        print(f"{name:<16}{label:>9}{seen[-1]:>6}{elapsed:>11.1f}{score:>11.5f}")
+    print(f"{'data vs data':<42}{reference:>11.5f}")
     if args.out:
         _plot(data, results, args.out)
         print(f"saved {args.out}")

@@ -45,10 +45,11 @@ def _check_shape(shape):
 
 
 def _grid_steps(stepper, ts, x):
-    """The fixed-grid loop: ``(x, info, steps done)`` after every step."""
+    """The fixed-grid loop: ``(x, None, steps done)`` after every step (the callback's info is
+    built only when there is a callback)."""
     for i in range(ts.shape[0] - 1):
         x = stepper.step(i, x)
-        yield x, {"i": i, "t": ts[i], "t_next": ts[i + 1]}, i + 1
+        yield x, None, i + 1
 
 
 def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str = "dpmpp_2m",
@@ -126,7 +127,8 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
         raise ValueError(f"per-sample times must have length {batch} (the batch), got {ts.shape[1]}")
     if noise is None and noise_sampler is None:
         noise = getattr(solver_cls, "default_noise", "philox")
-    noise = noise_source(generator, batch, noise_sampler, noise=noise, sigma_max=process.sigma(process.T))
+    sigma_max = process.sigma(process.T) if noise == "brownian_tree" else None
+    noise = noise_source(generator, batch, noise_sampler, noise=noise, sigma_max=sigma_max)
     if x_T is None:
         sigma_start = process.sigma(ts[0]).reshape((-1,) + (1,) * (len(shape) - 1))
         x = noise.prior(shape, dtype, device) * sigma_start.to(dtype=dtype, device=device)
@@ -139,13 +141,20 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
     else:
         loop, total, bar_format = _grid_steps(stepper, ts, x), ts.shape[0] - 1, None
     trajectory = [x.clone()] if return_trajectory else None
-    with tqdm(total=total, bar_format=bar_format, disable=not progress, desc=f"genflow {solver}", leave=False) as bar:
+    bar = tqdm(total=total, bar_format=bar_format, desc=f"genflow {solver}", leave=False) if progress else None
+    try:
         for x, info, done in loop:
             if trajectory is not None and (not adaptive or bool(info["accepted"].any())):
                 trajectory.append(x.clone())
             if callback is not None:
+                if info is None:
+                    info = {"i": done - 1, "t": ts[done - 1], "t_next": ts[done]}
                 callback({**info, "x": x, "nfe": stepper.evaluations})
-            bar.update(done - bar.n)
+            if bar is not None:
+                bar.update(done - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
     if final_step == "x0":
         x = stepper.denoise(x, stepper.grid[-1])
         if trajectory is not None:
