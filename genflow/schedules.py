@@ -5,7 +5,7 @@ per-sample endpoints (length-B tensors, e.g. SDEdit-style partial denoising) it 
 ``[steps + 1, B]``, one column per sample.
 """
 import math
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 

@@ -1,6 +1,5 @@
 """Adaptive solvers: rk45 meets its tolerance against DOP853 with fewer NFE than a fixed-step
 solver at equal error, adapts per sample; sde_adaptive reproduces the data distribution."""
-import functools
 import math
 
 import pytest
@@ -11,21 +10,12 @@ from genflow.metrics import mmd
 from genflow.solvers import SOLVERS
 from genflow.solvers.adaptive import RK45
 
-from .references import mixture, pf_ode_solution
-from .test_stochastic import _data_mmd_spread
+from .references import ORDER_PROCESSES, T_END, data_mmd_spread, mixture, reference_solve
 
-PROCESSES = {"vp": gf.VP(), "edm": gf.EDM(sigma_max=20.0), "linear": gf.LinearPath()}
+PROCESSES = ORDER_PROCESSES
 SCHEDULE = {"vp": "logsnr", "edm": "karras", "linear": "logsnr"}
-T_END = {"vp": 1e-3, "edm": 2e-3, "linear": 1e-3}  # x0 -> velocity is singular at sigma = 0
 FIXED = "rk4" if "rk4" in SOLVERS else "heun"  # the fixed-step solver rk45 is compared with
 
-
-@functools.lru_cache(maxsize=None)
-def _reference(process_name):
-    process = PROCESSES[process_name]
-    model = mixture().model(process)
-    x_T = process.prior_sample((8, 2), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    return model, x_T, pf_ode_solution(model, x_T, process.T, T_END[process_name])
 
 
 def _solve(model, x_T, t_end, **options):
@@ -37,7 +27,7 @@ def _solve(model, x_T, t_end, **options):
 @pytest.mark.parametrize("tol", [1e-5, 1e-7])
 @pytest.mark.parametrize("process_name", sorted(PROCESSES))
 def test_rk45_meets_its_tolerance(process_name, tol):
-    model, x_T, reference = _reference(process_name)
+    model, x_T, reference = reference_solve(process_name)
     x, nfe, _ = _solve(model, x_T, T_END[process_name], rtol=tol, atol=tol)
     error = (x - reference).abs().max().item()
     assert error <= 10 * tol, f"error {error:.2e} at rtol = atol = {tol} ({nfe} NFE)"
@@ -47,7 +37,7 @@ def test_rk45_meets_its_tolerance(process_name, tol):
 def test_rk45_needs_fewer_nfe_than_a_fixed_step_solver_at_equal_error(process_name):
     """At rtol = atol = 1e-6 the fixed-step solver (rk4 when registered, else heun) on its
     process's usual schedule needs more NFE to be as accurate (measured: 2-6x for rk4)."""
-    model, x_T, reference = _reference(process_name)
+    model, x_T, reference = reference_solve(process_name)
     x, nfe, _ = _solve(model, x_T, T_END[process_name], rtol=1e-6, atol=1e-6)
     error = (x - reference).abs().max().item()
     steps = max(1, nfe // SOLVERS[FIXED].nfe_per_step)  # start at equal NFE and refine until as accurate
@@ -90,7 +80,7 @@ def test_rk45_steps_each_sample_on_its_own():
 def test_rk45_with_a_velocity_network_and_per_sample_times():
     """Flow-matching networks (prediction="velocity") integrate to t = 0 and give the same
     solution as the x0 network; per-sample start times work as for fixed-grid solvers."""
-    model, x_T, _ = _reference("linear")
+    model, x_T, _ = reference_solve("linear")
     velocity_net = gf.Model(lambda x, t: model.velocity(x, t), model.process, prediction="velocity")
     a, nfe_a, _ = _solve(model, x_T, 1e-3)
     b, nfe_b, _ = _solve(velocity_net, x_T, 1e-3)
@@ -116,7 +106,7 @@ def test_rk45_with_a_velocity_network_and_per_sample_times():
 
 
 def test_adaptive_solvers_through_gf_sample(capsys):
-    model, x_T, _ = _reference("vp")
+    model, x_T, _ = reference_solve("vp")
     x, traj = gf.sample(model, x_T=x_T, solver="rk45", return_trajectory=True, progress=True, final_step="x0")
     assert traj.shape[1:] == (8, 2) and traj.shape[0] > 2
     assert torch.equal(traj[0], x_T) and torch.equal(traj[-1], x)
@@ -143,7 +133,7 @@ def test_sde_adaptive_reproduces_the_mixture(process):
     x = gf.sample(mix.model(process), (n, 2), solver="sde_adaptive", generator=5, dtype=torch.float64,
                   callback=seen.append)
     data = mix.sample(n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    assert mmd(x, data) <= _data_mmd_spread(mix, n)
+    assert mmd(x, data) <= data_mmd_spread(mix, n)
     steps = seen[-1]["accepted_steps"]
     assert steps.min() < steps.max()  # per-sample step sizes
     assert seen[-1]["nfe"] == 2 * len(seen)
@@ -168,7 +158,7 @@ def test_sde_adaptive_samples_follow_their_brownian_paths():
 
 
 def test_sde_adaptive_without_churn_solves_the_ode():
-    model, x_T, reference = _reference("vp")
+    model, x_T, reference = reference_solve("vp")
     errors = []
     for tol in (1e-3, 1e-5):
         x = gf.sample(model, x_T=x_T, solver="sde_adaptive", eta=0.0, t_end=1e-3, rtol=tol, atol=tol)

@@ -10,8 +10,7 @@ from genflow.metrics import mmd
 from genflow.schedules import time_grid
 
 from ..peers import diffusers, k_diffusion_sampling
-from .references import fit_order, mixture, pf_ode_solution
-from .test_stochastic import _data_mmd_spread
+from .references import data_mmd_spread, fit_order, mixture, pf_ode_solution
 
 PROCESSES = {"edm": (gf.EDM(sigma_max=20.0), "karras", 2e-3), "vp": (gf.VP(), "logsnr", 1e-3)}
 
@@ -324,7 +323,7 @@ def test_thresholding_applies_to_every_stage(solver):
 
 @functools.lru_cache(maxsize=None)
 def _spread(n):
-    return _data_mmd_spread(mixture(), n)
+    return data_mmd_spread(mixture(), n)
 
 
 SDE_CASES = [("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", {"solver_type": "heun"}), ("dpmpp_3m_sde", {})]

@@ -10,19 +10,11 @@ from genflow.noise import PhiloxNoise
 from genflow.solvers import get
 from genflow.solvers.base import point
 
-from .references import mixture
+from .references import data_mmd_spread, mixture
 
 PREDICTORS = ["reverse_diffusion", "euler_maruyama", "ancestral"]
 PROCESSES = [gf.VP(), gf.EDM(sigma_max=20.0)]
 
-
-def _data_mmd_spread(mix, n, repeats=8):
-    values = []
-    for r in range(repeats):
-        a = mix.sample(n, generator=torch.Generator().manual_seed(100 + 2 * r), dtype=torch.float64)
-        b = mix.sample(n, generator=torch.Generator().manual_seed(101 + 2 * r), dtype=torch.float64)
-        values.append(mmd(a, b))
-    return max(values)
 
 
 def _moments(mix):
@@ -49,7 +41,7 @@ def test_pc_reproduces_the_mixture(predictor, corrector, process):
     x = gf.sample(mix.model(process), (n, 2), solver="pc", steps=200, generator=5, dtype=torch.float64,
                   predictor=predictor, corrector=corrector, norm="batch")
     data = mix.sample(n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    assert mmd(x, data) <= _data_mmd_spread(mix, n)
+    assert mmd(x, data) <= data_mmd_spread(mix, n)
 
 
 @pytest.mark.parametrize("process", PROCESSES + [gf.VE(sigma_max=20.0)], ids=repr)
@@ -58,7 +50,7 @@ def test_ald_reproduces_the_mixture(process):
     x = gf.sample(mix.model(process), (n, 2), solver="ald", steps=200, n_steps_each=5, generator=5,
                   dtype=torch.float64)
     data = mix.sample(n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    assert mmd(x, data) <= _data_mmd_spread(mix, n)
+    assert mmd(x, data) <= data_mmd_spread(mix, n)
 
 
 @pytest.mark.parametrize("solver, options", [
@@ -101,7 +93,7 @@ def test_corrector_alone_samples_the_marginal(process, t):
     nearest = q_t.means[torch.cdist(x, q_t.means).argmin(1)]
     start = nearest + 2.5 * (x - nearest)
     target = q_t.sample(n, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    spread = _data_mmd_spread(q_t, n)
+    spread = data_mmd_spread(q_t, n)
     assert mmd(start, target) > 5 * spread  # the test can fail
     x = _langevin_chain(process, t, start.clone(), steps=400, norm="batch")
     assert mmd(x, target) <= spread
@@ -133,7 +125,7 @@ def test_per_sample_norms_in_2d():
     start = q_t.sample(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     target = q_t.sample(n, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     x = _langevin_chain(process, t, start.clone(), steps=200, norm="sample")
-    assert mmd(x, target) > 3 * _data_mmd_spread(q_t, n)
+    assert mmd(x, target) > 3 * data_mmd_spread(q_t, n)
 
 
 # ---------------------------------------------------------------- exact reductions and NFE

@@ -1,7 +1,6 @@
 """Every registered ODE solver converges at its declared order to a DOP853 reference solution
 of the probability-flow ODE (slope fitted over 20..160 steps), for VP, EDM and LinearPath
 (and eps, x0, v network kinds)."""
-import functools
 
 import pytest
 import torch
@@ -9,12 +8,11 @@ import torch
 import genflow as gf
 from genflow.solvers import SOLVERS
 
-from .references import fit_order, mixture, pf_ode_solution
+from .references import ORDER_PROCESSES, T_END, fit_order, reference_solve
 
 STEPS = (20, 40, 80, 160)
-PROCESSES = {"vp": gf.VP(), "edm": gf.EDM(sigma_max=20.0), "linear": gf.LinearPath()}
+PROCESSES = ORDER_PROCESSES
 SCHEDULE = {"vp": "logsnr", "edm": "karras", "linear": "cosine"}
-T_END = {"vp": 1e-3, "edm": 2e-3, "linear": 1e-3}  # the x0 -> velocity map is singular at sigma = 0
 ODE_CASES = [(name, options) for name, cls in SOLVERS.items() if cls.default_eta is not None or not cls.stochastic
              for options in cls.order_test_options]
 
@@ -24,18 +22,11 @@ def _as_kind(model, kind):
     return gf.Model(lambda x, t: model.predict(x, t, kind), model.process, prediction=kind)
 
 
-@functools.lru_cache(maxsize=None)
-def _reference(process_name):
-    process = PROCESSES[process_name]
-    model = mixture().model(process)
-    x_T = process.prior_sample((8, 2), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    return model, x_T, pf_ode_solution(model, x_T, process.T, T_END[process_name])
-
 
 @pytest.mark.parametrize("process_name", sorted(PROCESSES))
 @pytest.mark.parametrize("solver, options", ODE_CASES, ids=[f"{n}{o or ''}" for n, o in ODE_CASES])
 def test_solver_converges_at_its_declared_order(solver, options, process_name):
-    model, x_T, reference = _reference(process_name)
+    model, x_T, reference = reference_solve(process_name)
     kwargs = {"eta": 0.0} if SOLVERS[solver].default_eta is not None else {}
     kwargs.update(options)
     errors = []
@@ -53,7 +44,7 @@ def test_solver_converges_at_its_declared_order(solver, options, process_name):
 @pytest.mark.parametrize("kind", ["eps", "v", "velocity", "score"])
 @pytest.mark.parametrize("solver", ["ddim", "heun", "dpmpp_2m"])
 def test_network_kind_does_not_change_the_solution(solver, kind):
-    model, x_T, _ = _reference("vp")
+    model, x_T, _ = reference_solve("vp")
     base = gf.sample(model, x_T=x_T, solver=solver, steps=15)
     other = gf.sample(_as_kind(model, kind), x_T=x_T, solver=solver, steps=15)
     torch.testing.assert_close(other, base, rtol=1e-9, atol=1e-9)

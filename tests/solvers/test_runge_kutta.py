@@ -1,7 +1,6 @@
 """Midpoint, RK4, LMS and k-diffusion's ancestral / DPM-2 samplers (genflow/solvers/runge_kutta.py,
 ancestral.py): orders beyond test_order's window, the sigma = 0 and alpha = 0 ends, the sampled
 distribution of the stochastic ones, identities between solvers, and per-sample times."""
-import functools
 
 import pytest
 import torch
@@ -11,23 +10,15 @@ import genflow as gf
 from genflow.metrics import mmd
 from genflow.solvers.runge_kutta import _lms_table
 
-from .references import fit_order, mixture, pf_ode_solution
+from .references import ORDER_PROCESSES, T_END, data_mmd_spread, fit_order, mixture, reference_solve
 
 NEW = ["midpoint", "rk4", "lms", "euler_ancestral", "dpm_2", "dpm_2_ancestral"]
-PROCESSES = {"vp": gf.VP(), "edm": gf.EDM(sigma_max=20.0), "linear": gf.LinearPath()}
-T_END = {"vp": 1e-3, "edm": 2e-3, "linear": 1e-3}
+PROCESSES = ORDER_PROCESSES
 
-
-@functools.lru_cache(maxsize=None)
-def _reference(process_name):
-    process = PROCESSES[process_name]
-    model = mixture().model(process)
-    x_T = process.prior_sample((8, 2), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    return model, x_T, pf_ode_solution(model, x_T, process.T, T_END[process_name])
 
 
 def _errors(process_name, solver, steps, schedule, **options):
-    model, x_T, reference = _reference(process_name)
+    model, x_T, reference = reference_solve(process_name)
     return [(gf.sample(model, x_T=x_T, solver=solver, steps=n, schedule=schedule,
                        t_end=T_END[process_name], **options) - reference).abs().max().item() for n in steps]
 
@@ -67,7 +58,7 @@ def test_orders_hold_on_grids_ending_at_sigma_zero(solver, order, process_name):
     """A last step to sigma = 0 (velocity undefined there): rk4 switches to Ralston's third-order
     stage, dpm_2 to Euler; the self-convergence |x_N - x_2N| keeps the declared order."""
     process = PROCESSES[process_name]
-    model, x_T, _ = _reference(process_name)
+    model, x_T, _ = reference_solve(process_name)
     steps = (10, 20, 40, 80, 160)
     if process_name == "edm":  # Karras sigmas with k-diffusion's appended zero
         grids = [torch.cat([gf.time_grid(process, n - 1, "karras", t_end=1e-3), torch.zeros(1, dtype=torch.float64)])
@@ -82,7 +73,7 @@ def test_orders_hold_on_grids_ending_at_sigma_zero(solver, order, process_name):
 
 
 def test_nfe_counts():
-    model, x_T, _ = _reference("vp")
+    model, x_T, _ = reference_solve("vp")
     for solver, per_step in [("midpoint", 2), ("rk4", 4), ("lms", 1), ("euler_ancestral", 1), ("dpm_2", 2),
                              ("dpm_2_ancestral", 2)]:
         seen = []
@@ -121,7 +112,7 @@ def test_lms_table_equals_quadrature_and_drops_a_node_at_infinity():
 
 
 def test_lms_rejects_bad_order():
-    model, x_T, _ = _reference("vp")
+    model, x_T, _ = reference_solve("vp")
     for order in (0, 5, 2.0, True):
         with pytest.raises(ValueError, match="order"):
             gf.sample(model, x_T=x_T, solver="lms", steps=4, order=order)
@@ -182,14 +173,6 @@ def test_network_kind_and_thresholding_paths_agree(solver):
 # ------------------------------------------------------------------ distributions
 
 
-def _data_mmd_spread(mix, n, repeats=8):
-    values = []
-    for r in range(repeats):
-        a = mix.sample(n, generator=torch.Generator().manual_seed(100 + 2 * r), dtype=torch.float64)
-        b = mix.sample(n, generator=torch.Generator().manual_seed(101 + 2 * r), dtype=torch.float64)
-        values.append(mmd(a, b))
-    return max(values)
-
 
 @pytest.mark.parametrize("solver", ["euler_ancestral", "dpm_2_ancestral"])
 @pytest.mark.parametrize("process", [gf.VP(), gf.EDM(sigma_max=20.0)], ids=repr)
@@ -197,7 +180,7 @@ def test_ancestral_solvers_reproduce_the_mixture(solver, process):
     mix, n = mixture(), 1000
     x = gf.sample(mix.model(process), (n, 2), solver=solver, steps=250, generator=5, dtype=torch.float64)
     data = mix.sample(n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    assert mmd(x, data) <= _data_mmd_spread(mix, n)
+    assert mmd(x, data) <= data_mmd_spread(mix, n)
 
 
 @pytest.mark.parametrize("solver", ["euler_ancestral", "dpm_2_ancestral"])
@@ -205,7 +188,7 @@ def test_partial_churn_also_reproduces_the_mixture(solver):
     mix, n = mixture(), 1000
     x = gf.sample(mix.model(gf.VP()), (n, 2), solver=solver, eta=0.5, steps=200, generator=8, dtype=torch.float64)
     data = mix.sample(n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    assert mmd(x, data) <= _data_mmd_spread(mix, n)
+    assert mmd(x, data) <= data_mmd_spread(mix, n)
 
 
 # ------------------------------------------------------------------ per-sample times

@@ -5,16 +5,8 @@ import torch
 import genflow as gf
 from genflow.metrics import mmd
 
-from .references import mixture
+from .references import data_mmd_spread, mixture
 
-
-def _data_mmd_spread(mix, n, repeats=8):
-    values = []
-    for r in range(repeats):
-        a = mix.sample(n, generator=torch.Generator().manual_seed(100 + 2 * r), dtype=torch.float64)
-        b = mix.sample(n, generator=torch.Generator().manual_seed(101 + 2 * r), dtype=torch.float64)
-        values.append(mmd(a, b))
-    return max(values)
 
 
 @pytest.mark.parametrize("solver", ["euler_maruyama", "ddpm"])
@@ -23,7 +15,7 @@ def test_sde_solvers_reproduce_the_mixture(solver, process):
     mix, n = mixture(), 1000
     x = gf.sample(mix.model(process), (n, 2), solver=solver, steps=500, generator=5, dtype=torch.float64)
     data = mix.sample(n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    assert mmd(x, data) <= _data_mmd_spread(mix, n)
+    assert mmd(x, data) <= data_mmd_spread(mix, n)
 
 
 def test_ddpm_equals_ddim_with_full_churn():
@@ -61,6 +53,6 @@ def test_ddpm_large_variance_differs_but_still_samples():
     large = gf.sample(model, (500, 2), solver="ddpm", steps=200, generator=1, dtype=torch.float64, variance="large")
     assert not torch.allclose(small, large)
     data = mix.sample(500, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    assert mmd(large, data) <= 3 * _data_mmd_spread(mix, 500)
+    assert mmd(large, data) <= 3 * data_mmd_spread(mix, 500)
     with pytest.raises(ValueError, match="variance"):
         gf.sample(model, (4, 2), solver="ddpm", variance="medium")
