@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from genflow._extension import HAS_EXTENSION, has_cuda_kernels
-from genflow.ops import _reference as R
 from genflow.ops import fused_update, randn
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and has_cuda_kernels() else [])
