@@ -357,3 +357,25 @@ def test_sde_weak_error_decreases_with_steps(solver, options):
     errors = [_moment_error(gf.sample(model, (40000, 2), solver=solver, steps=steps, generator=1,
                                       dtype=torch.float64, **options), mix) for steps in (12, 24, 48)]
     assert errors[0] > 2 * errors[1] and errors[1] > errors[2] and errors[2] < 0.15, errors
+
+
+@pytest.mark.parametrize("solver, options", [("dpmpp_2m", {}), ("dpmpp_3m", {}), ("dpmpp_2m_sde", {"eta": 0.5}),
+                                             ("dpmpp_3m_sde", {"solver_type": "midpoint"})])
+def test_cached_step_coefficients_equal_fresh_ones(solver, options):
+    """Scalar-grid multistep coefficients are cached per grid and options: a cached solve, and
+    solves that differ only in the network kind or options, equal uncached solves."""
+    from genflow.solvers import dpm_solver
+
+    model = mixture().model(gf.VP())
+    eps_model = gf.Model(lambda x, t: model.eps(x, t), model.process, "eps")
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    runs = {}
+    for trial in ("fresh", "cached"):
+        if trial == "fresh":
+            dpm_solver._PLANS.clear()
+        for name, m, opts in (("x0", model, options), ("eps", eps_model, options),
+                              ("lof", model, {**options, "lower_order_final": False})):
+            runs[trial, name] = gf.sample(m, x_T=x_T, solver=solver, steps=8, generator=1, **opts)
+    for name in ("x0", "eps", "lof"):
+        assert torch.equal(runs["fresh", name], runs["cached", name])
+    torch.testing.assert_close(runs["fresh", "eps"], runs["fresh", "x0"], rtol=1e-9, atol=1e-9)
