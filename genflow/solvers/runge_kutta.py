@@ -103,6 +103,9 @@ class RK4(_VelocitySolver):
         return self.update(x, [x2, x3, x4, out], coefs, out=x)
 
 
+_LMS_COEFS = {}  # (id(process), id(ts), ts._version, order) -> (process, ts, coefficient rows)
+
+
 def _lms_table(s: torch.Tensor, order: int) -> list:
     """Adams–Bashforth coefficients on the grid ``s`` (``[N+1]`` or ``[N+1, B]``, decreasing).
 
@@ -177,12 +180,26 @@ class LMS(Solver):
             raise ValueError(f"order must be an int in 1..4, got {order!r}")
         super().__init__(model, ts, **kwargs)
         self.max_order = order
+        key = (id(self.process), id(ts), ts._version, order)
+        hit = _LMS_COEFS.get(key)
+        if hit is not None and hit[0] is self.process and hit[1] is ts:
+            self.coefs = hit[2]
+        else:
+            self.coefs = self._coefficients(ts, order)
+            if len(_LMS_COEFS) >= 64:
+                _LMS_COEFS.clear()
+            _LMS_COEFS[key] = (self.process, ts, self.coefs)
+        self.history = []  # eps of earlier steps, newest first
+
+    def _coefficients(self, ts, order):
+        """Per-step ``[c_x, c_x0, c_eps_-1, ...]`` rows (cached per grid tensor and order: the
+        exact Lagrange integrals cost milliseconds)."""
         with torch.no_grad():
             alpha = self.process.alpha(ts).to(torch.float64)
             sigma = self.process.sigma(ts).to(torch.float64)
         s = sigma / alpha  # inf where alpha = 0
         table = _lms_table(s, order)
-        self.coefs = []
+        coefs = []
         for i, c in enumerate(table):
             a, sg, a1, sg1 = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
             nodes = sum(torch.isfinite(s[i - k]).to(torch.int64) for k in range(len(c)))
@@ -193,8 +210,8 @@ class LMS(Solver):
             cx_m, c0_m = a1 / a + a1 * c[0] / sg, -a1 * c[0] * a / sg
             row = [torch.where(euler, cx_e, cx_m), torch.where(euler, c0_e, c0_m)]
             row += [torch.where(euler, 0.0, a1 * cj) for cj in c[1:]]
-            self.coefs.append(_rows(torch.stack(row)))
-        self.history = []  # eps of earlier steps, newest first
+            coefs.append(_rows(torch.stack(row)))
+        return coefs
 
     def step(self, i, x):
         p = self.grid[i]
