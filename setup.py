@@ -86,7 +86,7 @@ setup(
     packages=find_packages(include=["genflow", "genflow.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "diffusers"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "diffusers==0.42.1"]},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
     entry_points={"console_scripts": ["genflow=genflow.cli:main"]},

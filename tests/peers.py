@@ -24,7 +24,7 @@ def k_diffusion_sampling():
         return sys.modules["k_diffusion.sampling"]
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None:
-        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion torchsde trampoline torchdiffeq)")
+        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion==0.1.1.post1 torchsde==0.2.6 trampoline==0.1.2 torchdiffeq==0.2.5)")
     package = types.ModuleType("k_diffusion")
     package.__path__ = list(spec.submodule_search_locations)
     utils = types.ModuleType("k_diffusion.utils")
