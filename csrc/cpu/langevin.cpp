@@ -18,14 +18,7 @@
 #include <cstdint>
 
 #include "common/langevin.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(GENFLOW_NO_TARGET_CLONES)
-#define GF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define GF_CLONES
-#endif
-#define GF_INLINE inline __attribute__((always_inline))
+#include "cpu/kernel.h"
 
 namespace genflow {
 namespace {
@@ -33,44 +26,6 @@ namespace {
 // At least this many elements (or chunk sums) per parallel_for task: smaller work runs inline,
 // without waking the thread pool (as the fused update's own kernel does).
 constexpr int64_t kGrainElements = 32768;
-
-// ---- noise: z[j] = N(seed, offset)[4 g0 + j], j < 4 ng ----
-
-GF_CLONES void langevin_normal_groups(uint64_t seed, uint64_t offset, uint64_t g0, int64_t ng,
-                                      float* z) {
-  for (int64_t j = 0; j < ng; ++j) {
-    float v[4];
-    philox::normal4(seed, offset, g0 + static_cast<uint64_t>(j), v);
-    z[4 * j + 0] = v[0];
-    z[4 * j + 1] = v[1];
-    z[4 * j + 2] = v[2];
-    z[4 * j + 3] = v[3];
-  }
-}
-
-// Normals for stream indices [n0, n0 + len) (len <= kLangevinChunk) into buf (kLangevinChunk + 8
-// floats); returns where element n0 lies.
-const float* normal_range(uint64_t seed, uint64_t offset, uint64_t n0, int64_t len, float* buf) {
-  const uint64_t lead = n0 & 3u;
-  const int64_t ng = static_cast<int64_t>((lead + static_cast<uint64_t>(len) + 3u) >> 2);
-  langevin_normal_groups(seed, offset, n0 >> 2, ng, buf);
-  return buf + lead;
-}
-
-// ---- dtype traits (load to the accumulation type; stores round to nearest even) ----
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-template <typename T> GF_INLINE typename Acc<T>::type load(T v) {
-  return static_cast<typename Acc<T>::type>(v);
-}
-// Generated noise: the float32 stream rounded to the state dtype, widened (as fused_update).
-template <typename T> GF_INLINE typename Acc<T>::type noise_value(float z) {
-  return load<T>(static_cast<T>(z));
-}
-template <> GF_INLINE float noise_value<float>(float z) { return z; }
-template <> GF_INLINE double noise_value<double>(float z) { return static_cast<double>(z); }
 
 // ---- pass 1 on one chunk: lanes ls/lz[q] += s^2 / z^2 of elements q + 1024 k ----
 
