@@ -4,12 +4,12 @@ solver engine's (host work, memory passes, noise), with its NFE.
     python bench/bench_all_solvers.py            # table
     python -m pytest bench/bench_all_solvers.py  # pytest-benchmark suite
 """
-import time
 
 import pytest
 import torch
 
 import genflow as gf
+from timing import best_ms
 from genflow.solvers import SOLVERS
 
 STEPS = 20
@@ -23,16 +23,6 @@ def solve(name, x_T):
     return seen[-1]
 
 
-def _best_ms(fn, repeats=5):
-    fn()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return 1e3 * best
-
 
 def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {STEPS} steps, VP, x0 = 0.5 x; ms per solve")
@@ -40,7 +30,7 @@ def main():
     inputs = [torch.randn(s, generator=torch.Generator().manual_seed(0)) for s in SHAPES]
     for name in SOLVERS:
         nfe = solve(name, inputs[0])
-        times = [_best_ms(lambda: solve(name, x), repeats=20 if x.numel() < 10 else 3) for x in inputs]
+        times = [best_ms(lambda: solve(name, x), 20 if x.numel() < 10 else 3) for x in inputs]
         print(f"{name:<18}{nfe:>6}" + "".join(f"{t:>20.3f}" for t in times))
 
 

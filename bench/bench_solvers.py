@@ -9,13 +9,13 @@ the same Karras grid (their results agree to float rounding); diffusers runs its
     python -m pytest bench/bench_solvers.py    # pytest-benchmark suite
 """
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import genflow as gf
+from timing import best_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SHAPES = [(1, 2), (65536, 2), (16, 3, 64, 64), (64, 3, 128, 128)]
@@ -55,16 +55,6 @@ def _diffusers_scheduler():
     return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)
 
 
-def _best_ms(fn, repeats):
-    fn()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return 1e3 * best
-
 
 def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 20-step DPM-Solver++(2M), ms per solve")
@@ -75,9 +65,9 @@ def main():
         x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 80.0
         numel = x_T.numel()
         repeats = max(1, min(200, int(2e7 / max(numel * STEPS, 1))))
-        g = _best_ms(lambda: genflow_solve(x_T), repeats)
-        k = _best_ms(lambda: k_diffusion_solve(x_T, sigmas), repeats)
-        d = _best_ms(lambda: diffusers_solve(x_T, scheduler), repeats)
+        g = best_ms(lambda: genflow_solve(x_T), repeats)
+        k = best_ms(lambda: k_diffusion_solve(x_T, sigmas), repeats)
+        d = best_ms(lambda: diffusers_solve(x_T, scheduler), repeats)
         print(f"{str(shape):<20}{numel:>10}{g:>10.3f}{k:>10.3f}{d:>11.3f}{k / g:>11.2f}{d / g:>9.2f}")
 
 
