@@ -7,7 +7,7 @@ Public API (DESIGN.md §3)::
     model = gf.Model(net, process, prediction="eps")    # eps | x0 | score | v | velocity
     x = gf.sample(model, shape=(16, 2), solver="dpmpp_2m", steps=20, generator=0)
 """
-from genflow import ops, schedules, solvers
+from genflow import compat, ops, schedules, solvers
 from genflow._extension import HAS_EXTENSION, warn_missing_once
 from genflow.mixtures import GaussianMixture
 from genflow.models import KINDS, Model, conversion, guided
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EDM", "HAS_EXTENSION", "KINDS", "VE", "VP", "CosineVP", "DiscreteVP", "GaussianMixture",
-    "LinearPath", "Model", "Process", "SubVP", "conversion", "guided", "ops", "sample",
+    "LinearPath", "Model", "Process", "SubVP", "compat", "conversion", "guided", "ops", "sample",
     "schedules", "solvers", "time_grid",
 ]
 
