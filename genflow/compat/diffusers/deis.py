@@ -1,0 +1,143 @@
+"""diffusers' ``DEISMultistepScheduler`` on genflow's fused update."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ._base import check_choice
+from .dpm_solver import _SigmaScheduler, flow_sigmas, spaced_timesteps
+
+__all__ = ["DEISMultistepScheduler"]
+
+
+def _integral2(t, b, c):
+    """``int^t`` of the Lagrange basis polynomial in ``log rho`` through the nodes ``b`` (1) and
+    ``c`` (0), times ``e^{log rho}``: the antiderivative ``t (log t - log c - 1)/(log b - log c)``."""
+    lt, lb, lc = math.log(t), math.log(b), math.log(c)
+    return t * (lt - lc - 1.0) / (lb - lc)
+
+
+def _integral3(t, b, c, d):
+    """The same for the quadratic through ``b`` (1), ``c`` and ``d`` (0):
+    ``t [(log t - log c)(log t - log d) - (2 log t - log c - log d) + 2] / ((log b - log c)(log b - log d))``."""
+    lt, lb, lc, ld = math.log(t), math.log(b), math.log(c), math.log(d)
+    return t * ((lt - lc) * (lt - ld) - (2.0 * lt - lc - ld) + 2.0) / ((lb - lc) * (lb - ld))
+
+
+class DEISMultistepScheduler(_SigmaScheduler):
+    """diffusers' ``DEISMultistepScheduler``: multistep DEIS in log-rho (``solver_type="logrho"``).
+
+    Zhang & Chen (2023), "Fast Sampling of Diffusion Models with Exponential Integrator" (ICLR),
+    §4 (the Adams-Bashforth-type multistep DEIS): with ``rho = sigma/alpha`` the probability-flow
+    ODE is ``d(x/alpha)/d rho = eps``; fitting ``eps`` by the Lagrange polynomial in ``log rho``
+    through the last k noise predictions and integrating it exactly over ``[rho, rho']`` gives
+    ``x' = alpha' (x/alpha + sum_j c_j eps_{-j})``, ``c_j = int_rho^rho' L_j(log r) dr``
+    (k = 1: ``x' = (alpha'/alpha) x - sigma' (e^h - 1) eps``, DDIM). Orders rise 1, 2, 3 while the
+    history fills; ``lower_order_final`` lowers the last two steps on grids of fewer than 15
+    steps. The model output is converted to ``x0`` (thresholded with ``thresholding``) and then to
+    ``eps``. 1 NFE per step; one fused call per step (plus one that materialises ``eps`` for the
+    later steps).
+
+    Config fields, defaults and ``set_timesteps`` arguments are diffusers 0.42's.
+    """
+
+    defaults = dict(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
+        solver_order=2, prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
+        sample_max_value=1.0, algorithm_type="deis", solver_type="logrho", lower_order_final=True,
+        use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, use_flow_sigmas=False,
+        flow_shift=1.0, timestep_spacing="linspace", steps_offset=0, use_dynamic_shifting=False,
+        time_shift_type="exponential",
+    )
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        c = self.config
+        if c.algorithm_type in ("dpmsolver", "dpmsolver++"):  # a DPM-Solver config swapped in
+            self._replace_config(algorithm_type="deis")
+        if c.solver_type in ("midpoint", "heun", "bh1", "bh2"):  # a DPM-Solver or UniPC config swapped in
+            self._replace_config(solver_type="logrho")
+        check_choice("algorithm_type", self.config.algorithm_type, ("deis",))
+        check_choice("solver_type", self.config.solver_type, ("logrho",))
+
+    def set_timesteps(self, num_inference_steps: int, device=None, mu: Optional[float] = None) -> None:
+        """Build the inference grid: ``num_inference_steps`` spaced by ``timestep_spacing`` (final
+        sigma: the table's smallest) or the Karras / exponential / beta / flow sigmas of the config
+        (final sigma: their last one, repeated, so the last step has zero length). ``mu`` sets
+        ``flow_shift = exp(mu)`` (``use_dynamic_shifting``)."""
+        self._mu_shift(mu)
+        c = self.config
+        timesteps = spaced_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset)
+        kind = next((k for k, f in (("karras", "use_karras_sigmas"), ("exponential", "use_exponential_sigmas"),
+                                    ("beta", "use_beta_sigmas")) if c[f]), None)
+        if kind is not None:
+            sigmas, fractional = self._converted(kind, num_inference_steps)
+            timesteps = fractional.round() if kind == "karras" else fractional
+            last = sigmas[-1]
+        elif c.use_flow_sigmas:
+            sigmas = flow_sigmas(num_inference_steps, c.num_train_timesteps, c.flow_shift)
+            timesteps = sigmas * c.num_train_timesteps
+            last = sigmas[-1]
+        else:
+            table = self._train_sigmas()
+            sigmas = np.interp(timesteps, np.arange(0, len(table)), table)
+            last = self._sigma_min_train()
+        self._finish(timesteps, np.concatenate([sigmas, [last]]), device)
+
+    def _coefficients(self, i: int, order: int):
+        """``(c_x, [c_eps0, c_eps(-1), ..])`` of the order-``order`` DEIS step from grid index ``i``."""
+        a_t, a_s = self._alpha[i + 1], self._alpha[i]
+        if order == 1:
+            return a_t / a_s, [-self._sigma[i + 1] * math.expm1(self._lam[i + 1] - self._lam[i])]
+        rho = [self._sigma[j] / self._alpha[j] for j in range(i + 1, i - order, -1)]  # rho', rho_0, rho_-1, ..
+        t, nodes = rho[0], rho[1:]
+        if t == nodes[0]:  # a zero-length step (the repeated final sigma): x' = x
+            return 1.0, [0.0] * order
+        if order == 2:
+            b, c = nodes
+            coefs = [_integral2(t, b, c) - _integral2(b, b, c), _integral2(t, c, b) - _integral2(b, c, b)]
+        else:
+            b, c, d = nodes
+            coefs = [_integral3(t, b, c, d) - _integral3(b, b, c, d), _integral3(t, c, d, b) - _integral3(b, c, d, b),
+                     _integral3(t, d, b, c) - _integral3(b, d, b, c)]
+        return a_t / a_s, [a_t * k for k in coefs]
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One multistep DEIS step from ``timesteps[step_index]`` to the next grid point.
+
+        Args:
+            model_output (Tensor[B, *D]): the network output at ``(sample, timestep)``.
+            timestep (int or Tensor): the current entry of ``timesteps``.
+            sample (Tensor[B, *D]): x at ``timestep``.
+            return_dict (bool): SchedulerOutput if True, else ``(prev_sample,)``.
+
+        Returns:
+            SchedulerOutput or tuple: ``prev_sample`` (Tensor[B, *D]).
+        """
+        i = self._start_step(timestep)
+        c, n = self.config, len(self.timesteps)
+        term, a, b = self._view(model_output, sample, i, True, c.thresholding)
+        s_i, al_i = self._sigma[i], self._alpha[i]  # eps = (x - alpha x0)/sigma
+        view = (term, (1.0 - al_i * a) / s_i, -al_i * b / s_i)
+        keep = c.solver_order > 1 and i + 1 < n
+        if keep:
+            view = (self._materialise(sample, view), 0.0, 1.0)
+        self.model_outputs = self.model_outputs[1:] + [view[0] if keep else None]
+        final = i == n - 1 and c.lower_order_final and n < 15
+        second = i == n - 2 and c.lower_order_final and n < 15
+        if c.solver_order == 1 or self.lower_order_nums < 1 or final:
+            order = 1
+        elif c.solver_order == 2 or self.lower_order_nums < 2 or second:
+            order = 2
+        else:
+            order = 3
+        cx, cm = self._coefficients(i, order)
+        history = [self.model_outputs[-1 - j] for j in range(1, order)]
+        prev = self._update(sample, cx, sample, view, history, cm)
+        if self.lower_order_nums < c.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        return self._output(prev, return_dict)
