@@ -320,8 +320,12 @@ class _MultistepPP(Solver):
             self.stages = list(zip(ratios, _stage_tables(self, ratios)))
 
     @classmethod
-    def expected_order(cls, **options) -> int:
-        return 2 if options.get("variant") == "reference" else cls.order
+    def expected_order(cls, *, warmup="lower_order", variant="taylor", lower_order_final=True, **options) -> int:
+        """The global order: ``order``, but 2 for third order with the usual (first-order first
+        step) warmup or the reference variant (order-test solves use ``lower_order_final=False``)."""
+        if cls.order >= 3 and (warmup != "singlestep" or variant == "reference"):
+            return 2
+        return cls.order
 
     def step_order(self, i: int) -> int:
         """The order of step ``i`` before the per-sample ``h = inf`` fallbacks.
@@ -422,7 +426,8 @@ class DPMSolverPP2M(_MultistepPP):
     name = "dpmpp_2m"
     order = 2
     warmups = ("lower_order", "singlestep")
-    order_test_options = ({}, {"solver_type": "heun"}, {"warmup": "singlestep"})
+    order_test_options = ({"lower_order_final": False}, {"solver_type": "heun", "lower_order_final": False},
+                          {"warmup": "singlestep", "lower_order_final": False})
 
 
 class DPMSolverPP3M(_MultistepPP):
@@ -444,7 +449,7 @@ class DPMSolverPP3M(_MultistepPP):
     name = "dpmpp_3m"
     order = 3
     warmups = ("lower_order", "singlestep")
-    order_test_options = ({}, {"warmup": "singlestep"})
+    order_test_options = ({"lower_order_final": False}, {"warmup": "singlestep", "lower_order_final": False})
 
 
 class DPMSolverPP2MSDE(_MultistepPP):
@@ -465,7 +470,7 @@ class DPMSolverPP2MSDE(_MultistepPP):
     order = 2
     stochastic = True
     default_eta = 1.0
-    order_test_options = ({}, {"solver_type": "heun"})
+    order_test_options = ({"lower_order_final": False}, {"solver_type": "heun", "lower_order_final": False})
 
 
 class DPMSolverPP3MSDE(_MultistepPP):
@@ -485,3 +490,4 @@ class DPMSolverPP3MSDE(_MultistepPP):
     stochastic = True
     default_eta = 1.0
     default_solver_type = "heun"
+    order_test_options = ({"lower_order_final": False},)

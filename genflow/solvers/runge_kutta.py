@@ -166,10 +166,7 @@ class LMS(Solver):
 
     name = "lms"
     order = 2  # the global order with the default order=4 start-up (see expected_order)
-    # What test_order's 10..80-step window confirms: order=2 (fitted 1.4-1.7) and order=4
-    # (fitted 2.0-2.9) are still pre-asymptotic there; tests/solvers/test_runge_kutta.py
-    # checks them over 40..320 steps.
-    order_test_options = ({"order": 1}, {"order": 3})
+    order_test_options = ({"order": 1}, {"order": 2}, {"order": 3}, {"order": 4})
 
     @classmethod
     def expected_order(cls, *, order=4, **options) -> int:
