@@ -8,16 +8,13 @@ the same Karras grid (their results agree to float rounding); diffusers runs its
     python bench/bench_solvers.py              # table of ms per solve and speed ratios
     python -m pytest bench/bench_solvers.py    # pytest-benchmark suite
 """
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import genflow as gf
+from genflow._peers import k_diffusion_sampling
 from timing import best_ms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SHAPES = [(1, 2), (65536, 2), (16, 3, 64, 64), (64, 3, 128, 128)]
 STEPS = 20
 
@@ -35,8 +32,6 @@ def genflow_solve(x_T):
 
 def k_diffusion_solve(x_T, sigmas):
     """``sigmas``: the same Karras grid as genflow's, ending at sigma_min (built once, outside)."""
-    from tests.peers import k_diffusion_sampling
-
     return k_diffusion_sampling().sample_dpmpp_2m(lambda x, sigma: 0.5 * x, x_T, sigmas, disable=True)
 
 
