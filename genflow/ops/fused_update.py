@@ -27,7 +27,7 @@ import torch
 from genflow._extension import HAS_EXTENSION, has_cuda_kernels, warn_missing_once
 from genflow.ops import _reference
 
-__all__ = ["fused_update", "fused_update_unchecked", "randn", "seed_tensor", "use_kernel", "MAX_TERMS"]
+__all__ = ["fused_update", "fused_update_packed", "fused_update_unchecked", "randn", "seed_tensor", "use_kernel", "MAX_TERMS"]
 
 MAX_TERMS = 4
 _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -237,6 +237,17 @@ def fused_update_unchecked(x: torch.Tensor, terms: list, values: list, *, kernel
     if out is None:
         return _reference.fused_update(x, terms, coef, noise, seed, offset)
     _reference.fused_update_out(x, terms, coef, noise, seed, offset, out)
+    return out
+
+
+def fused_update_packed(x: torch.Tensor, terms: list, coef: torch.Tensor, *, kernel: bool,
+                        out: torch.Tensor) -> torch.Tensor:
+    """The noise-free in-place update with a prepacked float64 CPU ``coef`` [K+2] (``s = 0``):
+    the op call alone, for solver steps whose coefficients are reused across solves."""
+    if kernel:
+        torch.ops.genflow.fused_update_out(x, terms, coef, None, None, 0, out)
+    else:
+        _reference.fused_update_out(x, terms, coef, None, None, 0, out)
     return out
 
 

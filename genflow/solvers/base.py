@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from genflow.models import conversion
-from genflow.ops.fused_update import fused_update_unchecked, seed_tensor, use_kernel
+from genflow.ops.fused_update import _host_tensor, fused_update_packed, fused_update_unchecked, seed_tensor, use_kernel
 
 __all__ = ["Solver", "Point", "dynamic_threshold", "point", "sqrt", "exp", "expm1", "where"]
 
@@ -226,6 +226,25 @@ class Solver(abc.ABC):
                 seed, offset = self._seed, drawn["offset"]
         return fused_update_unchecked(x, kept_terms, values, kernel=self._kernel, noise=noise,
                                       seed=seed, offset=offset, out=out)
+
+    @staticmethod
+    def pack(coefs, noise_scale=0.0):
+        """``(kept, coef)`` for ``update_packed``: which terms have a nonzero coefficient and the
+        float64 coefficient tensor the op takes, or None when ``update`` must run (per-sample
+        coefficients, or noise). Solvers that reuse a step's coefficients across solves pack once."""
+        if not _is_zero(noise_scale) or not all(type(c) is float for c in coefs):
+            return None
+        kept = tuple(c != 0.0 for c in coefs[1:])
+        values = [coefs[0]] + [c for c in coefs[1:] if c != 0.0] + [0.0]
+        return kept, _host_tensor(values, torch.float64, "d")
+
+    def update_packed(self, x, terms, packed, *, out):
+        """``update`` (noise-free) with coefficients packed by ``pack``: the op call alone."""
+        kept, coef = packed
+        if self._kernel is None:
+            self._kernel = use_kernel(self.backend, x.device)
+        terms = [t for t, k in zip(terms, kept) if k]
+        return fused_update_packed(x, terms, coef, kernel=self._kernel, out=out)
 
     @abc.abstractmethod
     def step(self, i: int, x: torch.Tensor) -> torch.Tensor:

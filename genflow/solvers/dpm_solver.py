@@ -26,7 +26,7 @@ __all__ = ["DPMSolver1", "DPMSolver2", "DPMSolver3", "DPMSolverPP2S", "DPMSolver
            "DPMSolverPP2MSDE", "DPMSolverPP3MSDE"]
 
 
-_PLANS = {}  # (id(grid), solver options, step, order) -> (grid, (coefficients, noise_scale))
+_PLANS = {}  # (id(grid), solver options, step) -> (grid, the step's coefficients and packed form)
 
 
 def _finite(v):
@@ -341,6 +341,13 @@ class _MultistepPP(Solver):
 
     def step(self, i, x):
         p, q = self.grid[i], self.grid[i + 1]
+        key = None
+        if self.threshold is None and type(p.t) is float:  # grid-determined step: reuse its plan
+            key = (id(self.grid), type(self), self.model.prediction, self.eta, self.solver_type,
+                   self.d2_weight, self.warmup, self.lower_order_final, i)
+            hit = _PLANS.get(key)
+            if hit is not None and hit[0] is self.grid:
+                return self._planned_step(x, p, q, hit[1])
         h = q.lam - p.lam
         last = i + 1 == len(self.grid) - 1
         ok = _finite(h)
@@ -357,23 +364,28 @@ class _MultistepPP(Solver):
             self._remember(x0, h)
             return x
         k = min(k, usable + 1)
-        key = hit = None
-        if not isinstance(h, torch.Tensor) and self.threshold is None:  # grid-determined: reuse
-            key = (id(self.grid), type(self), self.model.prediction, self.eta, self.solver_type,
-                   self.d2_weight, self.warmup, i, k)
-            hit = _PLANS.get(key)
-        if hit is not None and hit[0] is self.grid:
-            term, (a0, b0, coefs, noise_scale) = out, hit[1]
-        else:
-            term, a0, b0 = self.x0_view(x, out, p)
-            coefs, noise_scale = self._coefficients(p, q, h, ok, k, a0, b0)
-            if key is not None:
-                if len(_PLANS) >= 4096:
-                    _PLANS.clear()
-                _PLANS[key] = (self.grid, (a0, b0, coefs, noise_scale))
+        term, a0, b0 = self.x0_view(x, out, p)
+        coefs, noise_scale = self._coefficients(p, q, h, ok, k, a0, b0)
+        if key is not None:
+            if len(_PLANS) >= 4096:
+                _PLANS.clear()
+            _PLANS[key] = (self.grid, (h, last, a0, b0, coefs, noise_scale, self.pack(coefs, noise_scale)))
         x0 = None if last else (term if _is_identity(a0, b0) else self.update(x, [term], [a0, b0]))
         prev = [x0_prev for x0_prev, _ in reversed(self.history)][: len(coefs) - 2]
         x = self.update(x, [term] + prev, coefs, noise_scale, out=x, noise_at=(p.sigma, q.sigma))
+        self._remember(x0, h)
+        return x
+
+    def _planned_step(self, x, p, q, plan):
+        """A step of a scalar grid whose coefficients an earlier solve on the same grid computed."""
+        h, last, a0, b0, coefs, noise_scale, packed = plan
+        out = self.evaluate(x, p)
+        x0 = None if last else (out if _is_identity(a0, b0) else self.update(x, [out], [a0, b0]))
+        terms = [out] + [x0_prev for x0_prev, _ in reversed(self.history)][: len(coefs) - 2]
+        if packed is not None:
+            x = self.update_packed(x, terms, packed, out=x)
+        else:
+            x = self.update(x, terms, coefs, noise_scale, out=x, noise_at=(p.sigma, q.sigma))
         self._remember(x0, h)
         return x
 

@@ -379,3 +379,22 @@ def test_cached_step_coefficients_equal_fresh_ones(solver, options):
     for name in ("x0", "eps", "lof"):
         assert torch.equal(runs["fresh", name], runs["cached", name])
     torch.testing.assert_close(runs["fresh", "eps"], runs["fresh", "x0"], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver, options", [("dpmpp_2m", {}), ("dpmpp_2m", {"lower_order_final": False}),
+                                             ("dpmpp_3m", {}), ("dpmpp_2m_sde", {"generator": 5}),
+                                             ("dpmpp_3m_sde", {"generator": 5, "lower_order_final": False})])
+def test_reused_step_plans_give_the_same_solve(solver, options):
+    """Scalar-grid solves reuse the coefficients (and packed coefficient tensors) that an earlier
+    solve on the same grid computed; a solve on a fresh process object (no reuse) must match,
+    and a reused plan must not leak across options (lower_order_final changes 10-step solves)."""
+    mix = mixture()
+    x_T = gf.VP().prior_sample((5, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    process = gf.VP()
+    first = gf.sample(mix.model(process), x_T=x_T, solver=solver, steps=10, **options)
+    again = gf.sample(mix.model(process), x_T=x_T, solver=solver, steps=10, **options)
+    fresh = gf.sample(mix.model(gf.VP()), x_T=x_T, solver=solver, steps=10, **options)
+    assert torch.equal(first, again) and torch.equal(first, fresh)
+    flipped = dict(options, lower_order_final=not options.get("lower_order_final", True))
+    other = gf.sample(mix.model(process), x_T=x_T, solver=solver, steps=10, **flipped)
+    assert not torch.allclose(other, first, rtol=1e-6, atol=1e-6)
