@@ -191,20 +191,23 @@ def _run_dpm(module, name, net, x, options, explicit_noise, callback=None):
 @pytest.mark.parametrize("explicit_noise", [True, False], ids=["noise_sampler", "default_noise"])
 @pytest.mark.parametrize("name, options", DPM_CASES, ids=[_case_id(c) for c in DPM_CASES])
 def test_dpm_fast_adaptive_equal_k_diffusion(name, options, explicit_noise, net_name, dtype):
-    if dtype == torch.float32 and net_name == "mixture" and name == "sample_dpm_adaptive":
-        pytest.skip("float32 rounding alone moves the mixture's error-controlled solve by ~1e-4 (in k-diffusion too)")
-    if dtype == torch.float32 and options.get("eta") == 1.0:
-        pytest.skip("ancestral jumps with expm1(h) ~ 1e3: k-diffusion's own float32 error is ~1e-4 (ours is smaller)")
+    rtol = F64_RTOL if dtype == torch.float64 else F32_RTOL
+    step_rtol = 0.0 if dtype == torch.float64 else F32_RTOL  # the callbacks' sigma/t values
+    if dtype == torch.float32 and ((net_name == "mixture" and name == "sample_dpm_adaptive") or options.get("eta") == 1.0):
+        # float32 rounding alone moves these solves by 1.5-2e-4 from the float64 result, in
+        # k-diffusion too (the mixture's error-controlled steps, whose sizes then drift by up to
+        # 2% under the PID controller; ancestral jumps with expm1(h) ~ 1e3)
+        rtol, step_rtol = 1e-3, 5e-2
     K = k_diffusion_sampling()
     net, shape = NETS[net_name]
     x = _x(shape, dtype)
     k_calls, g_calls = [], []
     k_out, k_after = _run_dpm(K, name, net, x, options, explicit_noise, k_calls.append)
     g_out, g_after = _run_dpm(C, name, net, x, options, explicit_noise, g_calls.append)
-    _assert_rel(g_out, k_out, F64_RTOL if dtype == torch.float64 else F32_RTOL)
+    _assert_rel(g_out, k_out, rtol)
     assert torch.equal(g_after, k_after)
     assert len(g_calls) == len(k_calls) > 0
-    tol = {"rel": 0, "abs": 0} if dtype == torch.float64 else {"rel": 1e-4, "abs": 1e-4}
+    tol = {"rel": step_rtol, "abs": step_rtol}
     for k_info, g_info in zip(k_calls, g_calls):
         assert list(g_info) == list(k_info)
         assert g_info["i"] == k_info["i"]
