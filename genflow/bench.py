@@ -909,7 +909,8 @@ def _diffusers_euler(ctx, gf, D, model_name, shape, steps, case, size):
 
     def make_gf(net):
         def view(y, s):  # the EDM model in (y, s): the network sees y / sqrt(1 + s^2), as in diffusers
-            return net(y / torch.sqrt(1 + s * s).reshape((-1,) + (1,) * nd), s)
+            # (one shared sigma per step on this grid: scale by it once, as diffusers' loop does)
+            return net(y * torch.rsqrt(1 + s[:1] * s[:1]).reshape((1,) * (nd + 1)), s)
         model = gf.Model(view, process, "eps")
         return lambda: gf.sample(model, x_T=y_T, solver="euler", schedule=grid)
 

@@ -117,6 +117,8 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
         ts = time_grid(process, steps, schedule, t_start, t_end)
     else:
         ts = validate_grid(schedule, process)
+    if ts.device.type != "cpu":  # the grid is host data: step coefficients are host float64 math
+        ts = ts.cpu()
     if x_T is not None:
         _check_x_T(x_T, shape)
         batch = x_T.shape[0]

@@ -225,10 +225,16 @@ def fused_update_unchecked(x: torch.Tensor, terms: list, values: list, *, kernel
     if all(type(v) is float for v in values):
         coef = _host_tensor(values, torch.float64, "d")  # CPU: the CUDA op takes it by value
     else:
+        # per-sample coefficients (host float64 [B] from the solvers' grid tables): packed on the
+        # host and sent in one copy; from pinned memory without a stream sync on CUDA
         batch = x.shape[0]
-        coef = torch.stack([v.to(device=x.device, dtype=torch.float64) if isinstance(v, torch.Tensor)
-                            else torch.full((batch,), v, dtype=torch.float64, device=x.device)
+        on_host = all(not isinstance(v, torch.Tensor) or v.device.type == "cpu" for v in values)
+        where = torch.device("cpu") if on_host else x.device
+        coef = torch.stack([v.to(device=where, dtype=torch.float64) if isinstance(v, torch.Tensor)
+                            else torch.full((batch,), v, dtype=torch.float64, device=where)
                             for v in values])
+        if on_host and x.device.type != "cpu":
+            coef = coef.pin_memory().to(x.device, non_blocking=True)
     if kernel:
         if out is None:
             return torch.ops.genflow.fused_update(x, terms, coef, noise, seed, offset)
