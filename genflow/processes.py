@@ -15,6 +15,7 @@ or a Tensor of any shape (returns a Tensor of that shape on the same device). Te
 are float64 for float64 input and float32 otherwise; the arithmetic itself is always done in
 float64, so float32 results are correctly rounded float64 values.
 """
+import abc
 import math
 import numbers
 from typing import Optional
@@ -85,7 +86,7 @@ def _fmt(v: float) -> str:
 # base class
 
 
-class Process:
+class Process(abc.ABC):
     """Base class of processes with marginal ``x_t = alpha(t) x_0 + sigma(t) eps``.
 
     Subclasses implement the float64 tensor primitives ``_alpha``, ``_sigma``, ``_log_snr``,
@@ -101,23 +102,28 @@ class Process:
     t_min: float = 0.0
 
     # -- primitives (float64 tensor in, float64 tensor out) ----------------------------------
+    @abc.abstractmethod
     def _alpha(self, t):
-        raise NotImplementedError
+        """alpha(t)."""
 
+    @abc.abstractmethod
     def _sigma(self, t):
-        raise NotImplementedError
+        """sigma(t)."""
 
     def _log_snr(self, t):
         return torch.log(self._alpha(t)) - torch.log(self._sigma(t))
 
+    @abc.abstractmethod
     def _t_from_log_snr(self, lam):
-        raise NotImplementedError
+        """the time with log_snr(t) = lam."""
 
+    @abc.abstractmethod
     def _f(self, t):
-        raise NotImplementedError
+        """f(t) = d log alpha / dt."""
 
+    @abc.abstractmethod
     def _g2(self, t):
-        raise NotImplementedError
+        """g2(t) = d sigma^2/dt - 2 f sigma^2."""
 
     def _dalpha(self, t):
         return self._f(t) * self._alpha(t)

@@ -13,6 +13,7 @@ instead of the fixed-grid ``step`` loop. Of ``gf.sample``'s grid arguments only 
 are used (``t_start``, ``t_end``, or the first and last row of an explicit grid); ``steps`` and
 ``schedule`` do not change the solve.
 """
+import abc
 import math
 
 import torch
@@ -143,17 +144,21 @@ class AdaptiveSolver(Solver):
             yield x, info, progress
             t, h, i = t_next, h_next, i + 1
 
+    @abc.abstractmethod
     def _start(self, x, t, span):
-        raise NotImplementedError
+        """Prepare the first attempt; return the first step sizes h (float64 [B])."""
 
+    @abc.abstractmethod
     def _attempt(self, x, t, h):
-        raise NotImplementedError
+        """Attempt a step of size h from (x, t); return the error norms (float64 [B])."""
 
+    @abc.abstractmethod
     def _control(self, err, h, accept):
-        raise NotImplementedError
+        """The next step sizes from the error norms."""
 
+    @abc.abstractmethod
     def _commit(self, x, accept, done):
-        raise NotImplementedError
+        """Keep the attempted state where accepted; return the state."""
 
 
 # Dormand & Prince (1980), Table 2; Hairer, Norsett & Wanner, "Solving ODEs I", Table II.5.2.
