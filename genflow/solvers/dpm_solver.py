@@ -30,7 +30,8 @@ _PLANS = {}  # (id(grid), solver options, step) -> (grid, the step's coefficient
 
 
 def _finite(v):
-    return torch.isfinite(v) if isinstance(v, torch.Tensor) else math.isfinite(v)
+    # not math.isfinite: under torch.compile a grid float may be traced symbolically
+    return torch.isfinite(v) if isinstance(v, torch.Tensor) else (v == v and abs(v) != math.inf)
 
 
 def _all(cond) -> bool:
