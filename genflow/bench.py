@@ -645,6 +645,51 @@ def _ops(ctx: Context) -> Iterator[Case]:
     for kind in ("em_step", "dpmpp_2m_step"):
         for n in _op_sizes(ctx):
             yield _op_case(ctx, kind, n, fused_update)
+    for n in _op_sizes(ctx):
+        yield _langevin_case(ctx, n)
+
+
+def _langevin_case(ctx, n, batch=16):
+    """The Langevin corrector step (Song et al. 2021, Alg. 5) on ``batch`` samples of ``n/batch``
+    elements with supplied noise: per-sample ``eps_b = 2 (snr ||z_b|| / ||s_b||)^2`` and
+    ``x <- x + eps s + sqrt(2 eps) z`` (s the model output). genflow: ``langevin_update`` (two
+    passes); eager and torch.compile: norms then update. Floor: read x, s, z and write x
+    (16 bytes/element) — the second pass over x, s, z is what the fused op pays beyond it."""
+    from genflow.ops import langevin_update
+
+    shape = (batch, max(1, n // batch))
+    x, s, z = (ctx.randn(*shape, seed=10 + i) for i in range(3))
+    x0 = x.clone()
+    snr = 0.16
+
+    def expr(x, s, z):
+        ratio = snr * z.flatten(1).norm(dim=1) / s.flatten(1).norm(dim=1)
+        eps = (2 * ratio * ratio).reshape(-1, 1)
+        return x + eps * s + torch.sqrt(2 * eps) * z
+
+    def genflow():
+        return langevin_update(x, s, snr=snr, noise=z, out=x)
+
+    ref = langevin_update(x0, s, snr=snr, noise=z)
+    holder = {}
+
+    def setup_compile():
+        started = time.perf_counter()
+        holder["fn"] = torch.compile(expr, dynamic=False, fullgraph=True)
+        holder["fn"](x0, s, z)
+        return f"compile {time.perf_counter() - started:.1f} s"
+
+    src = torch.ones(2 * x.numel(), dtype=ctx.dtype, device=ctx.device)
+    dst = torch.empty_like(src)
+    bytes_moved = int(2 * src.element_size() * src.numel())
+    size = f"{x.numel():.3g}".replace("e+0", "e").replace("e+", "e")
+    return Case("langevin_step", f"{size} f32", genflow, [
+        Baseline("eager", lambda: expr(x0, s, z), lambda: agree(ref, expr(x0, s, z), 1e-5)),
+        Baseline("torch.compile", lambda: holder["fn"](x0, s, z), lambda: agree(ref, holder["fn"](x0, s, z), 1e-5),
+                 setup=setup_compile) if ctx.compile else Baseline("torch.compile", None, status="skipped: --no-compile"),
+        Baseline("floor (device copy)", lambda: dst.copy_(src), kind="floor", bytes=bytes_moved,
+                 note=f"{bytes_moved / x.numel():.0f} B/element"),
+    ])
 
 
 def _op_case(ctx, kind, n, fused_update):
