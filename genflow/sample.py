@@ -58,7 +58,7 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
            device=None, backend: str = "auto", progress: bool = False,
            callback: Optional[Callable] = None, return_trajectory: bool = False,
            noise_sampler: Optional[Callable] = None, noise=None, final_step: Optional[str] = None,
-           **solver_options):
+           cuda_graph: bool = False, **solver_options):
     """Draw samples by integrating ``model`` from ``t_start`` (noise) to ``t_end`` (data).
 
     Args:
@@ -100,6 +100,10 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
             the same path, or the accepted noise is biased).
         final_step: ``"x0"`` replaces the final state by the model's data prediction at
             ``t_end`` (one more NFE; removes the residual noise ``sigma(t_end)``).
+        cuda_graph: capture the whole fixed-grid solve (model calls included) as a CUDA graph
+            on its first call and replay it on later calls with the same model, solver, grid,
+            shape and options (``genflow.cuda_graph``); equal to the eager solve for the same
+            seed. CUDA tensors, shared grids, in-kernel noise, no callback/progress/trajectory.
         **solver_options: passed to the solver (e.g. ``variance="large"`` for ``ddpm``).
 
     Returns:
@@ -127,6 +131,15 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
         batch = shape[0]
     if ts.dim() == 2 and ts.shape[1] != batch:
         raise ValueError(f"per-sample times must have length {batch} (the batch), got {ts.shape[1]}")
+    if cuda_graph:
+        from genflow import cuda_graph as graphs
+
+        graphs.check_capturable(solver_cls=solver_cls, ts=ts, device=x_T.device if x_T is not None else device,
+                                noise=noise, noise_sampler=noise_sampler, callback=callback, progress=progress,
+                                return_trajectory=return_trajectory)
+        return graphs.graphed_solve(model, solver_cls, ts, shape=shape, x_T=x_T, dtype=dtype, device=device,
+                                    generator=generator, eta=eta, backend=backend, final_step=final_step,
+                                    options=solver_options)
     if noise is None and noise_sampler is None:
         noise = getattr(solver_cls, "default_noise", "philox")
     sigma_max = process.sigma(process.T) if noise == "brownian_tree" else None
