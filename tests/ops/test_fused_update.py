@@ -428,3 +428,22 @@ def test_op_out_and_philox_errors():
         torch.ops.genflow.philox_normal_out(torch.tensor([1]), 0, torch.empty(3, dtype=torch.int64))
     with pytest.raises(RuntimeError, match=r"seed must have shape \[1\] .* \[B\] = \[3\]"):
         torch.ops.genflow.philox_normal(torch.tensor([1, 2]), 0, [3, 2], torch.float32)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs the CUDA kernels")
+def test_cuda_indexing_beyond_2_pow_31():
+    """More than 2^31 elements (float16, a strided view): 64-bit indices reach the tail."""
+    half = 2**30 + 600
+    try:
+        storage = torch.zeros(2, half, 2, dtype=torch.float16, device="cuda")
+        term = torch.ones(2, half, dtype=torch.float16, device="cuda")
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a 2^31-element test")
+    x = storage[..., 0]  # [2, 2^30 + 600], stride 2 in the last dimension
+    x[1, -5:] = torch.arange(1, 6, dtype=torch.float16, device="cuda")
+    out = fused_update(x, [term], [2.0, 3.0])
+    assert out.numel() > 2**31
+    assert torch.equal(out[1, -5:].cpu(), torch.tensor([5.0, 7.0, 9.0, 11.0, 13.0], dtype=torch.float16))
+    assert bool((out[0] == 3).all()) and bool((out[1, :-5] == 3).all())
+    fused_update(x, [term], [2.0, 3.0], out=x)  # in place into the strided view
+    assert torch.equal(storage[1, -5:, 0].cpu(), torch.tensor([5.0, 7.0, 9.0, 11.0, 13.0], dtype=torch.float16))
