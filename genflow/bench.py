@@ -96,8 +96,9 @@ class Agreement:
 class Baseline:
     """One thing genflow is compared with in a case.
 
-    kind: "peer" (a library or eager/compiled PyTorch doing the same work) or "floor" (a device
-    copy moving the bytes the genflow op must move). ``check`` returns an ``Agreement`` (peers
+    kind: "peer" (a library or eager/compiled PyTorch doing the same work), "floor" (a device
+    copy moving the bytes the genflow op must move) or "bound" (work genflow cannot avoid, e.g.
+    the model's own evaluations: ratio 1.0 means the solver's own cost vanished). ``check`` returns an ``Agreement`` (peers
     must have one); ``fn=None`` with ``status`` set marks a baseline that cannot run here.
     """
 
@@ -824,6 +825,103 @@ def _size(shape):
 
 def _missing(name, case, size, peer):
     return Case(case, size, lambda: None, [Baseline(peer, None, status=f"skipped: {name} not installed")])
+
+
+class DeepMLP:
+    """A 3-hidden-layer MLP denoiser ``net(x, sigma) -> x0`` (256 wide, SiLU, EDM input scaling
+    ``x / sqrt(1 + sigma^2)``), fixed random weights, no autograd: the "mlp256" rows."""
+
+    def __init__(self, dim: int = 2, hidden: int = 256, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        sizes = [dim + 1, hidden, hidden, hidden, dim]
+        self.layers = [(torch.randn(a, b, generator=g) / math.sqrt(a), 0.1 * torch.randn(b, generator=g))
+                       for a, b in zip(sizes[:-1], sizes[1:])]
+        self._on = {}
+
+    def __call__(self, x, sigma):
+        key = (x.dtype, x.device)
+        if key not in self._on:
+            self._on[key] = [(w.to(x), b.to(x)) for w, b in self.layers]
+        s = sigma.to(x.dtype).reshape(-1, 1)
+        h = torch.cat([x * torch.rsqrt(1 + s * s), torch.log(s) / 4], dim=1)
+        layers = self._on[key]
+        for k, (w, b) in enumerate(layers):
+            h = torch.addmm(b, h, w)
+            if k < len(layers) - 1:
+                h = torch.nn.functional.silu(h)
+        return h
+
+
+class ConvNet:
+    """A 3-layer 3x3 convolutional denoiser ``net(x, sigma) -> x0`` on [B, C, H, W] (64 channels,
+    SiLU, EDM input scaling), fixed random weights, no autograd: the "conv" rows."""
+
+    def __init__(self, channels: int = 4, hidden: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        sizes = [channels, hidden, hidden, channels]
+        self.layers = [(torch.randn(b, a, 3, 3, generator=g) / math.sqrt(9 * a), 0.1 * torch.randn(b, generator=g))
+                       for a, b in zip(sizes[:-1], sizes[1:])]
+        self._on = {}
+
+    def __call__(self, x, sigma):
+        key = (x.dtype, x.device)
+        if key not in self._on:
+            self._on[key] = [(w.to(x), b.to(x)) for w, b in self.layers]
+        h = x * torch.rsqrt(1 + sigma.to(x.dtype) ** 2).reshape(-1, 1, 1, 1)
+        layers = self._on[key]
+        for k, (w, b) in enumerate(layers):
+            h = torch.nn.functional.conv2d(h, w, b, padding=1)
+            if k < len(layers) - 1:
+                h = torch.nn.functional.silu(h)
+        return h
+
+
+@group("model", "20-step dpmpp_2m solves with real denoisers vs k-diffusion and the model's own 20 evaluations")
+def _model_bound(ctx: Context) -> Iterator[Case]:
+    """Where the model dominates, a solver's own cost should vanish: genflow's solve against
+    k-diffusion's ``sample_dpmpp_2m`` on the same EDM problem and against the model's 20
+    evaluations alone (a "bound" row: ratio = model time / genflow time, 1.0 = no solver
+    overhead left). On CUDA a second genflow case replays the solve as a CUDA graph
+    (``cuda_graph=True``)."""
+    import genflow as gf
+    from genflow import _peers
+
+    K = _peers.k_diffusion_sampling()
+    steps = 5 if ctx.tiny else 20
+    if ctx.tiny:
+        cases = [("mlp256", DeepMLP(), (1, 2)), ("conv", ConvNet(), (1, 4, 8, 8))]
+    elif ctx.quick:
+        cases = [("mlp256", DeepMLP(), (1, 2)), ("mlp256", DeepMLP(), (8192, 2)), ("conv", ConvNet(), (4, 4, 32, 32))]
+    else:
+        cases = [("mlp256", DeepMLP(), (1, 2)), ("mlp256", DeepMLP(), (65536, 2)), ("conv", ConvNet(), (16, 4, 64, 64))]
+    graphs = [False, True] if ctx.device == "cuda" else [False]
+    for net_name, net, shape in cases:
+        process = gf.EDM(sigma_min=0.002, sigma_max=80.0)
+        sigmas = (K.get_sigmas_karras(steps, 0.002, 80.0) if K is not None else
+                  torch.cat([gf.time_grid(process, steps, "karras"), torch.zeros(1)])).double()
+        x_T = 80.0 * ctx.randn(*shape, seed=5)
+        svec = [torch.full((shape[0],), float(v), dtype=ctx.dtype, device=ctx.device) for v in sigmas[:-1]]
+
+        def model_alone(net=net, x_T=x_T, svec=svec):
+            for s in svec:
+                out = net(x_T, s)
+            return out
+
+        for graph in graphs:
+            def make_gf(net, process=process, sigmas=sigmas, x_T=x_T, graph=graph):
+                model = gf.Model(net, process, "x0")
+                return lambda: gf.sample(model, x_T=x_T, solver="dpmpp_2m", schedule=sigmas, lower_order_final=False,
+                                         cuda_graph=graph)
+
+            case = f"dpmpp_2m {steps} steps, {net_name}" + (", cuda graph" if graph else "")
+            if K is None:
+                peer = Baseline("k-diffusion sample_dpmpp_2m", None, status="skipped: k-diffusion not installed")
+            else:
+                def make_peer(net, sigmas=sigmas.to(ctx.device), x_T=x_T):
+                    return lambda: K.sample_dpmpp_2m(net, x_T, sigmas, disable=True)
+                peer = Baseline("k-diffusion sample_dpmpp_2m", make_peer(net), _equal_work(make_gf, make_peer, net, 1e-4))
+            yield Case(case, _size(shape), make_gf(net), [
+                peer, Baseline(f"model alone ({steps} evaluations)", model_alone, kind="bound")])
 
 
 @group("k-diffusion", "full solves vs k-diffusion 0.1.1 (EDM, its Karras sigmas with the final 0)")
