@@ -9,6 +9,7 @@ Public API (DESIGN.md §3)::
 """
 from genflow import compat, ops, schedules, solvers
 from genflow._extension import HAS_EXTENSION, warn_missing_once
+from genflow.likelihood import bits_per_dim, log_likelihood
 from genflow.mixtures import GaussianMixture
 from genflow.models import KINDS, Model, conversion, guided
 from genflow.processes import EDM, VE, VP, CosineVP, DiscreteVP, LinearPath, Process, SubVP
@@ -19,7 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EDM", "HAS_EXTENSION", "KINDS", "VE", "VP", "CosineVP", "DiscreteVP", "GaussianMixture",
-    "LinearPath", "Model", "Process", "SubVP", "compat", "conversion", "guided", "ops", "sample",
+    "LinearPath", "Model", "Process", "SubVP", "bits_per_dim", "compat", "conversion", "guided",
+    "log_likelihood", "ops", "sample",
     "schedules", "solvers", "time_grid",
 ]
 

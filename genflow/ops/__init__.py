@@ -1,10 +1,12 @@
 """genflow's fused primitives: one Python entry each, dispatching by device (DESIGN.md §4).
 
-``fused_update`` (``out = c0 x + sum_k c_k terms[k-1] + s z``) and ``randn`` (the Philox normal
-stream it uses) run the compiled kernels of ``genflow._C`` when built for the tensors' device and
+``fused_update`` (``out = c0 x + sum_k c_k terms[k-1] + s z``), ``randn`` (the Philox normal
+stream it uses), ``langevin_update`` (the Langevin corrector step) and ``probes``/``probe_dot``
+(the Hutchinson trace estimator's probes and per-sample dot products) run the compiled kernels of ``genflow._C`` when built for the tensors' device and
 the pure-PyTorch reference (``genflow.ops._reference``) otherwise.
 """
 from genflow.ops.fused_update import MAX_TERMS, fused_update, randn
+from genflow.ops.hutchinson import probe_dot, probes
 from genflow.ops.langevin import langevin_update
 
-__all__ = ["MAX_TERMS", "fused_update", "langevin_update", "randn"]
+__all__ = ["MAX_TERMS", "fused_update", "langevin_update", "probe_dot", "probes", "randn"]

@@ -1,0 +1,381 @@
+"""Exact likelihoods of diffusion and flow models through the probability-flow ODE.
+
+Along a solution ``x_t`` of the probability-flow ODE ``dx/dt = v(x, t)`` (``model.velocity``),
+the marginal densities obey the instantaneous change of variables (seed 001 §6.3.1.6; seed 002;
+Chen et al. 2018, FFJORD: Grathwohl et al., ICLR 2019)::
+
+    d/dt log q_t(x_t) = -div v(x_t, t)
+
+so, integrating the augmented state ``[x, delta]`` with ``d delta/dt = +div v(x_t, t)`` forward
+from ``x_{t_end} = x``, ``delta = 0`` at ``t = t_end`` to ``t = T``::
+
+    log q_{t_end}(x) = log q_T(x_T) + int_{t_end}^T div v(x_t, t) dt = prior_log_prob(x_T) + delta(T)
+
+The divergence is the trace of the Jacobian ``dv/dx``: computed exactly (``method="exact"``,
+one backward pass per dimension, batched over dimensions) or by Hutchinson's estimator
+(Hutchinson 1989) ``div v = E[eps^T (dv/dx) eps]`` with ``E[eps eps^T] = I`` and the probes
+``eps`` held fixed over the whole solve (FFJORD), which keeps the ODE smooth for the adaptive
+solver and makes ``log_likelihood`` an unbiased estimate of ``log q_{t_end}(x)`` up to the solver
+error (the estimate of ``log q`` is unbiased, not that of ``q``).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from genflow.noise import _seed
+from genflow.ops import hutchinson as _hutch
+from genflow.ops.fused_update import randn
+from genflow.solvers.adaptive import _A, _C, _E
+
+__all__ = ["bits_per_dim", "log_likelihood"]
+
+METHODS = ("hutchinson", "exact")
+MODES = ("auto", "vjp", "jvp")
+SOLVERS = ("rk45", "heun", "rk4")
+# Butcher tableaux (c, a, b) of the fixed-step solvers: Heun's (explicit trapezoidal) and classic RK4
+_FIXED = {
+    "heun": ((0.0, 1.0), ((), (1.0,)), (0.5, 0.5)),
+    "rk4": ((0.0, 0.5, 0.5, 1.0), ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6)),
+}
+_EXACT_CHUNK = 1 << 22  # elements per batched exact-divergence pass: dims * B * D
+_DEQUANT_OFFSET = 1 << 62  # Philox offset of bits_per_dim's dequantisation noise (probes use 0..P-1)
+
+
+class _Drift:
+    """The augmented drift ``(x, t) -> (v(x, t), div v(x, t))``: v in the state dtype, the
+    divergence float64 [B]; counts evaluations in ``nfe`` (one per batch-wide drift call)."""
+
+    def __init__(self, model, method, eps, mode):
+        self.model, self.method, self.eps, self.mode = model, method, eps, mode
+        self.nfe = 0
+
+    def __call__(self, x, t):
+        self.nfe += 1
+        if self.method == "exact":
+            return self._exact(x, t)
+        if self.mode == "jvp":
+            try:
+                return self._jvp(x, t)
+            except (RuntimeError, NotImplementedError):  # not forward-mode differentiable
+                self.mode = "vjp"
+        return self._vjp(x, t)
+
+    def _velocity(self, x, t):
+        return self.model.velocity(x, t)
+
+    def _vjp(self, x, t):
+        scale = 1.0 / len(self.eps)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            v = self._velocity(xg, t)
+            div = None
+            for k, eps in enumerate(self.eps):
+                (g,) = torch.autograd.grad(v, xg, eps, retain_graph=k + 1 < len(self.eps))
+                div = _hutch.probe_dot(eps, g, scale=scale, accumulate=div)
+        return v.detach(), div
+
+    def _jvp(self, x, t):
+        scale = 1.0 / len(self.eps)
+        div = None
+        for eps in self.eps:
+            v, jv = torch.func.jvp(lambda y: self._velocity(y, t), (x,), (eps,))
+            div = _hutch.probe_dot(eps, jv, scale=scale, accumulate=div)
+        return v, div
+
+    def _exact(self, x, t):
+        """tr(dv/dx): the batch replicated over a chunk of c dimensions, one backward pass per
+        chunk (row i of the Jacobian from replica i; samples must not interact in the net)."""
+        batch, dim = x.shape[0], x[0].numel()
+        chunk = max(1, min(dim, _EXACT_CHUNK // max(1, batch * dim)))
+        div = torch.zeros(batch, dtype=torch.float64, device=x.device)
+        v = None
+        for start in range(0, dim, chunk):
+            idx = torch.arange(start, min(dim, start + chunk), device=x.device)
+            c = idx.numel()
+            with torch.enable_grad():
+                xr = x.detach().unsqueeze(0).expand(c, *x.shape).reshape(c * batch, *x.shape[1:]).requires_grad_(True)
+                vr = self._velocity(xr, t.repeat(c)).reshape(c, batch, dim)
+                pick = idx[:, None, None].expand(c, batch, 1)
+                (g,) = torch.autograd.grad(vr.gather(2, pick).sum(), xr)
+            div += g.reshape(c, batch, dim).gather(2, pick).to(torch.float64).sum((0, 2))
+            if v is None:
+                v = vr[0].detach().reshape(x.shape)
+        return v, div
+
+
+def _rms(v: torch.Tensor) -> torch.Tensor:
+    """Per-sample root mean square of v (Tensor[B, *D]) as float64 [B]."""
+    return v.reshape(v.shape[0], -1).to(torch.float64).square().mean(1).sqrt()
+
+
+def _rows(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return h.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def _stage(y, d, h, ks, a):
+    """``(y + h sum_j a_j v_j, d + h sum_j a_j div_j)`` over the stages ks = [(v_j, div_j)]."""
+    hx = _rows(h, y)
+    ys, ds = y, d
+    for aj, (vj, dj) in zip(a, ks):
+        if aj != 0.0:
+            ys = ys + (aj * hx) * vj
+            ds = ds + (aj * h) * dj
+    return ys, ds
+
+
+def _fixed(drift, y, t0, t1, steps, tableau):
+    """Explicit Runge–Kutta on a uniform grid of ``steps`` steps from t0 to t1 (float64 [B])."""
+    c, a, b = tableau
+    d = torch.zeros_like(t0)
+    h = (t1 - t0) / steps
+    for i in range(steps):
+        t = t0 + i * h if i + 1 < steps else t1 - h
+        ks = [drift(y, t)]
+        for j in range(1, len(c)):
+            ks.append(drift(_stage(y, d, h, ks, a[j])[0], t + c[j] * h))
+        y, d = _stage(y, d, h, ks, b)
+    return y, d, None
+
+
+def _rk45(drift, y, t0, t1, rtol, atol, max_steps):
+    """Dormand–Prince RK5(4) with FSAL and per-sample step sizes on the augmented state.
+
+    The tableau and the PI controller are those of ``genflow.solvers.adaptive.RK45`` (DOPRI5,
+    Hairer et al., "Solving ODEs I", §II.4–II.5). The error norm of a sample is the larger of
+    ``rms(err_x / (atol + rtol max(|x|, |x'|)))`` and ``|err_delta| / (atol + rtol max(|delta|,
+    |delta'|))``, so the log-density integral is controlled in its own right. Samples that have
+    reached ``t1`` ride along with ``h = 0``.
+    """
+    beta, safety, fac_min, fac_max = 0.04, 0.9, 0.2, 10.0
+    batch = y.shape[0]
+    span = t1 - t0
+    t = t0.clone()
+    d = torch.zeros_like(t0)
+    accepted = torch.zeros(batch, dtype=torch.int64, device=t.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=t.device)
+    k0 = drift(y, t)
+    # Hairer et al., §II.4, "Starting step size" (on the x part)
+    scale = atol + rtol * y.abs()
+    d0, d1 = _rms(y / scale), _rms(k0[0] / scale)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1.clamp_min(1e-300))
+    h0 = torch.minimum(h0, span)
+    f1 = drift(y + _rows(h0, y) * k0[0], t + h0)[0]
+    d2 = _rms((f1 - k0[0]) / scale) / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(dmax <= 1e-15, torch.clamp_min(h0 * 1e-3, 1e-6), (0.01 / dmax.clamp_min(1e-300)) ** 0.2)
+    h = torch.minimum(torch.minimum(100 * h0, h1), span)
+    facold = torch.full_like(t, 1e-4)
+    rejected = torch.zeros_like(done)
+    for _ in range(max_steps):
+        if bool(done.all()):
+            return y, d, accepted
+        remaining = t1 - t
+        last = (1.01 * h >= remaining) & ~done
+        h = torch.where(done, 0.0, torch.where(last, remaining, h))
+        ks = [k0]
+        for i in range(1, 7):
+            ys, ds = _stage(y, d, h, ks, _A[i])
+            if i == 6:
+                y_new, d_new = ys, ds
+            ks.append(drift(ys, t + _C[i] * h))
+        ex, ed = _stage(torch.zeros_like(y), torch.zeros_like(d), h, ks, _E)
+        sx = torch.maximum(y.abs(), y_new.abs()) * rtol + atol
+        sd = torch.maximum(d.abs(), d_new.abs()) * rtol + atol
+        err = torch.maximum(_rms(ex / sx), ed.abs() / sd)
+        err = torch.where(done, 0.0, torch.where(torch.isnan(err), math.inf, err))
+        accept = (err <= 1.0) & ~done
+        # DOPRI5's PI step size control (Lund stabilisation beta, no growth after a rejection)
+        fac11 = err ** (0.2 - 0.75 * beta)
+        fac = (fac11 / facold ** beta / safety).clamp(1 / fac_max, 1 / fac_min)
+        h_acc = torch.where(rejected, torch.minimum(h / fac, h), h / fac)
+        h_rej = h / torch.clamp(fac11 / safety, max=1 / fac_min)
+        facold = torch.where(accept, err.clamp_min(1e-4), facold)
+        rejected = ~accept & (h > 0)
+        mask = _rows(accept, y).bool()
+        y = torch.where(mask, y_new, y)
+        d = torch.where(accept, d_new, d)
+        k0 = (torch.where(mask, ks[6][0], k0[0]), torch.where(accept, ks[6][1], k0[1]))
+        t = torch.where(accept, torch.where(last, t1, t + h), t)
+        done = done | (accept & last)
+        accepted += accept
+        h = torch.where(accept, h_acc, h_rej)
+        tiny = ~done & (h <= 1e-13 * torch.maximum(t.abs(), span))
+        if bool(tiny.any()):
+            raise RuntimeError("log_likelihood: the rk45 step size underflowed (the velocity is not finite "
+                               "or too stiff near some sample's time); raise t_end or loosen rtol/atol")
+    if bool(done.all()):
+        return y, d, accepted
+    raise RuntimeError(f"log_likelihood: rk45 did not reach T within max_steps={max_steps} attempted steps")
+
+
+def _check_tol(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 <= value < math.inf):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes: int = 1,
+                   noise: str = "rademacher", mode: str = "auto", rtol: float = 1e-5, atol: float = 1e-5,
+                   t_end=None, solver: str = "rk45", steps=None, generator=None, max_steps: int = 10_000,
+                   return_info: bool = False):
+    """Log density ``log q_{t_end}(x)`` (nats per sample) of a model through its probability-flow ODE.
+
+    Integrates ``d[x, delta]/dt = [v(x, t), div v(x, t)]`` with ``v = model.velocity`` from
+    ``t_end`` to ``T`` and returns ``log q_{t_end}(x) = prior_log_prob(x_T) + delta``, where
+    ``delta = int_{t_end}^T div v(x_t, t) dt`` (instantaneous change of variables, seed 001
+    §6.3.1.6; FFJORD, Grathwohl et al. 2019). Works for every process and prediction kind
+    (flow-matching velocity models included); the network must treat samples independently.
+
+    Args:
+        model (genflow.Model): the model; ``model.velocity`` is the ODE drift, ``model.process``
+            gives ``T``, ``t_min`` and the prior.
+        x (Tensor[B, *D]): points at time ``t_end``; computed in float64 for float64 x, else float32.
+        method: ``"hutchinson"`` (unbiased stochastic trace, cost ``probes`` VJPs/JVPs per
+            evaluation) or ``"exact"`` (the full Jacobian trace, ``D`` backward rows per
+            evaluation batched over dimensions; for D up to a few hundred).
+        probes (int >= 1): Hutchinson probes per sample, fixed over the solve and averaged.
+        noise: ``"rademacher"`` or ``"gaussian"`` probes (``genflow.ops.hutchinson.probes``;
+            probe k is the stream at offset k).
+        mode: ``"vjp"`` (reverse mode: one forward, ``probes`` backward passes), ``"jvp"``
+            (``torch.func.jvp``, falling back to VJP when the model is not forward-mode
+            differentiable) or ``"auto"`` (VJP: measured faster, DESIGN.md §6).
+        rtol, atol: rk45 tolerances on the augmented state (ignored by heun and rk4).
+        t_end (float, optional): the time of ``x``; default ``model.process.t_min``.
+        solver: ``"rk45"`` (adaptive, per-sample steps), ``"heun"`` or ``"rk4"`` (uniform grid).
+        steps (int): number of steps of heun/rk4 (required there; must be None for rk45).
+        generator: probe seed: None (fresh), an int, B per-sample ints (sample b's probes are
+            its own stream) or a torch.Generator.
+        max_steps (int): bound on rk45's attempted steps.
+        return_info (bool): also return a dict with ``nfe`` (drift evaluations, each one batch
+            forward plus its divergence), ``prior_logp`` and ``delta_logp`` (float64 [B]),
+            ``x_T`` (Tensor[B, *D]), ``steps`` (accepted steps per sample, int64 [B], rk45 only)
+            and ``mode`` (the differentiation mode used, for hutchinson).
+
+    Returns:
+        float64 Tensor[B] (or ``(logp, info)``). Not differentiable (computed without a graph).
+    """
+    if not (hasattr(model, "velocity") and hasattr(model, "process")):
+        raise TypeError(f"model must be a genflow.Model (with .velocity and .process), got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor, got {x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must have shape [B, *D] with B >= 1 and at least one data dimension, got {list(x.shape)}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(probes, bool) or not isinstance(probes, numbers.Integral) or probes < 1:
+        raise ValueError(f"probes must be an int >= 1, got {probes!r}")
+    if noise not in _hutch.KINDS:
+        raise ValueError(f"noise must be one of {_hutch.KINDS}, got {noise!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    rtol, atol = _check_tol("rtol", rtol), _check_tol("atol", atol)
+    if rtol + atol == 0:
+        raise ValueError("rtol and atol must not both be 0")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if solver == "rk45":
+        if steps is not None:
+            raise ValueError("steps is for the fixed-step solvers heun and rk4; rk45 chooses its own steps (set rtol/atol)")
+    elif isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1 for solver={solver!r}, got {steps!r}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
+        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+    process = model.process
+    T = float(process.T)
+    t_end = float(process.t_min) if t_end is None else t_end
+    if isinstance(t_end, bool) or not isinstance(t_end, numbers.Real) or not 0.0 <= t_end < T:
+        raise ValueError(f"t_end must be a number in [0, T) = [0, {T}), got {t_end!r}")
+
+    batch, device = x.shape[0], x.device
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.detach().to(dtype)
+    eps = ()
+    used_mode = None
+    if method == "hutchinson":
+        seed = _seed(generator, batch)
+        eps = [_hutch.probes(y.shape, seed=seed, offset=k, kind=noise, dtype=dtype, device=device)
+               for k in range(int(probes))]
+        used_mode = "vjp" if mode == "auto" else mode
+    drift = _Drift(model, method, eps, used_mode)
+    t0 = torch.full((batch,), float(t_end), dtype=torch.float64, device=device)
+    t1 = torch.full((batch,), T, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        if solver == "rk45":
+            x_T, delta, accepted = _rk45(drift, y, t0, t1, rtol, atol, int(max_steps))
+        else:
+            x_T, delta, accepted = _fixed(drift, y, t0, t1, int(steps), _FIXED[solver])
+        prior = process.prior_log_prob(x_T.to(torch.float64))
+    logp = prior + delta
+    if not return_info:
+        return logp
+    info = {"nfe": drift.nfe, "prior_logp": prior, "delta_logp": delta, "x_T": x_T}
+    if accepted is not None:
+        info["steps"] = accepted
+    if method == "hutchinson":
+        info["mode"] = drift.mode
+    return logp, info
+
+
+def bits_per_dim(model, x: torch.Tensor, *, generator=None, dequantization=None,
+                 dtype: torch.dtype = torch.float32, **kwargs):
+    """Bits per dimension of 8-bit data under a model trained on data scaled to [-1, 1].
+
+    ``x`` holds integer pixel values in {0, ..., 255} (uint8, or any integer or floating dtype
+    with integral values). With uniform dequantisation ``u ~ U[0, 1)^D`` (Theis et al. 2016;
+    Ho et al. 2020 use the same scaling) the model sees ``y = (x + u) / 256 * 2 - 1``, so by the
+    change of variables ``log p_x(x + u) = log p_y(y) + D log(2 / 256)`` and::
+
+        bpd = -(log p_y(y) + D log(2/256)) / (D log 2) = -log p_y(y) / (D log 2) + 7
+
+    with ``log p_y = gf.log_likelihood(model, y, **kwargs)`` (its ``t_end`` defaults to
+    ``t_min``). This is a stochastic upper bound on the discrete model's bits per dimension
+    (Jensen's inequality over u).
+
+    Args:
+        model (genflow.Model): the model of y in [-1, 1].
+        x (Tensor[B, *D]): integer pixel values in [0, 255].
+        generator: seed for the dequantisation noise and the probes, as in ``log_likelihood``.
+        dequantization (Tensor[B, *D], optional): u in [0, 1) to use instead of drawing it;
+            drawn otherwise as ``Phi(z)`` of the Philox stream ``z = N(seed, 2^62)`` (float64).
+        dtype: float32 or float64, the dtype of y (and of the solve).
+        **kwargs: passed to ``log_likelihood`` (method, probes, rtol, atol, solver, ...).
+
+    Returns:
+        float64 Tensor[B] (or ``(bpd, info)`` with ``return_info=True``; info["y"] is the
+        dequantised input).
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"x must be a real tensor of pixel values, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must have shape [B, *D] with B >= 1, got {list(x.shape)}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    x64 = x.to(torch.float64)
+    if not bool(((x64 >= 0) & (x64 <= 255) & (x64 == x64.round())).all()):
+        raise ValueError("x must hold integer pixel values in [0, 255] (8-bit data, not data scaled to [-1, 1])")
+    batch = x.shape[0]
+    seed = _seed(generator, batch)
+    if dequantization is None:
+        z = randn(x.shape, seed=seed, offset=_DEQUANT_OFFSET, dtype=torch.float64, device=x.device)
+        u = (0.5 * torch.erfc(-z / math.sqrt(2.0))).clamp(0.0, 1.0 - 2.0 ** -53)
+    else:
+        u = dequantization
+        if not isinstance(u, torch.Tensor) or u.shape != x.shape:
+            raise ValueError(f"dequantization must be a tensor of x's shape {list(x.shape)}")
+        if not bool(((u >= 0) & (u < 1)).all()):
+            raise ValueError("dequantization must lie in [0, 1)")
+        u = u.to(device=x.device, dtype=torch.float64)
+    dim = x[0].numel()
+    y = (x64 + u) / 256.0 * 2.0 - 1.0
+    y = y.to(dtype)
+    out = log_likelihood(model, y, generator=seed, **kwargs)
+    logp, info = out if isinstance(out, tuple) else (out, None)
+    bpd = -(logp + dim * math.log(2.0 / 256.0)) / (dim * math.log(2.0))
+    if info is None:
+        return bpd
+    info["y"] = y
+    return bpd, info
