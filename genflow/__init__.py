@@ -9,6 +9,7 @@ Public API (DESIGN.md §3)::
 """
 from genflow import compat, ops, schedules, solvers
 from genflow._extension import HAS_EXTENSION, warn_missing_once
+from genflow.cnf import CNFNet, cnf_log_likelihood, train_cnf
 from genflow.likelihood import bits_per_dim, log_likelihood
 from genflow.mixtures import GaussianMixture
 from genflow.models import KINDS, Model, conversion, guided
@@ -19,10 +20,10 @@ from genflow.schedules import time_grid
 __version__ = "0.1.0"
 
 __all__ = [
-    "EDM", "HAS_EXTENSION", "KINDS", "VE", "VP", "CosineVP", "DiscreteVP", "GaussianMixture",
-    "LinearPath", "Model", "Process", "SubVP", "bits_per_dim", "compat", "conversion", "guided",
+    "CNFNet", "EDM", "HAS_EXTENSION", "KINDS", "VE", "VP", "CosineVP", "DiscreteVP", "GaussianMixture",
+    "LinearPath", "Model", "Process", "SubVP", "bits_per_dim", "cnf_log_likelihood", "compat", "conversion", "guided",
     "log_likelihood", "ops", "sample",
-    "schedules", "solvers", "time_grid",
+    "schedules", "solvers", "time_grid", "train_cnf",
 ]
 
 warn_missing_once()

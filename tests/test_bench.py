@@ -140,7 +140,7 @@ def test_cli_entry_points(capsys):
     assert args.quick and args.json == "x.json" and bench._selected(args.only) == ["ops", "torchsde"]
     assert bench.main(["--list"]) == 0
     listed = capsys.readouterr().out
-    for name in ("ops", "k-diffusion", "diffusers", "torchdiffeq", "torchsde"):
+    for name in ("ops", "k-diffusion", "diffusers", "torchdiffeq", "torchsde", "likelihood"):
         assert name in listed
     assert bench.main(["--only", "nope"]) == 2
 
@@ -178,6 +178,38 @@ def test_peer_rows_compute_the_same_result(group, index):
     if group == "torchdiffeq":
         assert a.extra["err_genflow"] < 0.05 * a.scale and a.extra["err_peer"] < 0.05 * a.scale
 
+
+
+def test_likelihood_rows_check_equal_work():
+    """The likelihood group at tiny size: every peer's log-likelihoods agree with genflow's to within
+    their errors against the float64 reference, and the divergence estimate matches torch.func's."""
+    logp_case, div_case = bench.GROUPS["likelihood"].build(TINY)
+    names = [b.name for b in logp_case.baselines]
+    assert names == ["score_sde-style scipy RK45", "flow_matching compute_likelihood"]
+    ours = logp_case.genflow()
+    assert ours.shape == (64,) and ours.dtype == torch.float64 and torch.isfinite(ours).all()
+    for peer in logp_case.baselines:
+        if peer.fn is None:  # flow_matching is optional
+            assert peer.status == "skipped: flow_matching not installed"
+            continue
+        a = peer.check()
+        assert a.ok, (peer.name, a.max_err, a.scale, a.tol)
+        assert a.extra["nfe_genflow"] >= 10 and a.extra["nfe_peer"] >= 10
+        assert a.extra["err_genflow"] < 1e-4 * a.scale and a.extra["err_peer"] < 1e-3 * a.scale
+    plain, forward = div_case.baselines
+    assert (plain.kind, forward.kind) == ("peer", "bound") and forward.check is None
+    a = plain.check()
+    assert a.ok and a.rel < 1e-5
+    assert div_case.genflow().shape == (64,) and forward.fn().shape == (64, 2)
+
+
+def test_likelihood_without_flow_matching_is_a_skipped_row(monkeypatch):
+    from genflow import _peers
+    monkeypatch.setattr(_peers, "optional", lambda name: None)
+    case = _first_case("likelihood")
+    fm = case.baselines[1]
+    assert fm.fn is None and fm.status == "skipped: flow_matching not installed"
+    assert case.baselines[0].fn is not None  # score_sde-style needs only scipy
 
 def test_noise_law_detects_a_wrong_coefficient():
     n = 100_000
