@@ -113,3 +113,27 @@ def test_dynamic_thresholding_reaches_velocity_and_score_solvers(solver):
     plain = gf.sample(far, (8, 2), solver=solver, steps=10, generator=0)
     clipped = gf.sample(far, (8, 2), solver=solver, steps=10, generator=0, thresholding=True)
     assert (clipped - plain).abs().max() > 0.5
+
+
+@pytest.mark.parametrize("solver, options", [("euler", {}), ("ddim", {}), ("ddim", {"eta": 0.5, "generator": 3}),
+                                             ("dpmpp_2m", {})])
+@pytest.mark.parametrize("kind", ["x0", "eps", "velocity"])
+def test_repeated_solves_reuse_step_plans_without_leaking(solver, options, kind):
+    """Scalar-grid steps cache their packed coefficients per grid, solver, prediction kind and
+    options; a repeated solve equals one on a fresh process object (no cache), and a cached plan
+    for one prediction kind is not used for another."""
+    mix = gf.GaussianMixture.ring(k=4, radius=2.0, std=0.4)
+    process = gf.VP()
+    exact = mix.model(process)
+    model = gf.Model(lambda x, t: exact.predict(x, t, kind), process, prediction=kind)
+    x_T = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    first = gf.sample(model, x_T=x_T, solver=solver, steps=8, **options)
+    again = gf.sample(model, x_T=x_T, solver=solver, steps=8, **options)
+    fresh_process = gf.VP()
+    fresh_exact = mix.model(fresh_process)
+    fresh = gf.sample(gf.Model(lambda x, t: fresh_exact.predict(x, t, kind), fresh_process, prediction=kind),
+                      x_T=x_T, solver=solver, steps=8, **options)
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, fresh, rtol=1e-12, atol=1e-12)
+    reference = gf.sample(exact, x_T=x_T, solver=solver, steps=8, **options)  # the x0 model, same grid
+    torch.testing.assert_close(first, reference, rtol=1e-9, atol=1e-9)

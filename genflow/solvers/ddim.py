@@ -24,6 +24,14 @@ class DDIM(Solver):
         r = sqrt(1 - self.eta ** 2 * -expm1(-2 * h))
         cx = (q.sigma / p.sigma) * r
         c0 = q.alpha * (-expm1(-h) + exp(-h) * (1 - r))
+
+        def coefficients():
+            a0, b0 = self.coef("x0", p)
+            return [cx + c0 * a0, c0 * b0], c
+
+        packed = self.step_plan(i, (self.eta,), coefficients)
+        if packed is not None:
+            return self.update_packed(x, [self.evaluate(x, p)], packed, out=x)
         out = self.evaluate(x, p)
         term, a0, b0 = self.x0_view(x, out, p)
         return self.update(x, [term], [cx + c0 * a0, c0 * b0], c, out=x, noise_at=(p.sigma, q.sigma))

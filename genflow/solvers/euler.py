@@ -16,6 +16,13 @@ class Euler(Solver):
     def step(self, i, x):
         p, q = self.grid[i], self.grid[i + 1]
         h = q.t - p.t
+        def coefficients():
+            a, b = self.coef("velocity", p)
+            return [1 + h * a, h * b], 0.0
+
+        packed = self.step_plan(i, (), coefficients)
+        if packed is not None:
+            return self.update_packed(x, [self.evaluate(x, p)], packed, out=x)
         out, [(a, b)] = self.views(x, self.evaluate(x, p), p, "velocity")
         return self.update(x, [out], [1 + h * a, h * b], out=x)
 
