@@ -103,6 +103,69 @@ GF_BLOCK_FN(block_bf16, c10::BFloat16)
 GF_BLOCK_FN(block_f16, c10::Half)
 #undef GF_BLOCK_FN
 
+// ---- many small samples (per-sample coefficients, no in-kernel noise): one call per chunk ----
+//
+// Calling the block function once per sample costs more than the work when samples are a few
+// elements (e.g. 2-D points with per-sample step sizes); here the loop over samples is inside
+// one cloned function. Same fused_combine, so the same bits as the block path.
+
+template <typename T, int K, int Mode>
+GF_INLINE void small_impl(const FusedUpdateParams& p, int64_t begin, int64_t end) {
+  using acc_t = typename Acc<T>::type;
+  const T* x = static_cast<const T*>(p.x);
+  const T* noise = static_cast<const T*>(p.noise);
+  T* out = static_cast<T*>(p.out);
+  const T* tk[kMaxTerms > 0 ? kMaxTerms : 1];
+  for (int k = 0; k < K; ++k) tk[k] = static_cast<const T*>(p.terms[k]);
+  const int64_t P = p.per_sample;
+  int64_t i = begin;
+  while (i < end) {
+    const int64_t b = i / P;
+    const int64_t seg_end = std::min(end, (b + 1) * P);
+    acc_t c[kMaxTerms + 2];
+    for (int k = 0; k < K + 2; ++k) c[k] = static_cast<acc_t>(coef_at(p, k, b));
+    for (; i < seg_end; ++i) {
+      acc_t t[kMaxTerms > 0 ? kMaxTerms : 1];
+      for (int k = 0; k < K; ++k) t[k] = load(tk[k][i]);
+      const acc_t zi = Mode == kSuppliedNoise ? load(noise[i]) : acc_t(0);
+      out[i] = store<T>(fused_combine<acc_t, K, Mode != kNoNoise>(c, load(x[i]), t, zi));
+    }
+  }
+}
+
+template <typename T, int Mode>
+GF_INLINE void small_k(const FusedUpdateParams& p, int64_t begin, int64_t end) {
+  switch (p.num_terms) {
+    case 0: return small_impl<T, 0, Mode>(p, begin, end);
+    case 1: return small_impl<T, 1, Mode>(p, begin, end);
+    case 2: return small_impl<T, 2, Mode>(p, begin, end);
+    case 3: return small_impl<T, 3, Mode>(p, begin, end);
+    default: return small_impl<T, 4, Mode>(p, begin, end);
+  }
+}
+
+#define GF_SMALL_FN(NAME, T)                                                               \
+  GF_CLONES void NAME(const FusedUpdateParams& p, int64_t begin, int64_t end) {            \
+    if (p.noise_mode == kSuppliedNoise) return small_k<T, kSuppliedNoise>(p, begin, end);  \
+    return small_k<T, kNoNoise>(p, begin, end);                                            \
+  }
+GF_SMALL_FN(small_f32, float)
+GF_SMALL_FN(small_f64, double)
+GF_SMALL_FN(small_bf16, c10::BFloat16)
+GF_SMALL_FN(small_f16, c10::Half)
+#undef GF_SMALL_FN
+
+GF_INLINE void small_fn(const FusedUpdateParams& p, int64_t b, int64_t e, const float*) { small_f32(p, b, e); }
+GF_INLINE void small_fn(const FusedUpdateParams& p, int64_t b, int64_t e, const double*) { small_f64(p, b, e); }
+GF_INLINE void small_fn(const FusedUpdateParams& p, int64_t b, int64_t e, const c10::BFloat16*) {
+  small_bf16(p, b, e);
+}
+GF_INLINE void small_fn(const FusedUpdateParams& p, int64_t b, int64_t e, const c10::Half*) {
+  small_f16(p, b, e);
+}
+
+constexpr int64_t kSmallSample = 64;  // per-sample sizes up to this take the small-sample path
+
 GF_INLINE void block_fn(int K, int mode, const float* x, const float* const* t, const float* nz,
                         const float* z, float* out, int64_t n, const float* c) {
   block_f32(K, mode, x, t, nz, z, out, n, c);
@@ -151,6 +214,10 @@ void run(const FusedUpdateParams& p) {
   const int64_t P = p.per_sample;
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
+  if (segmented && mode != kGeneratedNoise && x != nullptr && P <= kSmallSample) {
+    at::parallel_for(0, p.numel, kGrain, [&](int64_t begin, int64_t end) { small_fn(p, begin, end, x); });
+    return;
+  }
   at::parallel_for(0, p.numel, kGrain, [&](int64_t begin, int64_t end) {
     alignas(64) float zbuf[kBlock + 8];
     int64_t i = begin;

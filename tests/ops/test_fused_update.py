@@ -447,3 +447,33 @@ def test_cuda_indexing_beyond_2_pow_31():
     assert bool((out[0] == 3).all()) and bool((out[1, :-5] == 3).all())
     fused_update(x, [term], [2.0, 3.0], out=x)  # in place into the strided view
     assert torch.equal(storage[1, -5:, 0].cpu(), torch.tensor([5.0, 7.0, 9.0, 11.0, 13.0], dtype=torch.float16))
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="needs the compiled extension")
+@pytest.mark.parametrize("per_sample_size", [1, 3, 7, 64, 65])
+@pytest.mark.parametrize("noise_kind", ["none", "supplied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_many_small_samples_with_per_sample_coefficients(per_sample_size, noise_kind, dtype):
+    """Per-sample coefficients on samples of <= 64 elements take the CPU kernel's small-sample
+    path (one call per chunk); chunks of the thread split cut samples apart when the size is odd.
+    Equal to the reference (bitwise for float32/bfloat16, whose reference rounds the same explicit
+    fmas), and bitwise the same with 1 and 2 threads."""
+    g = torch.Generator().manual_seed(per_sample_size)
+    batch = 70000 // per_sample_size + 3
+    x, t1, t2, z = (torch.randn(batch, per_sample_size, generator=g).to(dtype) for _ in range(4))
+    coefs = [torch.rand(batch, generator=g, dtype=torch.float64) for _ in range(3)]
+    scale = torch.rand(batch, generator=g, dtype=torch.float64) if noise_kind == "supplied" else 0.0
+    noise = z if noise_kind == "supplied" else None
+    want = fused_update(x, [t1, t2], coefs, scale, noise=noise, backend="torch")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(fused_update(x, [t1, t2], coefs, scale, noise=noise, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+    _assert_close(results[0], want, dtype)
+    if dtype != torch.float64:
+        assert torch.equal(results[0], want)
