@@ -6,7 +6,21 @@
 
 #include <string>
 
+#include "common/fused_update.h"  // Dtype
+
 namespace genflow {
+
+// The kernels' Dtype of a state tensor's scalar type (float32 | float64 | bfloat16 | float16).
+inline Dtype dtype_of(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return Dtype::Float32;
+    case at::kDouble: return Dtype::Float64;
+    case at::kBFloat16: return Dtype::BFloat16;
+    case at::kHalf: return Dtype::Float16;
+    default: TORCH_CHECK(false, "genflow: unsupported dtype ", s);
+  }
+}
+
 namespace checks {
 
 // t must have ref's shape, dtype and device ("terms[1] must have x's shape [4, 3], got [4]").

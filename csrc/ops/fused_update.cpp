@@ -32,16 +32,6 @@
 namespace genflow {
 namespace {
 
-Dtype dtype_of(at::ScalarType s) {
-  switch (s) {
-    case at::kFloat: return Dtype::Float32;
-    case at::kDouble: return Dtype::Float64;
-    case at::kBFloat16: return Dtype::BFloat16;
-    case at::kHalf: return Dtype::Float16;
-    default: TORCH_CHECK(false, "genflow: unsupported dtype ", s);
-  }
-}
-
 int64_t batch_of(const at::Tensor& t) { return t.dim() >= 1 ? t.size(0) : 1; }
 
 // Inputs made contiguous (and moved to the kernel's device) stay alive here while the kernel

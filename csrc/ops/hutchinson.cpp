@@ -30,16 +30,6 @@
 namespace genflow {
 namespace {
 
-Dtype hutchinson_dtype(at::ScalarType s) {
-  switch (s) {
-    case at::kFloat: return Dtype::Float32;
-    case at::kDouble: return Dtype::Float64;
-    case at::kBFloat16: return Dtype::BFloat16;
-    case at::kHalf: return Dtype::Float16;
-    default: TORCH_CHECK(false, "genflow: unsupported dtype ", s);
-  }
-}
-
 // ---- probes ----
 
 struct ProbeLaunch {
@@ -62,7 +52,7 @@ ProbeLaunch prepare_probes(const at::Tensor& seed, int64_t offset, at::IntArrayR
   ProbeLaunch launch;
   auto& p = launch.p;
   launch.device = seed.device();
-  launch.dtype = hutchinson_dtype(dtype);
+  launch.dtype = dtype_of(dtype);
   launch.out = at::empty(size, seed.options().dtype(dtype));
   const int64_t B = size.empty() ? 1 : size[0];
   checks::dtype_is(seed, "seed", at::kLong);
@@ -137,7 +127,7 @@ DotLaunch prepare_dot(const at::Tensor& probe, const at::Tensor& v, const at::Te
   DotLaunch launch;
   auto& p = launch.p;
   launch.device = probe.device();
-  launch.dtype = hutchinson_dtype(probe.scalar_type());
+  launch.dtype = dtype_of(probe.scalar_type());
   const int64_t B = probe.size(0);
   p.batch = B;
   p.per_sample = B > 0 ? probe.numel() / B : 0;

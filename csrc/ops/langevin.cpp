@@ -28,16 +28,6 @@
 namespace genflow {
 namespace {
 
-Dtype langevin_dtype(at::ScalarType s) {
-  switch (s) {
-    case at::kFloat: return Dtype::Float32;
-    case at::kDouble: return Dtype::Float64;
-    case at::kBFloat16: return Dtype::BFloat16;
-    case at::kHalf: return Dtype::Float16;
-    default: TORCH_CHECK(false, "genflow: unsupported dtype ", s);
-  }
-}
-
 // Inputs made contiguous, scratch and the step coefficients stay alive here while the kernels
 // run; params point into them.
 struct LangevinLaunch {
@@ -56,7 +46,7 @@ LangevinLaunch prepare(const at::Tensor& x, const at::Tensor& model_out, const a
   auto& u = p.update;
   launch.device = x.device();
   checks::floating_state(x, "x");
-  launch.dtype = langevin_dtype(x.scalar_type());
+  launch.dtype = dtype_of(x.scalar_type());
   checks::same_as(model_out, "model_out", x, "x");
   TORCH_CHECK(offset >= 0, "offset must be >= 0, got ", offset);
   const int64_t B = x.dim() >= 1 ? x.size(0) : 1;
