@@ -165,9 +165,67 @@ GF_HD void fused_update_group(const FusedUpdateParams& p, int64_t g) {
   }
 }
 
+// ---- the vectorised variant: a full, aligned group moved as one load/store per array ----
+//
+// Four consecutive elements as one aligned access: 16 bytes for float32, two 16-byte accesses
+// for float64, 8 bytes for bfloat16 / float16.
+template <typename T>
+struct alignas(sizeof(T) * 4 > 16 ? 16 : sizeof(T) * 4) Pack4 {
+  T v[4];
+};
+
+GF_HD bool aligned_to(const void* ptr, uintptr_t alignment) {
+  return reinterpret_cast<uintptr_t>(ptr) % alignment == 0;
+}
+
+// May every full group use fused_update_group_vec? All arrays aligned to Pack4<T>, and no group
+// straddles two samples (groups tile the flat index from 0 and, where the element-to-sample map
+// matters, per_sample is a multiple of 4, so group g is elements 4g..4g+3 of one sample).
+template <typename T>
+GF_HD bool vector_groups_ok(const FusedUpdateParams& p) {
+  const uintptr_t a = alignof(Pack4<T>);
+  if (p.x == nullptr || !aligned_to(p.x, a) || !aligned_to(p.out, a)) return false;
+  for (int k = 0; k < p.num_terms; ++k)
+    if (!aligned_to(p.terms[k], a)) return false;
+  if (p.noise_mode == kSuppliedNoise && !aligned_to(p.noise, a)) return false;
+  return !per_sample_params(p) || p.per_sample % 4 == 0;
+}
+
+// Group g when vector_groups_ok(p) and 4 g + 4 <= numel: the same elements, stream values,
+// coefficients and rounding as fused_update_group (so the results are bitwise equal).
+template <typename T, typename acc_t, int K, int Mode, typename Conv>
+GF_HD void fused_update_group_vec(const FusedUpdateParams& p, int64_t g) {
+  const int64_t first = 4 * g;
+  const int64_t b = per_sample_params(p) ? first / p.per_sample : 0;
+  const int64_t stream_group = p.seed_per_sample ? g - b * (p.per_sample / 4) : g;
+  float z[4] = {0.f, 0.f, 0.f, 0.f};
+  if (Mode == kGeneratedNoise)
+    philox::normal4(seed_at(p, b), p.offset, static_cast<uint64_t>(stream_group), z);
+  acc_t c[kMaxTerms + 2];
+  for (int k = 0; k < K + 2; ++k) c[k] = static_cast<acc_t>(coef_at(p, k, b));
+  const Pack4<T> xv = *reinterpret_cast<const Pack4<T>*>(static_cast<const T*>(p.x) + first);
+  Pack4<T> tv[kMaxTerms > 0 ? kMaxTerms : 1];
+  for (int k = 0; k < K; ++k)
+    tv[k] = *reinterpret_cast<const Pack4<T>*>(static_cast<const T*>(p.terms[k]) + first);
+  Pack4<T> nv{};
+  if (Mode == kSuppliedNoise)
+    nv = *reinterpret_cast<const Pack4<T>*>(static_cast<const T*>(p.noise) + first);
+  Pack4<T> ov;
+  for (int l = 0; l < 4; ++l) {
+    acc_t zi = acc_t(0);
+    if (Mode == kSuppliedNoise) zi = Conv::load(nv.v[l]);
+    if (Mode == kGeneratedNoise) zi = Conv::load(Conv::store(static_cast<acc_t>(z[l])));
+    acc_t t[kMaxTerms > 0 ? kMaxTerms : 1];
+    for (int k = 0; k < K; ++k) t[k] = Conv::load(tv[k].v[l]);
+    ov.v[l] = Conv::store(fused_combine<acc_t, K, Mode != kNoNoise>(c, Conv::load(xv.v[l]), t, zi));
+  }
+  *reinterpret_cast<Pack4<T>*>(static_cast<T*>(p.out) + first) = ov;
+}
+
 // Entry points. CPU: csrc/cpu/fused_update.cpp (parallel over at::parallel_for chunks).
 void fused_update_cpu(const FusedUpdateParams& p, Dtype dtype);
-// The CUDA kernel's group loop run serially on the host (a test of its indexing).
+// The CUDA kernel's group loop (vectorised groups included) run serially on the host (a test of
+// its indexing).
 void fused_update_cpu_grouped(const FusedUpdateParams& p, Dtype dtype);
 // CUDA: csrc/cuda/fused_update.cu; all pointers on the current device, asynchronous on stream.
 #if defined(__CUDACC__) || defined(GENFLOW_WITH_CUDA)

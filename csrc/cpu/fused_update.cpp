@@ -259,8 +259,13 @@ template <typename T> struct C10Conv {
 template <typename T, int K, int Mode>
 void grouped_typed(const FusedUpdateParams& p) {
   const int64_t groups = group_count(p);
-  for (int64_t g = 0; g < groups; ++g)
-    fused_update_group<T, typename Acc<T>::type, K, Mode, C10Conv<T>>(p, g);
+  const bool vec = vector_groups_ok<T>(p);
+  for (int64_t g = 0; g < groups; ++g) {
+    if (vec && 4 * g + 4 <= p.numel)
+      fused_update_group_vec<T, typename Acc<T>::type, K, Mode, C10Conv<T>>(p, g);
+    else
+      fused_update_group<T, typename Acc<T>::type, K, Mode, C10Conv<T>>(p, g);
+  }
 }
 
 template <typename T, int Mode>

@@ -4,7 +4,8 @@
 //
 // Each thread handles groups of four consecutive elements of one Philox stream (one Philox call
 // gives the group's four normals; fused_update_group in csrc/common/fused_update.h) in a
-// grid-stride loop with 64-bit indices.
+// grid-stride loop with 64-bit indices; full groups of aligned arrays are read and written with
+// one vector access per array (fused_update_group_vec).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -17,13 +18,20 @@
 namespace genflow {
 namespace {
 
+// vec (vector_groups_ok, decided once on the host): full groups use one aligned Pack4 access per
+// array (16 bytes for float32); the partial last group and unaligned inputs take the scalar path.
 template <typename T, int K, int Mode>
-__global__ void fused_update_kernel(const FusedUpdateParams p) {
+__global__ void fused_update_kernel(const FusedUpdateParams p, const bool vec) {
+  using acc_t = typename Acc<T>::type;
   const int64_t groups = group_count(p);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
-       g += stride)
-    fused_update_group<T, typename Acc<T>::type, K, Mode, Conv<T>>(p, g);
+       g += stride) {
+    if (vec && 4 * g + 4 <= p.numel)
+      fused_update_group_vec<T, acc_t, K, Mode, Conv<T>>(p, g);
+    else
+      fused_update_group<T, acc_t, K, Mode, Conv<T>>(p, g);
+  }
 }
 
 template <typename T, int K, int Mode>
@@ -39,7 +47,8 @@ cudaError_t launch_typed(const FusedUpdateParams& p, cudaStream_t stream) {
   int64_t blocks = (groups + kThreads - 1) / kThreads;
   if (blocks > max_blocks) blocks = max_blocks;
   if (blocks < 1) blocks = 1;
-  fused_update_kernel<T, K, Mode><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  fused_update_kernel<T, K, Mode>
+      <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, vector_groups_ok<T>(p));
   return cudaGetLastError();
 }
 

@@ -130,12 +130,13 @@ def test_zero_dim_and_empty(device):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1,), (7,), (3, 1), (3, 2), (5, 3), (4, 7), (2, 4, 9), (3, 1001)])
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 1), (3, 2), (5, 3), (4, 7), (5, 8), (2, 4, 9), (3, 1001)])
 @pytest.mark.parametrize("noise_kind", NOISE_KINDS)
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_cuda_group_loop_on_host(dtype, shape, noise_kind, per_sample):
     """The CUDA kernel's per-group work (groups of 4 of one stream, crossing samples when one
-    seed is used) run serially on the host equals the CPU kernel bitwise."""
+    seed is used; whole aligned groups as one vector access where per_sample % 4 == 0 or nothing
+    is per sample) run serially on the host equals the CPU kernel bitwise."""
     x, terms, coefs, scale, kwargs = _case(3, per_sample, noise_kind, shape, dtype, "cpu", "contiguous", seed=4)
     expect = fused_update(x, terms, coefs, scale, **kwargs)
     B = shape[0]
@@ -151,6 +152,25 @@ def test_cuda_group_loop_on_host(dtype, shape, noise_kind, per_sample):
         stream = torch.ops.genflow._fused_update_grouped(x, [], torch.tensor([0.0, 1.0], dtype=torch.float64),
                                                         None, seed, 3, True)
         assert torch.equal(stream, randn(shape, seed=seed if seed.numel() > 1 else int(seed), offset=3, dtype=dtype))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("misaligned", ["x", "term", "noise"])
+def test_cuda_group_loop_misaligned_arrays(dtype, misaligned):
+    """One array starting one element past a vector boundary sends every group down the scalar
+    path of the CUDA kernel's group loop; the result is bitwise the same."""
+    shape = (6, 16)
+
+    def array(name, seed):
+        buf = torch.randn(1 + 6 * 16, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        return buf[1:].view(shape) if name == misaligned else buf[:-1].view(shape).clone()
+
+    x, t, noise = array("x", 1), array("term", 2), array("noise", 3)
+    coef = torch.tensor([[0.5] * 6, [0.25] * 6, [0.125] * 6], dtype=torch.float64) * torch.arange(1, 7)
+    expect = fused_update(x, [t], [coef[0], coef[1]], coef[2], noise=noise)
+    got = torch.ops.genflow._fused_update_grouped(x, [t], coef.contiguous(), noise, None, 0, False)
+    assert torch.equal(got, expect)
 
 
 # ---------------------------------------------------------------- out=, aliasing, layouts
