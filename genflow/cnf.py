@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from genflow.likelihood import _FIXED, _fixed
+from genflow.likelihood import _FIXED, _fixed, _stage, _stage_differentiable
 from genflow.noise import _seed
 from genflow.ops import hutchinson as _hutch
 
@@ -183,7 +183,8 @@ def cnf_log_likelihood(net: Callable, x: torch.Tensor, *, steps: int = 8, method
                for k in range(probes)]
     drift = _Drift(net, method, eps, graph=torch.is_grad_enabled())
     t0 = torch.zeros(batch, dtype=torch.float64, device=x.device)
-    x1, delta, _ = _fixed(drift, x, t0, torch.ones_like(t0), steps, SOLVERS[solver])
+    stage = _stage_differentiable if torch.is_grad_enabled() else _stage  # the fused ops have no graph
+    x1, delta, _ = _fixed(drift, x, t0, torch.ones_like(t0), steps, SOLVERS[solver], stage)
     z = x1.reshape(batch, -1).to(torch.float64)
     prior = -0.5 * z.square().sum(1) - z.shape[1] * _HALF_LOG_2PI
     return prior + delta

@@ -27,7 +27,7 @@ import torch
 
 from genflow.noise import _seed
 from genflow.ops import hutchinson as _hutch
-from genflow.ops.fused_update import randn
+from genflow.ops.fused_update import fused_update_packed, randn, use_kernel
 from genflow.solvers.adaptive import _A, _C, _E
 
 __all__ = ["bits_per_dim", "log_likelihood"]
@@ -87,23 +87,38 @@ class _Drift:
 
     def _exact(self, x, t):
         """tr(dv/dx): the batch replicated over a chunk of c dimensions, one backward pass per
-        chunk (row i of the Jacobian from replica i; samples must not interact in the net)."""
+        chunk with the one-hot rows ``e_i`` as output gradients (replica i gives row i of the
+        Jacobian; samples must not interact in the net)."""
         batch, dim = x.shape[0], x[0].numel()
-        chunk = max(1, min(dim, _EXACT_CHUNK // max(1, batch * dim)))
-        div = torch.zeros(batch, dtype=torch.float64, device=x.device)
+        div = None
         v = None
-        for start in range(0, dim, chunk):
-            idx = torch.arange(start, min(dim, start + chunk), device=x.device)
-            c = idx.numel()
+        for start, basis in self._bases(x):
+            c = basis.shape[0] // batch
             with torch.enable_grad():
-                xr = x.detach().unsqueeze(0).expand(c, *x.shape).reshape(c * batch, *x.shape[1:]).requires_grad_(True)
-                vr = self._velocity(xr, t.repeat(c)).reshape(c, batch, dim)
-                pick = idx[:, None, None].expand(c, batch, 1)
-                (g,) = torch.autograd.grad(vr.gather(2, pick).sum(), xr)
-            div += g.reshape(c, batch, dim).gather(2, pick).to(torch.float64).sum((0, 2))
+                xr = x.detach().repeat((c,) + (1,) * (x.dim() - 1)).requires_grad_(True)
+                vr = self._velocity(xr, t.repeat(c))
+                (g,) = torch.autograd.grad(vr, xr, basis)
+            part = (g * basis).reshape(c, batch, dim).sum((0, 2), dtype=torch.float64)
+            div = part if div is None else div + part
             if v is None:
-                v = vr[0].detach().reshape(x.shape)
+                v = vr[:batch].detach()
         return v, div
+
+    def _bases(self, x):
+        """``[(start, e)]`` per chunk of dimensions: e (Tensor[c B, *D]) holds in replica i the
+        unit vector of dimension start + i; cached for the solve (x's shape is fixed)."""
+        key = (x.shape, x.dtype, x.device)
+        if getattr(self, "_basis_key", None) != key:
+            batch, dim = x.shape[0], x[0].numel()
+            chunk = max(1, min(dim, _EXACT_CHUNK // max(1, batch * dim)))
+            self._basis_list = []
+            for start in range(0, dim, chunk):
+                c = min(dim, start + chunk) - start
+                e = torch.zeros(c, batch, dim, dtype=x.dtype, device=x.device)
+                e[torch.arange(c, device=x.device), :, torch.arange(start, start + c, device=x.device)] = 1
+                self._basis_list.append((start, e.reshape((c * batch,) + tuple(x.shape[1:]))))
+            self._basis_key = key
+        return self._basis_list
 
 
 def _rms(v: torch.Tensor) -> torch.Tensor:
@@ -115,8 +130,30 @@ def _rows(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return h.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
 
 
-def _stage(y, d, h, ks, a):
-    """``(y + h sum_j a_j v_j, d + h sum_j a_j div_j)`` over the stages ks = [(v_j, div_j)]."""
+def _stage(y, d, h, ks, a, *, base=True):
+    """``(y + h sum_j a_j v_j, d + h sum_j a_j div_j)`` over the stages ks = [(v_j, div_j)]
+    (``base=False``: the sums alone, for the error estimate).
+
+    The state part is one fused pass per four stages (``genflow.ops.fused_update`` with the
+    per-sample coefficients ``a_j h``); the log-density part is a float64 matrix-vector product
+    over the stages' divergences (B numbers each, no pass over the data)."""
+    idx = [j for j, aj in enumerate(a) if aj != 0.0]
+    ah = torch.tensor([a[j] for j in idx], dtype=torch.float64, device=h.device)
+    kernel = use_kernel("auto", y.device)
+    ys = y
+    for s in range(0, len(idx), 4):  # coef rows: c0, the chunk's a_j h, noise scale 0
+        chunk = idx[s:s + 4]
+        coef = torch.zeros(len(chunk) + 2, y.shape[0], dtype=torch.float64, device=h.device)
+        coef[0] = 1.0 if (base or s > 0) else 0.0
+        torch.outer(ah[s:s + 4], h, out=coef[1:-1])
+        ys = fused_update_packed(ys, [ks[j][0] for j in chunk], coef, kernel=kernel,
+                                 out=torch.empty_like(y) if s == 0 else ys)
+    ds = torch.stack([ks[j][1] for j in idx], 1) @ ah * h
+    return ys, (d + ds if base else ds)
+
+
+def _stage_differentiable(y, d, h, ks, a):
+    """``_stage`` in plain differentiable torch ops (CNF training backpropagates through it)."""
     hx = _rows(h, y)
     ys, ds = y, d
     for aj, (vj, dj) in zip(a, ks):
@@ -126,7 +163,7 @@ def _stage(y, d, h, ks, a):
     return ys, ds
 
 
-def _fixed(drift, y, t0, t1, steps, tableau):
+def _fixed(drift, y, t0, t1, steps, tableau, stage=_stage):
     """Explicit Runge–Kutta on a uniform grid of ``steps`` steps from t0 to t1 (float64 [B])."""
     c, a, b = tableau
     d = torch.zeros_like(t0)
@@ -135,8 +172,8 @@ def _fixed(drift, y, t0, t1, steps, tableau):
         t = t0 + i * h if i + 1 < steps else t1 - h
         ks = [drift(y, t)]
         for j in range(1, len(c)):
-            ks.append(drift(_stage(y, d, h, ks, a[j])[0], t + c[j] * h))
-        y, d = _stage(y, d, h, ks, b)
+            ks.append(drift(stage(y, d, h, ks, a[j])[0], t + c[j] * h))
+        y, d = stage(y, d, h, ks, b)
     return y, d, None
 
 
@@ -181,7 +218,7 @@ def _rk45(drift, y, t0, t1, rtol, atol, max_steps):
             if i == 6:
                 y_new, d_new = ys, ds
             ks.append(drift(ys, t + _C[i] * h))
-        ex, ed = _stage(torch.zeros_like(y), torch.zeros_like(d), h, ks, _E)
+        ex, ed = _stage(y, d, h, ks, _E, base=False)
         sx = torch.maximum(y.abs(), y_new.abs()) * rtol + atol
         sd = torch.maximum(d.abs(), d_new.abs()) * rtol + atol
         err = torch.maximum(_rms(ex / sx), ed.abs() / sd)
