@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from genflow.noise import _seed
@@ -177,6 +178,41 @@ def _fixed(drift, y, t0, t1, steps, tableau, stage=_stage):
     return y, d, None
 
 
+def _rk45_plan():
+    """The DOPRI5 stage combinations as fused-update chunks: for stage i = 1..6 (its state), for
+    the new state (``"new"``) and for the error estimate (``"err"``), a list of ``(terms, row)``
+    with at most four stage indices each; rows index a packed coefficient matrix whose row block
+    is ``[c0, a_j h ..., 0]`` (``c0`` = 1, or 0 for the error's first chunk). The matrix is
+    ``base + outer(slope, h)``: one host computation per step for all stages."""
+    base, slope, chunks = [], [], {}
+
+    def add(name, weights, first_c0):
+        idx = [j for j, w in enumerate(weights) if w != 0.0]
+        out = []
+        for s in range(0, len(idx), 4):
+            part = idx[s:s + 4]
+            out.append((part, len(base)))
+            base.extend([first_c0 if s == 0 else 1.0] + [0.0] * len(part) + [0.0])
+            slope.extend([0.0] + [weights[j] for j in part] + [0.0])
+        chunks[name] = out
+
+    for i in range(1, 7):
+        add(i, _A[i], 1.0)
+    add("new", _A[6], 1.0)
+    add("err", _E, 0.0)
+    return np.array(base), np.array(slope), chunks
+
+
+def _combine(y, ks, pack, chunks, kernel):
+    """``c0 y + sum_j (a_j h) ks[j]`` in one fused pass per chunk of four stages."""
+    out = None
+    for terms, row in chunks:
+        coef = pack[row:row + len(terms) + 2]
+        out = fused_update_packed(y if out is None else out, [ks[j] for j in terms], coef, kernel=kernel,
+                                  out=torch.empty_like(y) if out is None else out)
+    return out
+
+
 def _rk45(drift, y, t0, t1, rtol, atol, max_steps):
     """Dormand–Prince RK5(4) with FSAL and per-sample step sizes on the augmented state.
 
@@ -185,67 +221,101 @@ def _rk45(drift, y, t0, t1, rtol, atol, max_steps):
     ``rms(err_x / (atol + rtol max(|x|, |x'|)))`` and ``|err_delta| / (atol + rtol max(|delta|,
     |delta'|))``, so the log-density integral is controlled in its own right. Samples that have
     reached ``t1`` ride along with ``h = 0``.
+
+    The state x stays on its device and every stage combination is fused passes over it
+    (``_combine``); the per-sample times, step sizes, log-density ``delta`` and the controller are
+    float64 numpy arrays on the host (B numbers each; one device-to-host copy of the error
+    norms and stage divergences per step).
     """
     beta, safety, fac_min, fac_max = 0.04, 0.9, 0.2, 10.0
+    dev = y.device
     batch = y.shape[0]
-    span = t1 - t0
-    t = t0.clone()
-    d = torch.zeros_like(t0)
-    accepted = torch.zeros(batch, dtype=torch.int64, device=t.device)
-    done = torch.zeros(batch, dtype=torch.bool, device=t.device)
-    k0 = drift(y, t)
+    kernel = use_kernel("auto", dev)
+    base, slope, chunks = _RK45_PLAN
+
+    def dev64(a):
+        return torch.from_numpy(a).to(dev, non_blocking=False)
+
+    def host(v):
+        if v.device.type != "cpu" or v.dtype != torch.float64:
+            v = v.to("cpu", torch.float64)
+        return v.numpy()
+
+    t_end = host(t1)
+    t = host(t0).copy()
+    span = t_end - t
+    d = np.zeros(batch)
+    accepted = np.zeros(batch, dtype=np.int64)
+    done = np.zeros(batch, dtype=bool)
+    k0, k0_div = drift(y, t0)
+    k0_div = host(k0_div)
     # Hairer et al., §II.4, "Starting step size" (on the x part)
     scale = atol + rtol * y.abs()
-    d0, d1 = _rms(y / scale), _rms(k0[0] / scale)
-    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1.clamp_min(1e-300))
-    h0 = torch.minimum(h0, span)
-    f1 = drift(y + _rows(h0, y) * k0[0], t + h0)[0]
-    d2 = _rms((f1 - k0[0]) / scale) / h0
-    dmax = torch.maximum(d1, d2)
-    h1 = torch.where(dmax <= 1e-15, torch.clamp_min(h0 * 1e-3, 1e-6), (0.01 / dmax.clamp_min(1e-300)) ** 0.2)
-    h = torch.minimum(torch.minimum(100 * h0, h1), span)
-    facold = torch.full_like(t, 1e-4)
-    rejected = torch.zeros_like(done)
+    d0, d1 = host(_rms(y / scale)), host(_rms(k0 / scale))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h0 = np.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / np.maximum(d1, 1e-300))
+        h0 = np.minimum(h0, span)
+        f1 = drift(y + _rows(dev64(h0), y) * k0, dev64(t + h0))[0]
+        d2 = host(_rms((f1 - k0) / scale)) / h0
+        dmax = np.maximum(d1, d2)
+        h1 = np.where(dmax <= 1e-15, np.maximum(h0 * 1e-3, 1e-6), (0.01 / np.maximum(dmax, 1e-300)) ** 0.2)
+    h = np.minimum(np.minimum(100 * h0, h1), span)
+    facold = np.full(batch, 1e-4)
+    rejected = np.zeros(batch, dtype=bool)
+    b_weights, e_weights = np.array(_A[6] + (0.0,)), np.array(_E)
     for _ in range(max_steps):
-        if bool(done.all()):
-            return y, d, accepted
-        remaining = t1 - t
+        if done.all():
+            return y, torch.from_numpy(d).to(dev), torch.from_numpy(accepted).to(dev)
+        remaining = t_end - t
         last = (1.01 * h >= remaining) & ~done
-        h = torch.where(done, 0.0, torch.where(last, remaining, h))
-        ks = [k0]
+        h = np.where(done, 0.0, np.where(last, remaining, h))
+        pack = dev64(base[:, None] + np.outer(slope, h))
+        times = dev64(t + np.outer(np.array(_C), h))
+        ks, divs = [k0], [k0_div]
         for i in range(1, 7):
-            ys, ds = _stage(y, d, h, ks, _A[i])
-            if i == 6:
-                y_new, d_new = ys, ds
-            ks.append(drift(ys, t + _C[i] * h))
-        ex, ed = _stage(y, d, h, ks, _E, base=False)
-        sx = torch.maximum(y.abs(), y_new.abs()) * rtol + atol
-        sd = torch.maximum(d.abs(), d_new.abs()) * rtol + atol
-        err = torch.maximum(_rms(ex / sx), ed.abs() / sd)
-        err = torch.where(done, 0.0, torch.where(torch.isnan(err), math.inf, err))
+            v, div = drift(_combine(y, ks, pack, chunks[i], kernel), times[i])
+            ks.append(v)
+            divs.append(div)
+        divs = np.stack([divs[0]] + [host(dj) for dj in divs[1:]], 1)
+        y_new = _combine(y, ks, pack, chunks["new"], kernel)
+        ex = _combine(y, ks, pack, chunks["err"], kernel)
+        sx = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
+        err_x = host(_rms(ex.div_(sx)))
+        d_new = d + h * (divs @ b_weights)
+        ed = h * (divs @ e_weights)
+        sd = np.maximum(np.abs(d), np.abs(d_new)) * rtol + atol
+        err = np.maximum(err_x, np.abs(ed) / sd)
+        err = np.where(done, 0.0, np.where(np.isnan(err), math.inf, err))
         accept = (err <= 1.0) & ~done
         # DOPRI5's PI step size control (Lund stabilisation beta, no growth after a rejection)
-        fac11 = err ** (0.2 - 0.75 * beta)
-        fac = (fac11 / facold ** beta / safety).clamp(1 / fac_max, 1 / fac_min)
-        h_acc = torch.where(rejected, torch.minimum(h / fac, h), h / fac)
-        h_rej = h / torch.clamp(fac11 / safety, max=1 / fac_min)
-        facold = torch.where(accept, err.clamp_min(1e-4), facold)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            fac11 = err ** (0.2 - 0.75 * beta)
+            fac = np.clip(fac11 / facold ** beta / safety, 1 / fac_max, 1 / fac_min)
+            h_acc = np.where(rejected, np.minimum(h / fac, h), h / fac)
+            h_rej = h / np.minimum(fac11 / safety, 1 / fac_min)
+        facold = np.where(accept, np.maximum(err, 1e-4), facold)
         rejected = ~accept & (h > 0)
-        mask = _rows(accept, y).bool()
-        y = torch.where(mask, y_new, y)
-        d = torch.where(accept, d_new, d)
-        k0 = (torch.where(mask, ks[6][0], k0[0]), torch.where(accept, ks[6][1], k0[1]))
-        t = torch.where(accept, torch.where(last, t1, t + h), t)
+        if accept.all():
+            y, k0 = y_new, ks[6]
+        elif accept.any():
+            mask = _rows(dev64(accept.astype(np.float64)), y).bool()
+            y, k0 = torch.where(mask, y_new, y), torch.where(mask, ks[6], k0)
+        d = np.where(accept, d_new, d)
+        k0_div = np.where(accept, divs[:, 6], k0_div)
+        t = np.where(accept, np.where(last, t_end, t + h), t)
         done = done | (accept & last)
         accepted += accept
-        h = torch.where(accept, h_acc, h_rej)
-        tiny = ~done & (h <= 1e-13 * torch.maximum(t.abs(), span))
-        if bool(tiny.any()):
+        h = np.where(accept, h_acc, h_rej)
+        tiny = ~done & (h <= 1e-13 * np.maximum(np.abs(t), span))
+        if tiny.any():
             raise RuntimeError("log_likelihood: the rk45 step size underflowed (the velocity is not finite "
                                "or too stiff near some sample's time); raise t_end or loosen rtol/atol")
-    if bool(done.all()):
-        return y, d, accepted
+    if done.all():
+        return y, torch.from_numpy(d).to(dev), torch.from_numpy(accepted).to(dev)
     raise RuntimeError(f"log_likelihood: rk45 did not reach T within max_steps={max_steps} attempted steps")
+
+
+_RK45_PLAN = _rk45_plan()
 
 
 def _check_tol(name, value):
