@@ -1405,6 +1405,15 @@ def _likelihood(ctx: Context) -> Iterator[Case]:
         Baseline("one forward pass", forward, kind="bound",
                  note="bound: ratio = forward / estimate, the estimate costs 1/ratio forwards (target <= 2.5: ratio >= 0.4)"),
     ], note="3 -> 512 -> 512 -> 2 SiLU MLP, one Rademacher probe")
+    if xb.device.type == "cuda":  # the same estimate replayed from a CUDA graph (log_likelihood(cuda_graph=True))
+        from genflow.likelihood import _GraphedDrift
+
+        graphed = _GraphedDrift(drift, xb, tb)
+        yield Case("hutchinson div estimate, mlp512, cuda graph", f"({batch},2)", lambda: graphed(xb, tb)[1], [
+            Baseline("torch.func vjp", plain, lambda: agree(graphed(xb, tb)[1], plain(), 1e-5)),
+            Baseline("one forward pass", forward, kind="bound",
+                     note="bound: the estimate costs 1/ratio forwards (target <= 2.5: ratio >= 0.4)"),
+        ], note="log_likelihood(cuda_graph=True)'s drift: forward + VJP + probe_dot as one graph replay")
 
 
 if __name__ == "__main__":

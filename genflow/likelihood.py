@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -55,6 +57,10 @@ class _Drift:
 
     def __call__(self, x, t):
         self.nfe += 1
+        return self.evaluate(x, t)
+
+    def evaluate(self, x, t):
+        """``(v, div)`` without counting (the body a CUDA graph captures)."""
         if self.method == "exact":
             return self._exact(x, t)
         if self.mode == "jvp":
@@ -120,6 +126,65 @@ class _Drift:
                 self._basis_list.append((start, e.reshape((c * batch,) + tuple(x.shape[1:]))))
             self._basis_key = key
         return self._basis_list
+
+
+class _GraphedDrift:
+    """The drift replayed from a CUDA graph (``log_likelihood(..., cuda_graph=True)``).
+
+    One evaluation (the forward pass, the VJP/JVP or exact-trace backward passes and
+    ``probe_dot``) is a few dozen small kernels, so at moderate batch its cost is launch latency
+    (DESIGN.md §6: torch.func VJP 8x a forward on H100). Captured once per model, method, mode,
+    shape and dtype (``genflow.cuda_graph._record``: warm-up on a side stream, then capture), each
+    evaluation copies x, t (and, per solve, the probes) into the graph's static inputs and
+    replays it. A model that cannot be captured (host syncs, data-dependent shapes) is evaluated
+    eagerly with a warning."""
+
+    def __init__(self, drift, x, t):
+        self.drift, self.nfe = drift, 0
+        key = (id(drift.model), drift.method, drift.mode, tuple(x.shape), x.dtype, str(x.device), len(drift.eps))
+        entry = _DRIFT_GRAPHS.get(key)
+        if entry is None or entry[0] is not drift.model:
+            entry = self._capture(drift, x, t, key)
+        _DRIFT_GRAPHS.move_to_end(key)
+        self.replay, self.x, self.t, self.eps, self.out = entry[1:]
+        for static, eps in zip(self.eps, drift.eps):
+            static.copy_(eps)
+
+    @staticmethod
+    def _capture(drift, x, t, key):
+        from genflow import cuda_graph
+
+        static_x, static_t = x.detach().clone(), t.clone()
+        static_eps = [e.clone() for e in drift.eps]
+        body_drift = _Drift(drift.model, drift.method, static_eps, drift.mode)
+        replay, out = cuda_graph._record(lambda: body_drift.evaluate(static_x, static_t), x.device)
+        entry = (drift.model, replay, static_x, static_t, static_eps, out)
+        _DRIFT_GRAPHS[key] = entry
+        while len(_DRIFT_GRAPHS) > 8:
+            _DRIFT_GRAPHS.popitem(last=False)
+        return entry
+
+    def __call__(self, x, t):
+        self.nfe += 1
+        self.x.copy_(x)
+        self.t.copy_(t)
+        self.replay()
+        return self.out[0].clone(), self.out[1].clone()
+
+
+_DRIFT_GRAPHS = OrderedDict()  # key -> (model, replay, static x, t, probes, (v, div))
+
+
+def _graphed(drift, x, t):
+    """``_GraphedDrift`` of ``drift``, or ``drift`` itself (with a warning) if capture fails."""
+    try:
+        return _GraphedDrift(drift, x, t)
+    except RuntimeError as error:  # a host sync or an op that cannot be captured
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        warnings.warn(f"cuda_graph=True: the likelihood drift could not be captured as a CUDA graph ({error}); "
+                      "evaluating it eagerly", RuntimeWarning, stacklevel=3)
+        return drift
 
 
 def _rms(v: torch.Tensor) -> torch.Tensor:
@@ -327,7 +392,7 @@ def _check_tol(name, value):
 def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes: int = 1,
                    noise: str = "rademacher", mode: str = "auto", rtol: float = 1e-5, atol: float = 1e-5,
                    t_end=None, solver: str = "rk45", steps=None, generator=None, max_steps: int = 10_000,
-                   return_info: bool = False):
+                   cuda_graph: bool = False, return_info: bool = False):
     """Log density ``log q_{t_end}(x)`` (nats per sample) of a model through its probability-flow ODE.
 
     Integrates ``d[x, delta]/dt = [v(x, t), div v(x, t)]`` with ``v = model.velocity`` from
@@ -356,6 +421,9 @@ def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes
         generator: probe seed: None (fresh), an int, B per-sample ints (sample b's probes are
             its own stream) or a torch.Generator.
         max_steps (int): bound on rk45's attempted steps.
+        cuda_graph (bool): evaluate the drift (forward, divergence passes, ``probe_dot``) by
+            replaying a CUDA graph captured once per model, method, mode and shape (x on a CUDA
+            device); a model that cannot be captured runs eagerly with a warning.
         return_info (bool): also return a dict with ``nfe`` (drift evaluations, each one batch
             forward plus its divergence), ``prior_logp`` and ``delta_logp`` (float64 [B]),
             ``x_T`` (Tensor[B, *D]), ``steps`` (accepted steps per sample, int64 [B], rk45 only)
@@ -390,6 +458,8 @@ def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes
         raise ValueError(f"steps must be an int >= 1 for solver={solver!r}, got {steps!r}")
     if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
         raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+    if cuda_graph and (x.device.type != "cuda" or not torch.cuda.is_available()):
+        raise ValueError(f"cuda_graph=True needs x on a CUDA device, got x on {x.device}")
     process = model.process
     T = float(process.T)
     t_end = float(process.t_min) if t_end is None else t_end
@@ -408,6 +478,8 @@ def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes
         used_mode = "vjp" if mode == "auto" else mode
     drift = _Drift(model, method, eps, used_mode)
     t0 = torch.full((batch,), float(t_end), dtype=torch.float64, device=device)
+    if cuda_graph:
+        drift = _graphed(drift, y, t0)
     t1 = torch.full((batch,), T, dtype=torch.float64, device=device)
     with torch.no_grad():
         if solver == "rk45":
