@@ -1,0 +1,146 @@
+"""Safe, atomic training checkpoints.
+
+A checkpoint is a plain dict of tensors, dicts, lists, numbers and strings written with
+``torch.save`` and read back with ``torch.load(weights_only=True)``: unpickling is restricted
+to those types, so a file from an untrusted source cannot run code (a pickle with a
+``__reduce__`` payload is refused before anything executes). RNG states are stored as tensors
+and configurations as plain dicts for that reason.
+
+Writes are atomic: the new checkpoint goes to a temporary file in the same directory, is
+flushed and fsync'ed, the current file (if any) is renamed to ``<name>.prev`` and the temporary
+file renamed into place (``os.replace``, atomic on POSIX and Windows). A crash at any moment
+leaves either the new file or the previous good one as ``.prev``; :func:`load_latest` falls back
+to it with a warning when the newest file is truncated or corrupted.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import warnings
+import zipfile
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "FORMAT", "VERSION", "get_rng_states", "load_checkpoint",
+           "load_latest", "save_checkpoint", "set_rng_states"]
+
+FORMAT = "genflow.train.checkpoint"
+VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: missing, truncated, corrupted, unsafe or of another version."""
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write ``state`` (a dict of tensors, dicts, lists, numbers, strings) to ``path`` atomically.
+
+    The format tag and version are added; the file at ``path`` (if any) is kept as ``path + ".prev"``.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            os.replace(path, path + ".prev")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the renames durable
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (``torch.load(weights_only=True)``, on the CPU).
+
+    Raises:
+        CheckpointError: naming the file, when it is missing, truncated, corrupted, contains
+            anything but tensors and plain containers (e.g. a pickled object with code), or has
+            another format or version.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"checkpoint {path!r} was refused: it is corrupted or holds objects other than "
+                              f"tensors and plain containers (weights_only=True): {err}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as err:
+        raise CheckpointError(f"checkpoint {path!r} is truncated or corrupted: {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path!r} is not a genflow training checkpoint "
+                              f"(format {state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path!r} has version {state.get('version')!r}; this genflow reads "
+                              f"version {VERSION}")
+    return state
+
+
+def load_latest(directory: str, name: str = CHECKPOINT_NAME) -> Tuple[Optional[dict], Optional[str]]:
+    """The newest readable checkpoint in ``directory`` and its path, or ``(None, None)`` if there is none.
+
+    Tries ``name`` then ``name + ".prev"``; a broken ``name`` falls back to ``.prev`` with a
+    warning. Raises :class:`CheckpointError` when files exist but none can be read.
+    """
+    path = os.path.join(os.fspath(directory), name)
+    candidates = [p for p in (path, path + ".prev") if os.path.exists(p)]
+    errors = []
+    for candidate in candidates:
+        try:
+            state = load_checkpoint(candidate)
+        except CheckpointError as err:
+            errors.append(str(err))
+            continue
+        if errors:
+            warnings.warn(f"{errors[0]}; resuming from the previous checkpoint {candidate!r}", RuntimeWarning,
+                          stacklevel=2)
+        return state, candidate
+    if errors:
+        raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
+    return None, None
+
+
+def get_rng_states() -> dict:
+    """The global RNG states (torch CPU and CUDA, Python ``random``, numpy) as tensors and ints."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),
+                   "gauss": "none" if gauss is None else float(gauss)},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore the states of :func:`get_rng_states`."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    py = states["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()),
+                     None if py["gauss"] == "none" else py["gauss"]))
+    npy = states["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))

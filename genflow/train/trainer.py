@@ -1,0 +1,466 @@
+"""The training loop: AdamW, warm-up and decay, clipping, EMA, exact resume and data parallelism.
+
+``train(family, data, config)`` drives any family that implements the training interface
+(``genflow/train/families.py``): ``family.modules`` (an ``nn.ModuleDict``), ``family.phases``,
+``family.parameters(phase)``, ``family.loss(phase, batch, labels=..., seeds=...)`` and
+``family.state_dict()`` / ``load_state_dict()``. Per step, one global batch is drawn from the
+data set by a seeded generator (identically on every process; each takes its contiguous slice)
+and, for each phase in order: zero the gradients, compute the loss, backpropagate, average the
+gradients over processes (``torch.distributed`` all-reduce), clip, take an AdamW step (Loshchilov
+& Hutter 2019) at the scheduled learning rate; after the last phase the EMA weights are updated.
+
+All randomness of sample ``b`` comes from its seed ``seeds[b] = H(run seed, step, phase, b)``
+(``b`` the global index in the batch, ``H`` a SplitMix64 hash), so a global batch gives the same
+loss however it is split over processes, and a resumed run repeats the uninterrupted one bit
+for bit (the checkpoint holds modules, optimisers, the schedule position, EMA, the data
+generator and the global RNG states).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import numbers
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import distributed as dist
+from tqdm.auto import tqdm
+
+from genflow.noise import _mix
+from genflow.train.checkpoint import (CHECKPOINT_NAME, get_rng_states, load_latest, save_checkpoint,
+                                      set_rng_states)
+from genflow.train.data import Dataset, load_dataset
+
+__all__ = ["EMA", "DECAYS", "TrainConfig", "TrainResult", "learning_rate", "sample_plotter", "sample_seeds", "train"]
+
+DECAYS = ("cosine", "constant", "linear")
+LOG_NAME = "metrics.jsonl"
+# settings a resumed run may change; any other difference from the checkpoint is an error
+_RESUMABLE = ("steps", "eval_every", "checkpoint_every", "log_every")
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (all plain numbers, stored in checkpoints as a dict).
+
+    Args:
+        steps: optimiser steps in all. batch_size: the global batch (split over processes).
+        lr: peak learning rate. weight_decay, betas: AdamW's.
+        warmup: steps of linear warm-up. decay: ``"cosine"``, ``"linear"`` or ``"constant"``
+            after warm-up (see :func:`learning_rate`).
+        grad_clip: maximum global gradient norm per phase (None: no clipping).
+        ema: EMA decay (None: no EMA). bf16: autocast the loss to bfloat16.
+        seed: seeds the data order and every per-sample seed.
+        eval_every, checkpoint_every, log_every: periods in steps (0: never; a final checkpoint
+            is always written when a checkpoint directory is given).
+    """
+
+    steps: int
+    batch_size: int
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    betas: Tuple[float, float] = (0.9, 0.999)
+    warmup: int = 0
+    decay: str = "cosine"
+    grad_clip: Optional[float] = 1.0
+    ema: Optional[float] = 0.999
+    bf16: bool = False
+    seed: int = 0
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 50
+
+    def __post_init__(self):
+        def integer(name, minimum):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+                raise ValueError(f"TrainConfig.{name} must be an int >= {minimum}, got {value!r}")
+        integer("steps", 1)
+        integer("batch_size", 1)
+        for name in ("warmup", "seed", "eval_every", "checkpoint_every", "log_every"):
+            integer(name, 0)
+        if not (isinstance(self.lr, numbers.Real) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, numbers.Real) and self.weight_decay >= 0):
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        betas = tuple(self.betas)
+        if len(betas) != 2 or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        if self.decay not in DECAYS:
+            raise ValueError(f"TrainConfig.decay must be one of {DECAYS}, got {self.decay!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, numbers.Real) and self.grad_clip > 0):
+            raise ValueError(f"TrainConfig.grad_clip must be None or > 0, got {self.grad_clip!r}")
+        if self.ema is not None and not (isinstance(self.ema, numbers.Real) and 0 <= self.ema < 1):
+            raise ValueError(f"TrainConfig.ema must be None or in [0, 1), got {self.ema!r}")
+
+    def to_dict(self) -> dict:
+        """Plain dict (lists for tuples), as stored in checkpoints."""
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of (0-based) optimiser step ``step``.
+
+    Warm-up ``lr (step + 1) / warmup`` for ``step < warmup``; after it, with
+    ``p = (step - warmup) / (steps - warmup)``: ``lr (1 + cos(pi p)) / 2`` (cosine, Loshchilov &
+    Hutter 2017, "SGDR", Eq. 5, without restarts), ``lr (1 - p)`` (linear) or ``lr`` (constant).
+    """
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    p = (step - config.warmup) / max(config.steps - config.warmup, 1)
+    if config.decay == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * p))
+    if config.decay == "linear":
+        return config.lr * (1.0 - p)
+    return config.lr
+
+
+def sample_seeds(seed: int, step: int, phase: int, start: int, stop: int, device=None) -> torch.Tensor:
+    """Per-sample seeds (int64 Tensor[stop - start], in [0, 2^63)) of global batch rows ``start..stop-1``.
+
+    ``seeds[b] = H(H(H(seed, step), phase), b) >> 1`` with ``H`` SplitMix64 mixing: a function of
+    the run seed, the step, the phase and the global row only.
+    """
+    key = _mix(np.array([seed], dtype=np.uint64), np.uint64(step))
+    key = _mix(key, np.uint64(phase))
+    rows = _mix(key, np.arange(start, stop, dtype=np.uint64)) >> np.uint64(1)
+    return torch.from_numpy(rows.astype(np.int64)).to(device)
+
+
+class EMA:
+    """Exponential moving average of parameters: ``ema <- d ema + (1 - d) theta`` after each step.
+
+    Starts at the initial parameters (Polyak & Juditsky 1992; as used for diffusion models by Ho
+    et al. 2020, Appendix B). Keys are the parameter names of the module it was built from.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.shadow = {name: p.detach().clone() for name, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for name, p in module.named_parameters():
+            self.shadow[name].mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        """Overwrite ``module``'s parameters with the averages."""
+        for name, p in module.named_parameters():
+            p.copy_(self.shadow[name])
+
+    @contextmanager
+    def applied(self, module: torch.nn.Module):
+        """Within the block ``module`` holds the EMA weights; its own weights are restored after."""
+        saved = {name: p.detach().clone() for name, p in module.named_parameters()}
+        self.copy_to(module)
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for name, p in module.named_parameters():
+                    p.copy_(saved[name])
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) ^ set(state["shadow"])
+        if missing:
+            raise ValueError(f"EMA state does not match the module: parameters {sorted(missing)} differ")
+        self.decay = float(state["decay"])
+        for name, value in state["shadow"].items():
+            self.shadow[name].copy_(value)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    ``losses[phase]`` is the loss curve (float64 Tensor[steps], the mean over the global batch),
+    ``metrics`` the evaluations (``{"step": s, **metrics}``), ``ema`` the EMA weights (use
+    ``result.ema.copy_to(family.modules)`` or ``with result.ema.applied(family.modules):`` to
+    sample with them).
+    """
+
+    family: object
+    step: int
+    losses: Dict[str, torch.Tensor]
+    metrics: List[dict] = field(default_factory=list)
+    ema: Optional[EMA] = None
+    checkpoint: Optional[str] = None
+    log: Optional[str] = None
+    seconds: float = 0.0
+    steps_per_s: float = 0.0
+
+
+def _world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _average_gradients(params: List[torch.Tensor], world: int) -> None:
+    """``grad <- sum over processes of grad / world``, one all-reduce per (device, dtype) bucket."""
+    buckets: Dict[tuple, List[torch.Tensor]] = {}
+    for p in params:
+        buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for grads in buckets.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+def _check_family(family) -> None:
+    for attr in ("modules", "phases", "parameters", "loss", "state_dict", "load_state_dict"):
+        if not hasattr(family, attr):
+            raise TypeError(f"family must implement the training interface (genflow.train.families.Family); "
+                            f"{type(family).__name__} has no {attr!r}")
+    if not isinstance(family.modules, torch.nn.Module):
+        raise TypeError(f"family.modules must be an nn.ModuleDict, got {type(family.modules).__name__}")
+    if not family.phases:
+        raise ValueError("family.phases must name at least one phase")
+
+
+def _plain_metrics(metrics, step: int) -> dict:
+    if not isinstance(metrics, dict):
+        raise TypeError(f"evaluate must return a dict of numbers, got {type(metrics).__name__}")
+    out = {"step": step}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"evaluate must return numbers; metric {key!r} is {type(value).__name__}")
+        out[str(key)] = float(value)
+    return out
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop log lines written after ``step`` by an interrupted run (and a half-written last line)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                continue
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def train(family, data, config: TrainConfig, *, checkpoint_dir: Optional[str] = None, resume: bool = True,
+          evaluate: Optional[Callable] = None, progress: bool = True) -> TrainResult:
+    """Train ``family`` on ``data`` with ``config``; see the module docstring for the step.
+
+    Args:
+        family: a training family (``genflow.train.make_family(...)`` or anything with its interface).
+        data: a :class:`~genflow.train.data.Dataset`, or anything :func:`load_dataset` accepts.
+        config (TrainConfig): hyper-parameters.
+        checkpoint_dir (str, optional): where ``checkpoint.pt`` (+ ``.prev``) and ``metrics.jsonl``
+            go (rank 0 writes).
+        resume (bool): continue from the newest good checkpoint in ``checkpoint_dir``, if any
+            (a broken newest file falls back to ``.prev`` with a warning). Settings other than
+            ``steps`` and the periods must match the checkpoint's.
+        evaluate (callable, optional): ``evaluate(family, step) -> dict of numbers``, called every
+            ``eval_every`` steps with the EMA weights in place (see :func:`sample_plotter`), on
+            every process (so it may use collectives); rank 0 logs the results.
+        progress (bool): a tqdm bar with the loss and throughput (rank 0).
+
+    The data's labels are passed to ``family.loss`` when the family is class-conditional
+    (``family.num_classes`` set), otherwise ``labels=None``.
+
+    Data parallel: when ``torch.distributed`` is initialised, rank 0's initial weights are
+    broadcast, each process computes the loss of its slice of the global batch and the
+    gradients are averaged (all-reduce) before clipping, which equals one process at the same
+    global batch up to float rounding.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    _check_family(family)
+    data = data if isinstance(data, Dataset) else load_dataset(data)
+    world, rank = _world()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the number of processes ({world})")
+    local = config.batch_size // world
+    lo, hi = rank * local, (rank + 1) * local
+    modules = family.modules
+    first = next(modules.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    phases = tuple(family.phases)
+    conditional = getattr(family, "num_classes", None) is not None
+    optimizers = {}
+    for phase in phases:
+        params = list(family.parameters(phase))
+        if not params:
+            raise ValueError(f"family.parameters({phase!r}) is empty: nothing to train in this phase")
+        optimizers[phase] = torch.optim.AdamW(params, lr=config.lr, betas=config.betas,
+                                              weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    losses = {phase: torch.zeros(config.steps, dtype=torch.float64) for phase in phases}
+    metrics: List[dict] = []
+    start = 0
+    log_path = os.path.join(checkpoint_dir, LOG_NAME) if checkpoint_dir is not None and rank == 0 else None
+    ckpt_path = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if checkpoint_dir is not None else None
+
+    state = load_latest(checkpoint_dir)[0] if checkpoint_dir is not None and resume else None
+    if state is None and world > 1:
+        with torch.no_grad():
+            for tensor in modules.state_dict().values():
+                dist.broadcast(tensor, src=0)
+    ema = EMA(modules, config.ema) if config.ema is not None else None
+    if state is not None:
+        saved = state["config"]
+        changed = [k for k, v in config.to_dict().items() if k not in _RESUMABLE and saved.get(k) != v]
+        if changed:
+            raise ValueError(f"cannot resume from {ckpt_path!r}: settings {changed} differ from the checkpoint's "
+                             f"({ {k: saved.get(k) for k in changed} })")
+        start = int(state["step"])
+        family.load_state_dict(state["family"])
+        for phase in phases:
+            optimizers[phase].load_state_dict(state["optimizers"][phase])
+            done = state["losses"][phase][:min(start, config.steps)]
+            losses[phase][:done.numel()] = done
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        generator.set_state(state["data_generator"])
+        set_rng_states(state["rng"])
+        metrics = [dict(m) for m in state["metrics"]]
+        if log_path is not None:
+            _truncate_log(log_path, start)
+    elif log_path is not None and os.path.exists(log_path):
+        os.remove(log_path)
+
+    def checkpoint(step: int) -> None:
+        if ckpt_path is None or rank != 0:
+            return
+        save_checkpoint(ckpt_path, {
+            "step": step, "config": config.to_dict(), "family": family.state_dict(),
+            "family_name": str(getattr(family, "name", type(family).__name__)),
+            "optimizers": {phase: opt.state_dict() for phase, opt in optimizers.items()},
+            "ema": ema.state_dict() if ema is not None else None,
+            "data_generator": generator.get_state(), "rng": get_rng_states(),
+            "losses": {phase: curve[:step].clone() for phase, curve in losses.items()},
+            "metrics": metrics,
+        })
+
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if config.bf16 else nullcontext
+    if log_path is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(checkpoint_dir), CHECKPOINT_NAME + ".*.tmp")):
+            os.remove(stale)  # left by a writer that was killed mid-save
+    log_file = open(log_path, "a") if log_path is not None else None
+    bar = tqdm(total=config.steps, initial=min(start, config.steps), desc=f"training {getattr(family, 'name', '')}",
+               disable=not progress or rank != 0, leave=False)
+    t0, last_ckpt = time.perf_counter(), start
+    try:
+        for step in range(start, config.steps):
+            x, labels = data.batch(config.batch_size, generator=generator)
+            x = x[lo:hi].to(device)
+            labels = labels[lo:hi].to(device) if labels is not None and conditional else None
+            lr = learning_rate(config, step)
+            grad_norms = {}
+            for index, phase in enumerate(phases):
+                opt = optimizers[phase]
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                seeds = sample_seeds(config.seed, step, index, lo, hi, device)
+                with autocast():
+                    loss = family.loss(phase, x, labels=labels, seeds=seeds)
+                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                    raise ValueError(f"family.loss({phase!r}) must return a scalar tensor, got "
+                                     f"{getattr(loss, 'shape', type(loss).__name__)}")
+                loss.backward()
+                params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+                value = loss.detach().float().reshape(1)
+                if world > 1:
+                    _average_gradients(params, world)
+                    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+                    value /= world
+                if config.grad_clip is not None:
+                    grad_norms[phase] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+                opt.step()
+                losses[phase][step] = float(value)
+            if ema is not None:
+                ema.update(modules)
+            done = step + 1
+            bar.update(1)
+            if done % max(config.log_every, 1) == 0 or done == config.steps:
+                elapsed = time.perf_counter() - t0
+                rate = (done - start) / max(elapsed, 1e-9)
+                record = {"step": done, "lr": lr, "steps_per_s": rate, "samples_per_s": rate * config.batch_size,
+                          **{f"loss/{p}": float(losses[p][step]) for p in phases},
+                          **{f"grad_norm/{p}": g for p, g in grad_norms.items()}}
+                bar.set_postfix(loss=f"{float(losses[phases[-1]][step]):.4g}",
+                                samples_s=f"{rate * config.batch_size:.3g}")
+                if log_file is not None and config.log_every:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+            if evaluate is not None and config.eval_every and done % config.eval_every == 0:
+                with ema.applied(modules) if ema is not None else nullcontext():
+                    result = _plain_metrics(evaluate(family, done), done)
+                metrics.append(result)
+                if log_file is not None:
+                    log_file.write(json.dumps({"eval": True, **result}) + "\n")
+                    log_file.flush()
+            if config.checkpoint_every and done % config.checkpoint_every == 0:
+                checkpoint(done)
+                last_ckpt = done
+        if last_ckpt != max(start, config.steps):
+            checkpoint(config.steps)
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+    elapsed = time.perf_counter() - t0
+    ran = max(config.steps - start, 0)
+    return TrainResult(family=family, step=max(start, config.steps), losses=losses, metrics=metrics, ema=ema,
+                       checkpoint=ckpt_path, log=log_path, seconds=elapsed, steps_per_s=ran / max(elapsed, 1e-9))
+
+
+def sample_plotter(directory: str, n: int = 512, *, seed: int = 0, max_images: int = 64) -> Callable:
+    """An ``evaluate`` callback that saves ``samples_<step>.png`` (a scatter for 2D data, an image grid
+    for Tensor[n, C, H, W]) from ``family.sample(n, generator=seed)`` and returns no metrics."""
+    from matplotlib.figure import Figure
+
+    def plot(family, step: int) -> dict:
+        x = family.sample(n, generator=torch.Generator().manual_seed(seed)).detach().float().cpu()
+        fig = Figure(figsize=(4, 4))
+        ax = fig.add_subplot()
+        if x.dim() == 2 and x.shape[1] == 2:
+            ax.scatter(x[:, 0], x[:, 1], s=2)
+            ax.set_aspect("equal")
+        elif x.dim() == 4:
+            imgs = x[:max_images].clamp(-1, 1) * 0.5 + 0.5
+            cols = math.ceil(math.sqrt(imgs.shape[0]))
+            rows = math.ceil(imgs.shape[0] / cols)
+            c, h, w = imgs.shape[1:]
+            grid = torch.ones(c, rows * h, cols * w)
+            for k, img in enumerate(imgs):
+                grid[:, (k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] = img
+            ax.imshow(grid.permute(1, 2, 0).squeeze(-1), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+            ax.axis("off")
+        else:
+            raise ValueError(f"sample_plotter draws 2D points or images, got samples of shape {tuple(x.shape)}")
+        ax.set_title(f"{getattr(family, 'name', '')} step {step}")
+        os.makedirs(directory, exist_ok=True)
+        fig.savefig(os.path.join(directory, f"samples_{step:07d}.png"), dpi=100)
+        return {}
+    return plot
