@@ -1,9 +1,11 @@
-"""The ``genflow`` command line: ``genflow demo`` and ``genflow bench``.
+"""The ``genflow`` command line: ``demo``, ``bench``, ``train``, ``sample`` and ``table2``.
 
 ``demo`` (``genflow.demo``) trains two small models on a 2-D Gaussian mixture and compares
-solvers on them; ``bench`` (``genflow.bench``) runs the benchmarks. Each subcommand's module
-provides ``add_arguments(parser)`` and ``run(args) -> int``; ``genflow.bench`` is imported only
-when ``genflow bench`` runs.
+solvers on them; ``bench`` (``genflow.bench``) runs the benchmarks; ``train`` and ``sample``
+(``genflow.train.commands``) train any family on a data set and sample a trained run; ``table2``
+(``genflow.train.table2``, also via ``commands``) reproduces seed 003's Table 2. Each subcommand's module provides its
+argument definitions and a ``run(args) -> int``; ``genflow.bench`` is imported only when
+``genflow bench`` runs.
 """
 import argparse
 import importlib
@@ -23,6 +25,13 @@ def _parser() -> argparse.ArgumentParser:
                     "them with several solvers and step counts, print a quality/speed table and save a figure."))
     # bench's options come from genflow.bench, loaded only when it runs: its --help included
     sub.add_parser("bench", add_help=False, help="benchmark solvers and fused ops against the peers")
+    from genflow.train import commands
+
+    commands.add_train_arguments(sub.add_parser(
+        "train", help="train a model family on a data set (checkpoints, resume, metrics log, samples figure)"))
+    commands.add_sample_arguments(sub.add_parser("sample", help="draw samples from a genflow train run"))
+    commands.add_table2_arguments(sub.add_parser(
+        "table2", help="train the six families of seed 003 Table 2 on its toy set and compare KLs with the paper"))
     return parser
 
 
@@ -40,6 +49,14 @@ def main(argv=None) -> int:
         return _bench(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command in ("train", "sample", "table2"):
+        from genflow.train import commands
+
+        run = {"train": commands.run_train, "sample": commands.run_sample, "table2": commands.run_table2}[args.command]
+        try:
+            return run(args)
+        except ValueError as error:
+            parser.error(str(error))
     from genflow import demo
 
     try:

@@ -38,7 +38,8 @@ from genflow.train.checkpoint import (CHECKPOINT_NAME, get_rng_states, load_late
                                       set_rng_states)
 from genflow.train.data import Dataset, load_dataset
 
-__all__ = ["EMA", "DECAYS", "TrainConfig", "TrainResult", "learning_rate", "sample_plotter", "sample_seeds", "train"]
+__all__ = ["EMA", "DECAYS", "TrainConfig", "TrainResult", "learning_rate", "plot_samples", "sample_plotter",
+           "sample_seeds", "train"]
 
 DECAYS = ("cosine", "constant", "linear")
 LOG_NAME = "metrics.jsonl"
@@ -435,32 +436,43 @@ def train(family, data, config: TrainConfig, *, checkpoint_dir: Optional[str] = 
                        checkpoint=ckpt_path, log=log_path, seconds=elapsed, steps_per_s=ran / max(elapsed, 1e-9))
 
 
+def plot_samples(x: torch.Tensor, path: str, *, title: str = "", max_images: int = 64) -> str:
+    """Save ``x`` as a figure at ``path``: a scatter for 2D points (Tensor[n, 2]), a grid of at
+    most ``max_images`` images for Tensor[n, C, H, W] in [-1, 1]. Returns ``path``."""
+    from matplotlib.figure import Figure
+
+    x = x.detach().float().cpu()
+    fig = Figure(figsize=(4, 4))
+    ax = fig.add_subplot()
+    if x.dim() == 2 and x.shape[1] == 2:
+        ax.scatter(x[:, 0], x[:, 1], s=2)
+        ax.set_aspect("equal")
+    elif x.dim() == 4:
+        imgs = x[:max_images].clamp(-1, 1) * 0.5 + 0.5
+        cols = math.ceil(math.sqrt(imgs.shape[0]))
+        rows = math.ceil(imgs.shape[0] / cols)
+        c, h, w = imgs.shape[1:]
+        grid = torch.ones(c, rows * h, cols * w)
+        for k, img in enumerate(imgs):
+            grid[:, (k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] = img
+        ax.imshow(grid.permute(1, 2, 0).squeeze(-1), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+        ax.axis("off")
+    else:
+        raise ValueError(f"plot_samples draws 2D points or images, got samples of shape {tuple(x.shape)}")
+    ax.set_title(title)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def sample_plotter(directory: str, n: int = 512, *, seed: int = 0, max_images: int = 64) -> Callable:
     """An ``evaluate`` callback that saves ``samples_<step>.png`` (a scatter for 2D data, an image grid
     for Tensor[n, C, H, W]) from ``family.sample(n, generator=seed)`` and returns no metrics."""
-    from matplotlib.figure import Figure
 
     def plot(family, step: int) -> dict:
-        x = family.sample(n, generator=torch.Generator().manual_seed(seed)).detach().float().cpu()
-        fig = Figure(figsize=(4, 4))
-        ax = fig.add_subplot()
-        if x.dim() == 2 and x.shape[1] == 2:
-            ax.scatter(x[:, 0], x[:, 1], s=2)
-            ax.set_aspect("equal")
-        elif x.dim() == 4:
-            imgs = x[:max_images].clamp(-1, 1) * 0.5 + 0.5
-            cols = math.ceil(math.sqrt(imgs.shape[0]))
-            rows = math.ceil(imgs.shape[0] / cols)
-            c, h, w = imgs.shape[1:]
-            grid = torch.ones(c, rows * h, cols * w)
-            for k, img in enumerate(imgs):
-                grid[:, (k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] = img
-            ax.imshow(grid.permute(1, 2, 0).squeeze(-1), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
-            ax.axis("off")
-        else:
-            raise ValueError(f"sample_plotter draws 2D points or images, got samples of shape {tuple(x.shape)}")
-        ax.set_title(f"{getattr(family, 'name', '')} step {step}")
-        os.makedirs(directory, exist_ok=True)
-        fig.savefig(os.path.join(directory, f"samples_{step:07d}.png"), dpi=100)
+        x = family.sample(n, generator=torch.Generator().manual_seed(seed))
+        plot_samples(x, os.path.join(directory, f"samples_{step:07d}.png"),
+                     title=f"{getattr(family, 'name', '')} step {step}", max_images=max_images)
         return {}
     return plot
