@@ -58,32 +58,34 @@ def test_data_std_is_the_rms_coordinate_std(ring):
     assert demo._data_std(ring) == pytest.approx(math.sqrt(4.0 ** 2 / 2 + 0.5 ** 2))
 
 
-def test_edm_denoiser_is_the_identity_at_zero_noise_and_velocity_net_keeps_shapes():
+def test_velocity_net_keeps_shapes():
     torch.manual_seed(0)
     x = torch.randn(16, 2)
-    denoiser = demo.EDMDenoiser(2.0)
-    assert torch.allclose(denoiser(x, torch.full((16,), 1e-6)), x, atol=1e-5)
     assert demo.VelocityNet(gf.LinearPath(), 2.0)(x, torch.rand(16)).shape == (16, 2)
 
 
-@pytest.mark.parametrize("loss_fn, make, drop", [
-    (demo.flow_matching_loss, lambda: demo.VelocityNet(gf.LinearPath(), 2.87), 0.8),
-    (demo.edm_loss, lambda: demo.EDMDenoiser(2.87), None),  # preconditioned: starts near its floor
-])
-def test_training_is_deterministic_and_lowers_the_loss(ring, loss_fn, make, drop):
-    def trained(steps):
-        torch.manual_seed(0)
-        net = make()
-        loss = demo.train(net, loss_fn, ring, steps=steps, batch=256, generator=torch.Generator().manual_seed(0))
-        return net, loss
+def test_demo_models_train_deterministically_on_the_trainer_and_learn_the_ring(ring):
+    """The demo's two families (flow matching, EDM) trained by genflow.train: the same seed gives
+    the same weights, and a short training gets the flow model's samples much closer to the ring."""
+    from argparse import Namespace
 
-    net_a, _ = trained(10)
-    net_b, _ = trained(10)
-    assert all(torch.equal(a, b) for a, b in zip(net_a.parameters(), net_b.parameters()))
-    if drop is not None:
-        _, early = trained(2)
-        _, later = trained(120)
-        assert later < drop * early
+    torch.set_num_threads(1)
+    try:
+        first = demo._trained_models(ring, Namespace(seed=0, train_steps=120))
+        second = demo._trained_models(ring, Namespace(seed=0, train_steps=120))
+        untrained = demo._trained_models(ring, Namespace(seed=0, train_steps=1))
+    finally:
+        torch.set_num_threads(2)
+    for a, b in zip(first, second):
+        assert all(torch.equal(p, q) for p, q in zip(a.model.net.parameters(), b.model.net.parameters())), a.name
+    assert [m.model.prediction for m in first] == ["velocity", "x0"]
+    truth = ring.sample(512, generator=torch.Generator().manual_seed(1))
+
+    def flow_mmd(models):
+        x = gf.sample(models[0].model, (512, 2), solver="heun", steps=10, schedule="uniform", generator=0)
+        return gf.metrics.mmd(x, truth)
+
+    assert flow_mmd(first) < 0.3 * flow_mmd(untrained)  # measured 0.109 vs 1.128
 
 
 def test_k_diffusion_runs_the_same_solver_on_edm(ring):
