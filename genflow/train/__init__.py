@@ -5,7 +5,7 @@
     family = make_family("flow-matching", data_shape=data.data_shape)
     result = train(family, data, TrainConfig(steps=2000, batch_size=256), checkpoint_dir="runs/moons")
 """
-from genflow.train import families, objectives
+from genflow.train import families, objectives, sd_generator  # sd_generator registers "sdflow"
 from genflow.train.checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
 from genflow.train.data import TOY_SETS, Dataset, available_datasets, load_dataset, toy_sample
 from genflow.train.families import FAMILIES, Family, make_family, reflow_pairs, register_family
