@@ -130,7 +130,9 @@ void dot_run(const ProbeDotParams& p) {
         const int64_t n = next_pow2(len);  // the +0 products past the end drop out of the tree
         products(probe + b * P + j0, v + b * P + j0, len, q);
         std::fill(q + len, q + n, 0.0);
-        p.partial[task] = pair_tree(q, n);
+        // ... except that the full tree adds them to the first n: s + 0 (-0 becomes +0)
+        const double s = pair_tree(q, n);
+        p.partial[task] = n < kProbeBlock ? s + 0.0 : s;
       }
     });
   }

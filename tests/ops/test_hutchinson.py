@@ -307,3 +307,19 @@ def test_probe_dot_rejects_bad_arguments(args, match):
 def test_probes_rejects_bad_arguments(args, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.genflow.hutchinson_probes(*args())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_probe_dot_of_negative_zeros_is_plus_zero(dtype):
+    """A block of -0 products sums to +0 as in the full 1024-product tree (the positions past a
+    sample's end hold +0); the plain CPU kernel once returned -0 for short blocks (found by the
+    sanitizer driver's plain-vs-grouped check). torch.equal does not see the sign, signbit does."""
+    from genflow.ops.hutchinson import _reference_probe_dot
+
+    probe = torch.full((16, 1), -0.0, dtype=dtype)
+    v = torch.ones(16, 1, dtype=dtype)
+    scale = torch.ones(1, dtype=torch.float64)
+    ours = H.probe_dot(probe, v, scale=1.0)
+    ref = _reference_probe_dot(probe, v, scale, None)
+    grouped = torch.ops.genflow._probe_dot_grouped(probe, v, scale, None)
+    assert not torch.signbit(ours).any() and not torch.signbit(ref).any() and not torch.signbit(grouped).any()
