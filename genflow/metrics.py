@@ -4,7 +4,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["MMD", "kl_to_density", "mmd"]
+__all__ = ["MMD", "kl_kde_grid", "kl_to_density", "mmd", "sliced_wasserstein"]
 
 
 def _check_samples(name: str, x: torch.Tensor) -> None:
@@ -95,3 +95,103 @@ def kl_to_density(x: torch.Tensor, log_prob: Callable[[torch.Tensor], torch.Tens
     entropy = float(digamma(n) - digamma(k)) + log_ball + d * float(log_r.mean())
     cross_entropy = -float(log_prob(points).to(torch.float64).mean())
     return cross_entropy - entropy
+
+
+def _kde_grid_log_density(points: torch.Tensor, grid: torch.Tensor, bandwidth: float, chunk: int) -> torch.Tensor:
+    """``log sum_j exp(-|g - x_j|^2 / (2 h^2))`` at each grid point ``g`` (float64 [G]); chunked over the grid."""
+    scale = -0.5 / (bandwidth * bandwidth)
+    return torch.cat([torch.logsumexp(torch.cdist(grid[i:i + chunk], points).square() * scale, dim=1)
+                      for i in range(0, grid.shape[0], chunk)])
+
+
+def kl_kde_grid(data: torch.Tensor, samples: torch.Tensor, *, bandwidth: float = 0.4, grid: int = 100,
+                eps: float = 1e-10) -> float:
+    """KL(data || model) between Gaussian KDEs of two 2D point sets on a grid: the metric of seed 003, Table 2.
+
+    Both sets get an isotropic Gaussian KDE with ABSOLUTE bandwidth ``h`` (the kernel
+    ``N(0, h^2 I)``, as scikit-learn's ``KernelDensity(bandwidth=h)``; not SciPy's
+    ``gaussian_kde(bw_method=h)``, which scales the data covariance). Each is evaluated on the
+    ``grid x grid`` lattice spanning ``[min, max]`` of the DATA in each coordinate and normalised
+    to sum to one, ``p`` for ``data [N, 2]`` and ``q`` for ``samples [M, 2]``; then
+
+        KL = sum_g p_g log((p_g + eps) / (q_g + eps)).
+
+    Calibration on the Table-2 toy set (8 Gaussians of covariance 0.1 I at radius 4/sqrt(2),
+    250 points each): two independent draws score about 0.005 (0.0035-0.008 over seeds) with
+    ``h = 0.4`` absolute, against about 0.0006 with SciPy's relative ``bw_method=0.4``; the
+    published figures (0.0099 for a GMM) match the absolute reading. Computed in float64
+    (chunked log-sum-exp over the 10,000 x N kernel matrix; samples outside the grid count only
+    through their kernel tails).
+    """
+    for name, x in (("data", data), ("samples", samples)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != 2 or x.shape[0] < 1:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a Tensor[N, 2] with N >= 1, got {got}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} must be finite")
+    if not (isinstance(bandwidth, (int, float)) and not isinstance(bandwidth, bool) and bandwidth > 0):
+        raise ValueError(f"bandwidth must be a positive number, got {bandwidth!r}")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+        raise ValueError(f"grid must be an int >= 2, got {grid!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    p_points = data.detach().to("cpu", torch.float64)
+    q_points = samples.detach().to("cpu", torch.float64)
+    lo, hi = p_points.min(0).values, p_points.max(0).values
+    axes = [torch.linspace(float(lo[k]), float(hi[k]), grid, dtype=torch.float64) for k in range(2)]
+    lattice = torch.cartesian_prod(axes[0], axes[1])
+    log_p = _kde_grid_log_density(p_points, lattice, float(bandwidth), 2048)
+    log_q = _kde_grid_log_density(q_points, lattice, float(bandwidth), 2048)
+    p = torch.softmax(log_p, 0)
+    q = torch.softmax(log_q, 0)
+    return float((p * torch.log((p + eps) / (q + eps))).sum())
+
+
+def _w2_squared_1d(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Exact squared W2 between 1D empirical measures, per column: ``int_0^1 (Q_x(u) - Q_y(u))^2 du``.
+
+    ``x [N, P]``, ``y [M, P]``; the quantile functions are steps at ``i/N`` and ``j/M``, so the
+    integral is a sum over the merged breakpoints (equal counts: the mean squared difference of
+    the sorted columns).
+    """
+    n, m = x.shape[0], y.shape[0]
+    xs, ys = x.sort(0).values, y.sort(0).values
+    if n == m:
+        return (xs - ys).square().mean(0)
+    levels = torch.cat([torch.arange(1, n + 1, dtype=torch.float64) / n,
+                        torch.arange(1, m + 1, dtype=torch.float64) / m]).unique()
+    widths = torch.diff(levels, prepend=levels.new_zeros(1))
+    mid = levels - 0.5 * widths
+    ix = (mid * n).floor().long().clamp_max(n - 1)
+    iy = (mid * m).floor().long().clamp_max(m - 1)
+    return (widths[:, None] * (xs[ix] - ys[iy]).square()).sum(0)
+
+
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, *, projections: int = 256, generator=None) -> float:
+    """Sliced 2-Wasserstein distance between samples ``x [N, D]`` and ``y [M, D]``.
+
+        SW_2(x, y) = ( E_theta W_2^2(theta . x, theta . y) )^(1/2),  theta uniform on the sphere,
+
+    estimated with ``projections`` random directions (Rabin et al. 2011; Bonneel et al. 2015,
+    eq. 3). Each 1D W2 is exact: sorted projections for ``N == M``, the integral of the squared
+    difference of the two step quantile functions otherwise. For ``D = 1`` the only directions
+    are +-1, so the result is the exact W2. ``generator``: None, an int seed or a
+    ``torch.Generator`` (for the directions). Computed in float64.
+    """
+    for name, a in (("x", x), ("y", y)):
+        if not isinstance(a, torch.Tensor) or a.dim() != 2 or a.shape[0] < 1:
+            got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            raise ValueError(f"{name} must be a Tensor[N, D] with N >= 1, got {got}")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must have the same dimension D, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if isinstance(projections, bool) or not isinstance(projections, int) or projections < 1:
+        raise ValueError(f"projections must be an int >= 1, got {projections!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        if isinstance(generator, bool) or not isinstance(generator, int):
+            raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
+        generator = torch.Generator().manual_seed(generator)
+    x = x.detach().to("cpu", torch.float64)
+    y = y.detach().to("cpu", torch.float64)
+    theta = torch.randn(projections, x.shape[1], dtype=torch.float64, generator=generator)
+    theta = theta / theta.norm(dim=1, keepdim=True)
+    return float(_w2_squared_1d(x @ theta.T, y @ theta.T).mean().sqrt())
