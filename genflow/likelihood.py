@@ -499,15 +499,16 @@ def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes
 
 
 def bits_per_dim(model, x: torch.Tensor, *, generator=None, dequantization=None,
-                 dtype: torch.dtype = torch.float32, **kwargs):
-    """Bits per dimension of 8-bit data under a model trained on data scaled to [-1, 1].
+                 dtype: torch.dtype = torch.float32, levels: int = 256, **kwargs):
+    """Bits per dimension of quantised data (``levels`` values) under a model of data scaled to [-1, 1].
 
-    ``x`` holds integer pixel values in {0, ..., 255} (uint8, or any integer or floating dtype
-    with integral values). With uniform dequantisation ``u ~ U[0, 1)^D`` (Theis et al. 2016;
-    Ho et al. 2020 use the same scaling) the model sees ``y = (x + u) / 256 * 2 - 1``, so by the
-    change of variables ``log p_x(x + u) = log p_y(y) + D log(2 / 256)`` and::
+    ``x`` holds integer values in {0, ..., levels - 1} (pixels: uint8 and ``levels = 256``, the
+    default; scikit-learn's 8x8 digits: ``levels = 17``), in any integer or floating dtype with
+    integral values. With uniform dequantisation ``u ~ U[0, 1)^D`` (Theis et al. 2016; Ho et al.
+    2020 use the same scaling) the model sees ``y = (x + u) / levels * 2 - 1``, so by the change
+    of variables ``log p_x(x + u) = log p_y(y) + D log(2 / levels)`` and::
 
-        bpd = -(log p_y(y) + D log(2/256)) / (D log 2) = -log p_y(y) / (D log 2) + 7
+        bpd = -(log p_y(y) + D log(2/levels)) / (D log 2)     (= -log p_y(y) / (D log 2) + 7 for 256)
 
     with ``log p_y = gf.log_likelihood(model, y, **kwargs)`` (its ``t_end`` defaults to
     ``t_min``). This is a stochastic upper bound on the discrete model's bits per dimension
@@ -515,11 +516,12 @@ def bits_per_dim(model, x: torch.Tensor, *, generator=None, dequantization=None,
 
     Args:
         model (genflow.Model): the model of y in [-1, 1].
-        x (Tensor[B, *D]): integer pixel values in [0, 255].
+        x (Tensor[B, *D]): integer values in [0, levels - 1].
         generator: seed for the dequantisation noise and the probes, as in ``log_likelihood``.
         dequantization (Tensor[B, *D], optional): u in [0, 1) to use instead of drawing it;
             drawn otherwise as ``Phi(z)`` of the Philox stream ``z = N(seed, 2^62)`` (float64).
         dtype: float32 or float64, the dtype of y (and of the solve).
+        levels (int): number of quantisation levels, >= 2 (256 for 8-bit data).
         **kwargs: passed to ``log_likelihood`` (method, probes, rtol, atol, solver, ...).
 
     Returns:
@@ -533,9 +535,13 @@ def bits_per_dim(model, x: torch.Tensor, *, generator=None, dequantization=None,
         raise ValueError(f"x must have shape [B, *D] with B >= 1, got {list(x.shape)}")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if isinstance(levels, bool) or not isinstance(levels, numbers.Integral) or levels < 2:
+        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
+    levels = int(levels)
     x64 = x.to(torch.float64)
-    if not bool(((x64 >= 0) & (x64 <= 255) & (x64 == x64.round())).all()):
-        raise ValueError("x must hold integer pixel values in [0, 255] (8-bit data, not data scaled to [-1, 1])")
+    if not bool(((x64 >= 0) & (x64 <= levels - 1) & (x64 == x64.round())).all()):
+        raise ValueError(f"x must hold integer pixel values in [0, {levels - 1}] (levels={levels}; "
+                         f"not data scaled to [-1, 1])")
     batch = x.shape[0]
     seed = _seed(generator, batch)
     if dequantization is None:
@@ -549,11 +555,11 @@ def bits_per_dim(model, x: torch.Tensor, *, generator=None, dequantization=None,
             raise ValueError("dequantization must lie in [0, 1)")
         u = u.to(device=x.device, dtype=torch.float64)
     dim = x[0].numel()
-    y = (x64 + u) / 256.0 * 2.0 - 1.0
+    y = (x64 + u) / levels * 2.0 - 1.0
     y = y.to(dtype)
     out = log_likelihood(model, y, generator=seed, **kwargs)
     logp, info = out if isinstance(out, tuple) else (out, None)
-    bpd = -(logp + dim * math.log(2.0 / 256.0)) / (dim * math.log(2.0))
+    bpd = -(logp + dim * math.log(2.0 / levels)) / (dim * math.log(2.0))
     if info is None:
         return bpd
     info["y"] = y
