@@ -27,7 +27,8 @@ import torch
 from genflow._extension import HAS_EXTENSION, has_cuda_kernels, warn_missing_once
 from genflow.ops import _reference
 
-__all__ = ["fused_update", "fused_update_packed", "fused_update_unchecked", "randn", "seed_tensor", "use_kernel", "MAX_TERMS"]
+__all__ = ["fused_update", "fused_update_packed", "fused_update_unchecked", "randn", "seed_tensor", "use_kernel", "use_op",
+           "MAX_TERMS"]
 
 MAX_TERMS = 4
 _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -258,6 +259,18 @@ def fused_update_packed(x: torch.Tensor, terms: list, coef: torch.Tensor, *, ker
 
 
 use_kernel = _use_kernel
+
+
+def use_op(backend: str, device: torch.device, has_op: bool, what: str) -> bool:
+    """``use_kernel`` for an op that a build of ``genflow._C`` may lack (``has_op``): False (the
+    reference) for ``backend="auto"`` without it, an error naming ``what`` for an explicit backend."""
+    kernel = _use_kernel(backend, device)
+    if kernel and not has_op:
+        if backend != "auto":
+            raise RuntimeError(f"backend={backend!r}: genflow._C was built without {what} "
+                               "(rebuild with pip install -e .)")
+        return False
+    return kernel
 seed_tensor = _seed_tensor
 
 

@@ -40,7 +40,7 @@ import torch
 
 from genflow._extension import HAS_EXTENSION
 from genflow.ops import _reference
-from genflow.ops.fused_update import _check_offset, _host_tensor, _seed_tensor, _use_kernel
+from genflow.ops.fused_update import _check_offset, _host_tensor, _seed_tensor, use_op
 
 __all__ = ["BLOCK", "KINDS", "probe_dot", "probes"]
 
@@ -52,13 +52,7 @@ _HAS_OP = HAS_EXTENSION and hasattr(torch.ops.genflow, "probe_dot")
 
 def _dispatch(backend: str, device: torch.device) -> bool:
     """True: the compiled op; False: the reference (also for backend="auto" without the op)."""
-    use_kernel = _use_kernel(backend, device)
-    if use_kernel and not _HAS_OP:
-        if backend != "auto":
-            raise RuntimeError(f"backend={backend!r}: genflow._C was built without the Hutchinson ops "
-                               "(rebuild with pip install -e .)")
-        return False
-    return use_kernel
+    return use_op(backend, device, _HAS_OP, "the Hutchinson ops")
 
 
 # ---------------------------------------------------------------- pure-PyTorch reference (the oracle)

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from genflow._extension import HAS_EXTENSION
-from genflow.ops.fused_update import _use_kernel
+from genflow.ops.fused_update import use_op
 
 __all__ = ["PRECISIONS", "kernel_weighted_mean"]
 
@@ -47,13 +47,7 @@ _KEY_CHUNK = 1024
 
 def _dispatch(backend: str, device: torch.device) -> bool:
     """True: the compiled op; False: the reference (also for backend="auto" without the op)."""
-    use_kernel = _use_kernel(backend, device)
-    if use_kernel and not _HAS_OP:
-        if backend != "auto":
-            raise RuntimeError(f"backend={backend!r}: genflow._C was built without the kernel_weighted_mean "
-                               "op (rebuild with pip install -e .)")
-        return False
-    return use_kernel
+    return use_op(backend, device, _HAS_OP, "the kernel_weighted_mean op")
 
 
 # ---------------------------------------------------------------- pure-PyTorch reference (the oracle)
