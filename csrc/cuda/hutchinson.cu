@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "common/hutchinson.h"
+#include "cuda/device.cuh"
 #include "cuda/dtype.cuh"
 
 namespace genflow {
@@ -25,14 +26,6 @@ namespace {
 
 constexpr int kWarps = kProbeDotThreads / 32;
 constexpr int kProbeThreads = 256;
-
-int64_t sm_count() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    sms = 1;
-  return sms;
-}
 
 // ---- probes ----
 

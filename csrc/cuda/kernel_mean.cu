@@ -40,6 +40,7 @@
 
 #include "common/kernel_mean.h"
 #include "common/kernel_mean_tile.h"
+#include "cuda/device.cuh"
 #include "cuda/dtype.cuh"
 
 // TF32 / BF16 WMMA exist on sm_80+ (and in the host pass, which only parses device code).
@@ -69,14 +70,6 @@ constexpr int kLdHalf = kChunk + 8;  // bf16 chunks: 16-byte multiple for WMMA B
 constexpr int kOutCols = 64;   // output columns per task (16 per thread)
 
 enum Mode : int { kExact = 0, kTF32 = 1, kBF16 = 2 };
-
-int64_t sm_count() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    sms = 1;
-  return sms;
-}
 
 bool has_tensor_cores() {  // TF32 / BF16 WMMA: compute capability >= 8.0
   int device = 0, major = 0;

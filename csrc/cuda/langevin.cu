@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "common/langevin.h"
+#include "cuda/device.cuh"
 #include "cuda/dtype.cuh"
 
 namespace genflow {
@@ -115,11 +116,7 @@ __global__ void __launch_bounds__(kLangevinThreads) langevin_batch_kernel(const 
 }
 
 int64_t grid_for(int64_t work) {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    sms = 1;
-  const int64_t max_blocks = static_cast<int64_t>(sms) * 32;
+  const int64_t max_blocks = sm_count() * 32;
   return work < 1 ? 1 : (work > max_blocks ? max_blocks : work);
 }
 
