@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from genflow.ops.kernel_mean import _check_args, _dispatch
 from genflow.ops.kernel_mean import kernel_weighted_mean as _local_mean
 
 __all__ = ["kernel_weighted_mean", "shard"]
@@ -82,14 +83,9 @@ def kernel_weighted_mean(queries: torch.Tensor, keys_local: torch.Tensor, values
     if keys_local.shape[0] > 0:
         out, lse = _local_mean(queries, keys_local, values, sigma=sigma, log_weights=log_weights, return_lse=True,
                                precision=precision, backend=backend)
-    else:  # checked like the engine would, then the empty shard's neutral element
-        if queries.dim() != 2 or keys_local.dim() != 2 or keys_local.shape[1] != queries.shape[1]:
-            raise ValueError(f"queries and keys_local must have shapes [N, d] and [M_r, d], got "
-                             f"{list(queries.shape)} and {list(keys_local.shape)}")
-        if values.dim() != 2 or values.shape[0] != 0:
-            raise ValueError(f"values_local must have shape [M_r, dv] = [0, dv], got {list(values.shape)}")
-        if log_weights is not None and log_weights.shape != (0,):
-            raise ValueError(f"log_weights must have shape [M_r] = [0], got {list(log_weights.shape)}")
+    else:  # checked as the engine checks a non-empty shard, then the empty shard's neutral element
+        _check_args(queries, keys_local, values, sigma, log_weights, precision, empty_keys_ok=True)
+        _dispatch(backend, queries.device)  # validates backend as the engine does
         out = queries.new_zeros((queries.shape[0], values.shape[1]))
         lse = queries.new_full((queries.shape[0],), -math.inf)
     m = lse.clone()

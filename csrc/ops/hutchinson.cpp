@@ -9,7 +9,8 @@
 //   genflow::probe_dot(probe, v, scale, accumulate) -> float64 [B] on probe's device
 //       accumulate[b] + scale_b * sum_{*D} probe[b] v[b]; probe, v [B, *D] of one dtype
 //       (float32 | float64 | bfloat16 | float16); scale float64 [1] or [B] (probe's device or the
-//       CPU); accumulate float64 [B] on probe's device, or None.
+//       CPU; finite there); accumulate float64 [B] on probe's device, or None. Not differentiable:
+//       inputs that require grad are rejected.
 //   genflow::_hutchinson_probes_grouped / _probe_dot_grouped (CPU only): test hooks running the
 //       CUDA kernels' per-thread work serially on the host.
 #include <ATen/ATen.h>
@@ -138,6 +139,10 @@ DotLaunch prepare_dot(const at::Tensor& probe, const at::Tensor& v, const at::Te
               "scale must have shape [1] or [B] = [", B, "], got ", scale.sizes());
   checks::on_device(scale, "scale", probe.device(), /*cpu_ok=*/true);
   p.scale_per_sample = scale.size(0) != 1;  // [B] with B != 1
+  if (scale.device().is_cpu()) {  // host values: checked without a device sync
+    const at::Tensor s = scale.contiguous();
+    for (int64_t b = 0; b < s.size(0); ++b) checks::finite(s.data_ptr<double>()[b], "scale");
+  }
   if (scale.size(0) == 0) {
     p.scale = nullptr;
     p.scale_value = 0.0;
@@ -221,6 +226,10 @@ TORCH_LIBRARY_IMPL(genflow, CPU, m) {
   m.impl("probe_dot", &genflow::probe_dot);
   m.impl("_hutchinson_probes_grouped", &genflow::hutchinson_probes_grouped);
   m.impl("_probe_dot_grouped", &genflow::probe_dot_grouped);
+}
+
+TORCH_LIBRARY_IMPL(genflow, Autograd, m) {
+  m.impl("probe_dot", torch::CppFunction::makeFromBoxedFunction<&genflow::checks::not_differentiable>());
 }
 
 #ifdef GENFLOW_WITH_CUDA

@@ -7,11 +7,11 @@
 //   genflow::langevin_update_out(..., out)          the same into out (out may be x)
 //
 // x (Tensor[B, *D]) float32 | float64 | bfloat16 | float16; model_out like x; coef (float64 [3]
-// or [3, B]) on x's device or the CPU; exactly one of noise (Tensor[B, *D] like x) or seed
-// (int64 [1]: one stream over the flat index, or [B]: one stream per sample; x's device or
-// the CPU), as for genflow::fused_update. offset >= 0.
+// or [3, B]) on x's device or the CPU (there its values must be finite, r >= 0); exactly one of
+// noise (Tensor[B, *D] like x) or seed (int64 [1]: one stream over the flat index, or [B]: one
+// stream per sample; x's device or the CPU), as for genflow::fused_update. offset >= 0.
+// langevin_update_out rejects inputs that require grad (it has no autograd formula).
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -72,6 +72,14 @@ LangevinLaunch prepare(const at::Tensor& x, const at::Tensor& model_out, const a
               "] (a, b, r: score = a x + b model_out, r = 2 alpha_i snr^2), got ", coef.sizes());
   checks::on_device(coef, "coef", x.device(), /*cpu_ok=*/true);
   p.coef_per_sample = coef.dim() == 2;
+  if (coef.device().is_cpu()) {  // host values: checked without a device sync
+    const at::Tensor c = coef.contiguous();
+    const double* v = c.data_ptr<double>();
+    const int64_t per_row = p.coef_per_sample ? B : 1;
+    const char* names[3] = {"coef[0] (a)", "coef[1] (b)", "coef[2] (r = 2 alpha_i snr^2)"};
+    for (int64_t i = 0; i < 3 * per_row; ++i)
+      checks::finite(v[i], names[i / per_row], /*nonnegative=*/i >= 2 * per_row);
+  }
   if (coef.device().is_cpu() && !p.coef_per_sample) {
     at::Tensor c = coef.contiguous();
     p.coef = nullptr;
@@ -99,7 +107,10 @@ LangevinLaunch prepare(const at::Tensor& x, const at::Tensor& model_out, const a
     checks::on_device(*seed, "seed", x.device(), /*cpu_ok=*/true);
     u.noise_mode = kGeneratedNoise;
     u.seed_per_sample = seed->size(0) > 1;
-    if (seed->device().is_cpu() && !u.seed_per_sample) {
+    if (seed->size(0) == 0) {  // [B] with B = 0: nothing is generated
+      u.seeds = nullptr;
+      u.seed_value = 0;
+    } else if (seed->device().is_cpu() && !u.seed_per_sample) {
       u.seeds = nullptr;
       u.seed_value = static_cast<uint64_t>(seed->contiguous().data_ptr<int64_t>()[0]);
     } else {
@@ -160,10 +171,10 @@ void langevin_update_out(const at::Tensor& x, const at::Tensor& model_out, const
                          const at::Tensor& out) {
   LangevinLaunch launch = prepare(x, model_out, coef, noise, seed, offset, batch_mean);
   checks::same_as(out, "out", x, "x");
-  at::assert_no_internal_overlap(out);
-  at::assert_no_partial_overlap(out, x);
-  at::assert_no_partial_overlap(out, model_out);
-  if (noise.has_value()) at::assert_no_partial_overlap(out, *noise);
+  checks::no_internal_overlap(out, "out");
+  checks::no_partial_overlap(out, "out", x, "x");
+  checks::no_partial_overlap(out, "out", model_out, "model_out");
+  if (noise.has_value()) checks::no_partial_overlap(out, "out", *noise, "noise");
   if (out.is_contiguous()) {
     launch.p.update.out = out.data_ptr();
     run(launch);
@@ -204,6 +215,12 @@ TORCH_LIBRARY_IMPL(genflow, CPU, m) {
   m.impl("langevin_update", &genflow::langevin_update);
   m.impl("langevin_update_out", &genflow::langevin_update_out);
   m.impl("_langevin_update_grouped", &genflow::langevin_update_grouped);
+}
+
+// langevin_update has its autograd formula in genflow/ops/langevin.py; the out= variant has none.
+TORCH_LIBRARY_IMPL(genflow, Autograd, m) {
+  m.impl("langevin_update_out",
+         torch::CppFunction::makeFromBoxedFunction<&genflow::checks::not_differentiable>());
 }
 
 #ifdef GENFLOW_WITH_CUDA

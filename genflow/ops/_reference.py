@@ -10,6 +10,7 @@ the kernels' stream bitwise.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -352,8 +353,9 @@ def langevin_update(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor
         noise = philox_normal(seed, offset, x.shape, x.dtype, device=x.device)
     s = ca * x.to(acc)
     s = _fma32(cb, model_out.to(acc), s) if acc == torch.float32 else s + cb * model_out.to(acc)
-    ss = langevin_sums(s.reshape(batch, -1))
-    zz = langevin_sums(noise.to(acc).reshape(batch, -1))
+    per_sample = math.prod(x.shape[1:])
+    ss = langevin_sums(s.reshape(batch, per_sample))
+    zz = langevin_sums(noise.to(acc).reshape(batch, per_sample))
     step = langevin_step_coefs(coef64, ss, zz, batch_mean)
     return fused_update(x, [model_out], step, noise, None, 0)
 
@@ -366,3 +368,21 @@ def langevin_update_out(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Te
 
 
 __all__ += ["langevin_sums", "lane_sum", "langevin_step_coefs", "langevin_update", "langevin_update_out"]
+
+
+# ---------------------------------------------------------------- device rule of the fake (meta) kernels
+
+def check_devices(ref_name: str, ref: torch.Tensor, same=(), cpu_ok=()) -> None:
+    """The ops' device check (``csrc/common/checks.h``) for their fake kernels: each ``(name,
+    tensor)`` of ``same`` on ``ref``'s device, of ``cpu_ok`` there or on the CPU; None skipped.
+    Without it a call mixing meta and real tensors would run the fake kernel and return
+    uninitialised memory."""
+    for names, cpu in ((same, False), (cpu_ok, True)):
+        for name, t in names:
+            if t is not None and t.device != ref.device and not (cpu and t.device.type == "cpu"):
+                owner = ref_name + ("'" if ref_name.endswith("s") else "'s")
+                where = f"{ref.device} (or the CPU)" if cpu else str(ref.device)
+                raise RuntimeError(f"{name} must be on {owner} device {where}, got {t.device}")
+
+
+__all__ += ["check_devices"]

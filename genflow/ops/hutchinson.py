@@ -33,11 +33,13 @@ Compiled ops (``csrc/ops/hutchinson.cpp``; dispatched below where marked ``# ker
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Union
 
 import torch
 
+from genflow._checks import did_you_mean
 from genflow._extension import HAS_EXTENSION
 from genflow.ops import _reference
 from genflow.ops.fused_update import _check_offset, _host_tensor, _seed_tensor, use_op
@@ -72,12 +74,13 @@ def _reference_probe_dot(probe: torch.Tensor, v: torch.Tensor, scale: torch.Tens
     """Twin of ``genflow::probe_dot``: ``accumulate + scale * sum_i probe_i v_i`` (float64 [B]),
     in the blocked order of the module docstring."""
     batch = probe.shape[0]
-    prod = probe.reshape(batch, -1).to(torch.float64) * v.reshape(batch, -1).to(torch.float64)
+    per_sample = math.prod(probe.shape[1:])
+    prod = probe.reshape(batch, per_sample).to(torch.float64) * v.reshape(batch, per_sample).to(torch.float64)
     n = prod.shape[1]
     pad = (-n) % BLOCK
     if pad:
         prod = torch.nn.functional.pad(prod, (0, pad))
-    total = prod.reshape(batch, -1, BLOCK).sum(dim=2).sum(dim=1)
+    total = prod.reshape(batch, (n + pad) // BLOCK, BLOCK).sum(dim=2).sum(dim=1)
     out = scale.to(device=probe.device, dtype=torch.float64) * total
     return out if accumulate is None else accumulate + out
 
@@ -108,7 +111,8 @@ def probes(shape, *, seed, offset: int = 0, kind: str = "rademacher", dtype: tor
         Tensor[B, *D]: contiguous; bitwise equal across backends and devices.
     """
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        hint = did_you_mean(str(kind), KINDS)
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}{hint}")
     if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (int(shape),)
     if not isinstance(shape, (list, tuple, torch.Size)) or not all(
@@ -147,11 +151,12 @@ def probe_dot(probe: torch.Tensor, v: torch.Tensor, *, scale: Union[float, torch
         scale (float or float64 Tensor[B]): per-sample factor on the dot product.
         accumulate (float64 Tensor[B], optional): added to the result.
         out (float64 Tensor[B], optional): written with the result and returned (may be
-            ``accumulate`` itself).
+            ``accumulate`` itself; not an expand()ed tensor).
         backend: as for ``probes``.
 
     Returns:
-        float64 Tensor[B] on probe's device.
+        float64 Tensor[B] on probe's device. Not differentiable: inputs that require grad are
+        rejected (while grad mode is on); a non-finite float ``scale`` (or CPU tensor) is rejected.
     """
     if not isinstance(probe, torch.Tensor):
         raise TypeError(f"probe must be a tensor, got {type(probe).__name__}")
@@ -173,11 +178,22 @@ def probe_dot(probe: torch.Tensor, v: torch.Tensor, *, scale: Union[float, torch
             raise TypeError(f"scale must be a float or a float64 tensor, got dtype {scale.dtype}")
         if scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] not in (1, batch)):
             raise ValueError(f"scale must be a float or a tensor of shape [B] = [{batch}], got shape {list(scale.shape)}")
+        # CPU values only (no device sync, nothing data-dependent while torch.compile traces)
+        host = scale.device.type == "cpu" and not torch.compiler.is_compiling()
+        if host and not bool(torch.isfinite(scale).all()):
+            raise ValueError(f"scale must be finite, got {scale[~torch.isfinite(scale)][0].item()}")
         scale_t = scale.reshape(-1).to(device)
     elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
         scale_t = _host_tensor([float(scale)], torch.float64, "d").to(device)
     else:
         raise TypeError(f"scale must be a float or a float64 tensor of shape [B], got {type(scale).__name__}")
+    if torch.is_grad_enabled():
+        for name, t in (("probe", probe), ("v", v), ("scale", scale), ("accumulate", accumulate)):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise ValueError(f"{name} must not require grad: probe_dot is not differentiable "
+                                 f"(pass {name}.detach() or call it under torch.no_grad())")
     for name, t in (("accumulate", accumulate), ("out", out)):
         if t is None:
             continue
@@ -188,6 +204,9 @@ def probe_dot(probe: torch.Tensor, v: torch.Tensor, *, scale: Union[float, torch
             raise ValueError(f"{name} must have shape [B] = [{batch}], got {list(t.shape)}")
         if t.device != device:
             raise ValueError(f"{name} must be on probe's device {device}, got {t.device}")
+    if out is not None and batch > 1 and out.stride(0) == 0:
+        raise ValueError(f"out must not have overlapping memory (an expand()ed tensor), got stride "
+                         f"{out.stride()} for shape {list(out.shape)}")
     if _dispatch(backend, device):
         result = torch.ops.genflow.probe_dot(probe, v, scale_t, accumulate)  # kernel:
     else:
@@ -207,4 +226,6 @@ if _HAS_OP:
 
     @torch.library.register_fake("genflow::probe_dot")
     def _probe_dot_fake(probe, v, scale, accumulate):
+        _reference.check_devices("probe", probe, same=[("v", v), ("accumulate", accumulate)],
+                                 cpu_ok=[("scale", scale)])
         return torch.empty((probe.shape[0],), dtype=torch.float64, device=probe.device)

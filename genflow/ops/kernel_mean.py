@@ -25,14 +25,15 @@ Compiled ops::
 """
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from typing import Optional
 
 import torch
 
+from genflow._checks import did_you_mean
 from genflow._extension import HAS_EXTENSION
+from genflow.ops._reference import check_devices
 from genflow.ops.fused_update import use_op
 
 __all__ = ["PRECISIONS", "kernel_weighted_mean"]
@@ -153,7 +154,8 @@ class _ReferenceMean(torch.autograd.Function):
 
 # ---------------------------------------------------------------- argument checks
 
-def _check_args(queries, keys, values, sigma, log_weights, precision) -> None:
+def _check_args(queries, keys, values, sigma, log_weights, precision, empty_keys_ok: bool = False) -> None:
+    """ValueError/TypeError for bad arguments (``empty_keys_ok``: M = 0, an empty shard of the keys)."""
     for name, t in (("queries", queries), ("keys", keys), ("values", values), ("log_weights", log_weights)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -164,7 +166,7 @@ def _check_args(queries, keys, values, sigma, log_weights, precision) -> None:
     if keys.dim() != 2 or keys.shape[1] != queries.shape[1]:
         raise ValueError(f"keys must have shape [M, d] = [M, {queries.shape[1]}] (d of queries), "
                          f"got {list(keys.shape)}")
-    if keys.shape[0] < 1:
+    if keys.shape[0] < 1 and not empty_keys_ok:
         raise ValueError("keys must have at least one row (M >= 1), got shape " + str(list(keys.shape)))
     if values.dim() != 2 or values.shape[0] != keys.shape[0]:
         raise ValueError(f"values must have shape [M, dv] = [{keys.shape[0]}, dv] (M of keys), "
@@ -186,8 +188,7 @@ def _check_args(queries, keys, values, sigma, log_weights, precision) -> None:
     if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
     if precision not in PRECISIONS:
-        close = difflib.get_close_matches(str(precision), PRECISIONS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(str(precision), PRECISIONS)
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}{hint}")
 
 
@@ -244,16 +245,22 @@ if _HAS_OP:
 
     @torch.library.register_fake("genflow::kernel_weighted_mean")
     def _kernel_weighted_mean_fake(queries, keys, values, log_weights, scale, precision):
+        check_devices("queries", queries, same=[("keys", keys), ("values", values), ("log_weights", log_weights)])
         return queries.new_empty((queries.shape[0], values.shape[1])), queries.new_empty((queries.shape[0],))
 
     @torch.library.register_fake("genflow::kernel_weighted_mean_backward")
     def _kernel_weighted_mean_backward_fake(queries, keys, values, log_weights, out, lse, grad_out, scale,
                                             output_mask):
+        check_devices("queries", queries, same=[("keys", keys), ("values", values), ("log_weights", log_weights),
+                                                ("out", out), ("lse", lse), ("grad_out", grad_out)])
         return tuple(torch.empty_like(t) if need else None
                      for t, need in zip((queries, keys, values), output_mask))
 
     def _setup_context(ctx, inputs, output):
         queries, keys, values, log_weights, scale, _ = inputs
+        if log_weights is not None and log_weights.requires_grad:  # the op has no gradient for it
+            raise ValueError("log_weights must not require grad: genflow::kernel_weighted_mean is "
+                             "differentiable w.r.t. queries, keys and values only (pass log_weights.detach())")
         out, lse = output
         ctx.save_for_backward(queries, keys, values, log_weights, out, lse)
         ctx.scale = scale

@@ -15,10 +15,12 @@ counter. A sample whose score is exactly zero is left unchanged (``eps = 0``).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 
+from genflow._checks import did_you_mean
 from genflow._extension import HAS_EXTENSION
 from genflow.ops import _reference
 from genflow.ops.fused_update import (_STATE_DTYPES, _check_coef, _check_like, _check_offset,
@@ -30,12 +32,23 @@ __all__ = ["langevin_update"]
 _HAS_OP = HAS_EXTENSION and hasattr(torch.ops.genflow, "langevin_update")
 
 
-def _nonnegative(value, name: str):
-    """Reject negative (or non-finite) Python floats; tensors are checked by the caller's math."""
+def _check_finite(value, name: str, nonnegative: bool = False):
+    """Reject a NaN, infinite (or, with ``nonnegative``, negative) float or CPU tensor entry.
+    Tensors on an accelerator are not read here (that would wait for the device), nor while
+    torch.compile traces (data-dependent); the op checks CPU values when it runs."""
     if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        v = value.to(torch.float64)
+        bad = ~torch.isfinite(v)
+        if nonnegative:
+            bad |= v < 0
+        if not bool(bad.any()):
+            return
+        value = v[bad][0].item()
+    elif math.isfinite(value) and (value >= 0 or not nonnegative):
         return
-    if not value >= 0.0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    raise ValueError(f"{name} must be a finite number{' >= 0' if nonnegative else ''}, got {value}")
 
 
 def langevin_update(x: torch.Tensor, model_out: torch.Tensor, coefs: Sequence = (0.0, 1.0), *,
@@ -59,7 +72,8 @@ def langevin_update(x: torch.Tensor, model_out: torch.Tensor, coefs: Sequence = 
         seed (int, sequence of B ints, or int64 Tensor[B]): generate z = N(seed, offset) in the
             kernel, exactly as ``fused_update``/``randn`` do (rounded to x's dtype).
         offset (int >= 0): the stream offset.
-        out (Tensor[B, *D], optional): written and returned; may be x itself (in place).
+        out (Tensor[B, *D], optional): written and returned; may be x itself (in place). Not
+            differentiable: with out=, inputs that require grad are rejected (in grad mode).
         backend: "auto" | "torch" | "cpu" | "cuda", as for ``fused_update``.
 
     Returns:
@@ -82,10 +96,13 @@ def langevin_update(x: torch.Tensor, model_out: torch.Tensor, coefs: Sequence = 
     b = _check_coef(coefs[1], "coefs[1]", batch, device)
     snr = _check_coef(snr, "snr", batch, device)
     alpha_i = _check_coef(alpha_i, "alpha_i", batch, device)
-    _nonnegative(snr, "snr")
-    _nonnegative(alpha_i, "alpha_i")
+    _check_finite(a, "coefs[0]")
+    _check_finite(b, "coefs[1]")
+    _check_finite(snr, "snr", nonnegative=True)
+    _check_finite(alpha_i, "alpha_i", nonnegative=True)
     if norm not in ("sample", "batch"):
-        raise ValueError(f"norm must be 'sample' or 'batch', got {norm!r}")
+        hint = did_you_mean(str(norm), ("sample", "batch"))
+        raise ValueError(f"norm must be 'sample' or 'batch', got {norm!r}{hint}")
     batch_mean = norm == "batch"
     if noise is not None and seed is not None:
         raise ValueError("pass either noise= or seed= (noise generated in the kernel), not both")
@@ -96,6 +113,15 @@ def langevin_update(x: torch.Tensor, model_out: torch.Tensor, coefs: Sequence = 
     offset = _check_offset(offset)
     if out is not None:
         _check_like(out, "out", x)
+        if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
+            raise ValueError(f"out must not have overlapping memory (an expand()ed tensor), got "
+                             f"strides {out.stride()} for shape {list(out.shape)}")
+        if torch.is_grad_enabled():
+            for name, t in (("x", x), ("model_out", model_out), ("coefs[0]", a), ("coefs[1]", b),
+                            ("snr", snr), ("alpha_i", alpha_i), ("noise", noise), ("out", out)):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    raise ValueError(f"{name} must not require grad with out= (out= is not "
+                                     "differentiable: call without out=, or under torch.no_grad())")
 
     values = [a, b, None]
     if all(type(v) is float for v in (a, b, snr, alpha_i)):
@@ -130,10 +156,14 @@ if _HAS_OP:
 
     @torch.library.register_fake("genflow::langevin_update")
     def _langevin_update_fake(x, model_out, coef, noise, seed, offset, batch_mean=False):
+        _reference.check_devices("x", x, same=[("model_out", model_out), ("noise", noise)],
+                                 cpu_ok=[("coef", coef), ("seed", seed)])
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
     @torch.library.register_fake("genflow::langevin_update_out")
     def _langevin_update_out_fake(x, model_out, coef, noise, seed, offset, batch_mean, out):
+        _reference.check_devices("x", x, same=[("model_out", model_out), ("noise", noise), ("out", out)],
+                                 cpu_ok=[("coef", coef), ("seed", seed)])
         return None
 
     def _langevin_setup_context(ctx, inputs, output):
