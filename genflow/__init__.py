@@ -16,7 +16,7 @@ from genflow.mixtures import GaussianMixture
 from genflow.models import KINDS, Model, conversion, guided
 from genflow.ops import kernel_weighted_mean
 from genflow.processes import EDM, VE, VP, CosineVP, DiscreteVP, LinearPath, Process, SubVP
-from genflow.sample import sample
+from genflow.sample import NonFiniteError, sample
 from genflow.schedules import time_grid
 from genflow.sdflow import sd_flow, train_sd_generator
 
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CNFNet", "EDM", "HAS_EXTENSION", "KINDS", "VE", "VP", "CosineVP", "DiscreteVP", "GaussianMixture",
-    "LinearPath", "Model", "Process", "SubVP", "bits_per_dim", "cnf_log_likelihood", "compat", "conversion",
+    "LinearPath", "Model", "NonFiniteError", "Process", "SubVP", "bits_per_dim", "cnf_log_likelihood", "compat", "conversion",
     "distributed", "guided", "kernel_weighted_mean", "log_likelihood", "metrics", "mmd_flow", "ops", "sample",
     "schedules", "sd_flow", "solvers", "svgd", "time_grid", "train_cnf", "train_sd_generator",
 ]

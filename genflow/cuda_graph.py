@@ -39,6 +39,7 @@ class _Captured(NamedTuple):
     x: torch.Tensor        # static start state
     seed: torch.Tensor     # static int64 [1] or [B] seeds on the device
     out: torch.Tensor      # static result
+    nonfinite: Optional[torch.Tensor]  # static divergence flag (int32 [1]) when check_finite
 
 
 def clear() -> None:
@@ -69,15 +70,21 @@ def check_capturable(*, solver_cls, ts: torch.Tensor, device, noise, noise_sampl
             raise ValueError(f"cuda_graph=True cannot capture this solve: {reason}")
 
 
-def _key(model, solver_cls, ts, shape, dtype, device, seed_shape, eta, backend, final_step, options):
+def _key(model, solver_cls, ts, shape, dtype, device, seed_shape, eta, backend, final_step, options, check_finite):
     return (id(model), solver_cls.name, ts.numpy().tobytes(), tuple(shape), dtype, str(device), seed_shape,
-            eta, backend, final_step, repr(sorted(options.items())))
+            eta, backend, final_step, repr(sorted(options.items())), check_finite)
 
 
-def _solve(model, solver_cls, ts, x, seed, eta, backend, final_step, options):
-    """The eager fixed-grid solve (as ``gf.sample`` runs it), from ``x`` with device seeds ``seed``."""
+_NO_STEP = 2**31 - 1  # the divergence flag while no step has written a NaN/Inf (as in genflow.sample)
+
+
+def _solve(model, solver_cls, ts, x, seed, eta, backend, final_step, options, nonfinite=None):
+    """The eager fixed-grid solve (as ``gf.sample`` runs it), from ``x`` with device seeds ``seed``;
+    ``nonfinite``: the int32 [1] flag its fused updates lower to the first step writing NaN/Inf."""
     stepper = solver_cls(model, ts, noise=PhiloxNoise(seed), eta=eta, backend=backend, **options)
+    stepper.nonfinite = nonfinite
     for i in range(ts.shape[0] - 1):
+        stepper.step_index = i
         x = stepper.step(i, x)
     if final_step == "x0":
         x = stepper.denoise(x, stepper.grid[-1])
@@ -98,22 +105,36 @@ def _record(body, device):
     return graph.replay, out
 
 
-def _capture(model, solver_cls, ts, x0, seed, eta, backend, final_step, options) -> _Captured:
+def _capture(model, solver_cls, ts, x0, seed, eta, backend, final_step, options, check_finite) -> _Captured:
     static_x, static_seed = x0.clone(), seed.clone()
+    flag = torch.full((1,), _NO_STEP, dtype=torch.int32, device=x0.device) if check_finite else None
 
     def body():  # reads only the static inputs; the clone keeps static_x intact across replays
-        return _solve(model, solver_cls, ts, static_x.clone(), static_seed, eta, backend, final_step, options)
+        return _solve(model, solver_cls, ts, static_x.clone(), static_seed, eta, backend, final_step, options, flag)
 
     replay, out = _record(body, x0.device)
-    return _Captured(model, replay, static_x, static_seed, out)
+    return _Captured(model, replay, static_x, static_seed, out, flag)
+
+
+def _checked(solver_cls, ts, x, flag):
+    """x, after raising ``NonFiniteError`` if ``flag`` recorded a step that wrote NaN/Inf (a sync)."""
+    if flag is not None:
+        first = int(flag.item())
+        if first != _NO_STEP:
+            from genflow.sample import _raise_diverged
+
+            _raise_diverged(solver_cls.name, first, ts, x, ts.shape[0] - 1)
+    return x
 
 
 def graphed_solve(model, solver_cls, ts: torch.Tensor, *, shape, x_T: Optional[torch.Tensor], dtype, device,
-                  generator, eta, backend, final_step, options) -> torch.Tensor:
+                  generator, eta, backend, final_step, options, check_finite: bool = False) -> torch.Tensor:
     """The solve ``gf.sample`` would run, as a replay of a captured CUDA graph (see the module doc).
 
     ``ts`` is the host float64 grid ``[steps+1]``; returns a fresh tensor (the graph's output
-    buffer is overwritten by the next replay).
+    buffer is overwritten by the next replay). ``check_finite``: the fused updates flag the first
+    step that writes NaN/Inf (captured with the graph); the flag is read once after the replay
+    and ``NonFiniteError`` raised as ``gf.sample`` does.
     """
     batch = shape[0] if x_T is None else x_T.shape[0]
     device = torch.device(device) if x_T is None else x_T.device
@@ -125,25 +146,31 @@ def graphed_solve(model, solver_cls, ts: torch.Tensor, *, shape, x_T: Optional[t
         x0 = PhiloxNoise(seed).prior(tuple(shape), dtype, device) * sigma_start
     else:
         x0 = x_T.contiguous()
-    key = _key(model, solver_cls, ts, x0.shape, x0.dtype, device, tuple(seed.shape), eta, backend, final_step, options)
+    key = _key(model, solver_cls, ts, x0.shape, x0.dtype, device, tuple(seed.shape), eta, backend, final_step, options,
+               check_finite)
+    flag = torch.full((1,), _NO_STEP, dtype=torch.int32, device=device) if check_finite else None
     if _UNCAPTURABLE.get(key) is model:
-        return _solve(model, solver_cls, ts, x0.clone(), seed, eta, backend, final_step, options)
+        x = _solve(model, solver_cls, ts, x0.clone(), seed, eta, backend, final_step, options, flag)
+        return _checked(solver_cls, ts, x, flag)
     captured = _GRAPHS.get(key)
     if captured is None or captured.model is not model:
         try:
-            captured = _capture(model, solver_cls, ts, x0, seed, eta, backend, final_step, options)
+            captured = _capture(model, solver_cls, ts, x0, seed, eta, backend, final_step, options, check_finite)
         except RuntimeError as error:  # a host sync or an uncapturable op in the model or solver
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             _UNCAPTURABLE[key] = model
             warnings.warn(f"cuda_graph=True: the solve could not be captured as a CUDA graph ({error}); "
                           "running it eagerly (and this solve from now on)", RuntimeWarning, stacklevel=3)
-            return _solve(model, solver_cls, ts, x0.clone(), seed, eta, backend, final_step, options)
+            x = _solve(model, solver_cls, ts, x0.clone(), seed, eta, backend, final_step, options, flag)
+            return _checked(solver_cls, ts, x, flag)
         _GRAPHS[key] = captured
         while len(_GRAPHS) > _MAX_GRAPHS:
             _GRAPHS.popitem(last=False)
     _GRAPHS.move_to_end(key)
     captured.x.copy_(x0)
     captured.seed.copy_(seed)
+    if captured.nonfinite is not None:
+        captured.nonfinite.fill_(_NO_STEP)
     captured.replay()
-    return captured.out.clone()
+    return _checked(solver_cls, ts, captured.out.clone(), captured.nonfinite)

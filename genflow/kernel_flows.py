@@ -16,7 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from genflow.ops.kernel_mean import kernel_weighted_mean
-from genflow.sdflow import check_finite, check_int, check_points, check_positive, make_generator, per_step
+from genflow.sdflow import (check_flag, check_int, check_particles, check_points, check_positive, make_generator,
+                            per_step)
+from genflow.solvers.base import NonFiniteError
 
 __all__ = ["median_bandwidth", "mmd_flow", "mmd_velocity", "score_from_log_prob", "svgd", "svgd_direction"]
 
@@ -54,7 +56,7 @@ def mmd_velocity(z: torch.Tensor, particles: torch.Tensor, target: torch.Tensor,
 def mmd_flow(source: torch.Tensor, target: torch.Tensor, *, sigma: float, steps: int,
              step_size: Union[float, Sequence[float]], noise_level: Union[float, Sequence[float]] = 0.0,
              generator=None, return_trajectory: bool = False, progress: bool = False,
-             precision: str = "highest", backend: str = "auto") -> torch.Tensor:
+             precision: str = "highest", backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """Move particles toward target samples along the (noisy) MMD gradient flow.
 
     Implements the discretised flow with noise injection of Arbel et al. (2019), "Maximum Mean
@@ -72,18 +74,19 @@ def mmd_flow(source: torch.Tensor, target: torch.Tensor, *, sigma: float, steps:
         noise_level (float >= 0 or ``steps`` floats): ``beta_n``.
         generator: None, an int seed or a torch.Generator on the source's device; ``u_n`` is drawn
             only on steps with ``beta_n > 0``.
-        return_trajectory, progress, precision, backend: as in ``genflow.sdflow.sd_flow``.
+        return_trajectory, progress, precision, backend, check_finite: as in ``genflow.sdflow.sd_flow``.
 
     Returns:
         Tensor[N, d], or ``(y, trajectory [steps + 1, N, d])`` with ``return_trajectory``.
 
     Raises:
-        FloatingPointError: naming the step, when the particles become NaN/Inf.
+        NonFiniteError: naming the step, when the particles become NaN/Inf.
     """
     check_points("source", source)
     check_points("target", target, dim=source.shape[1], like=source)
     sigma = check_positive("sigma", sigma)
     steps = check_int("steps", steps)
+    check_finite = check_flag(check_finite)
     sizes = per_step("step_size", step_size, steps)
     betas = per_step("noise_level", noise_level, steps, allow_zero=True)
     rng = make_generator(generator, source.device)
@@ -95,7 +98,8 @@ def mmd_flow(source: torch.Tensor, target: torch.Tensor, *, sigma: float, steps:
         if betas[k] > 0:
             z = y + betas[k] * torch.randn(y.shape, generator=rng, dtype=y.dtype, device=y.device)
         y = y + sizes[k] * mmd_velocity(z, y, target, sigma=sigma, precision=precision, backend=backend)
-        check_finite(y, "mmd_flow", k, f"step_size = {sizes[k]:g}; lower step_size")
+        if check_finite:
+            check_particles(y, "mmd_flow", k, steps, f"step_size = {sizes[k]:g}; lower step_size")
         if return_trajectory:
             trajectory.append(y)
     return (y, torch.stack(trajectory)) if return_trajectory else y
@@ -182,7 +186,7 @@ def score_from_log_prob(log_prob: Callable[[torch.Tensor], torch.Tensor]) -> Cal
 def svgd(particles: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor], *, steps: int,
          step_size: Union[float, Sequence[float]], bandwidth: Union[str, float] = "median",
          max_pairs: int = 10_000, generator=None, return_trajectory: bool = False, progress: bool = False,
-         precision: str = "highest", backend: str = "auto") -> torch.Tensor:
+         precision: str = "highest", backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """Stein variational gradient descent toward the density whose score is ``score``.
 
     ``y <- y + eps_k phi(y)`` with ``phi`` of ``svgd_direction`` (Liu & Wang 2016, "Stein
@@ -196,18 +200,19 @@ def svgd(particles: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor],
         steps (int >= 1). step_size (float > 0 or ``steps`` floats): ``eps_k``.
         bandwidth: ``"median"`` or a float ``h > 0`` for ``k(a, b) = exp(-|a - b|^2 / h)``.
         max_pairs, generator: for the median over random pairs (large n).
-        return_trajectory, progress, precision, backend: as in ``genflow.sdflow.sd_flow``.
+        return_trajectory, progress, precision, backend, check_finite: as in ``genflow.sdflow.sd_flow``.
 
     Returns:
         Tensor[n, d], or ``(y, trajectory [steps + 1, n, d])`` with ``return_trajectory``.
 
     Raises:
-        FloatingPointError: naming the step, when the particles become NaN/Inf.
+        NonFiniteError: naming the step, when the particles become NaN/Inf.
     """
     check_points("particles", particles)
     if not callable(score):
         raise TypeError(f"score must be a callable y -> grad log p(y), got {type(score).__name__}")
     steps = check_int("steps", steps)
+    check_finite = check_flag(check_finite)
     sizes = per_step("step_size", step_size, steps)
     if isinstance(bandwidth, str):
         if bandwidth != "median":
@@ -222,14 +227,16 @@ def svgd(particles: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor],
     for k in tqdm(range(steps), desc="SVGD", disable=not progress, leave=False):
         h = median_bandwidth(y, max_pairs=max_pairs, generator=rng) if bandwidth == "median" else bandwidth
         if not math.isfinite(h):
-            raise FloatingPointError(f"svgd diverged at step {k}: the median bandwidth overflowed; lower step_size")
+            raise NonFiniteError(f"svgd diverged at step {k} (of {steps}): the median bandwidth is {h} (the "
+                                 f"particles overflowed or are NaN); lower step_size")
         s = score(y)
         if not isinstance(s, torch.Tensor) or s.shape != y.shape:
             raise ValueError(f"score must return a tensor of the particles' shape {list(y.shape)}, "
                              f"got {list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__}")
         y = y + sizes[k] * svgd_direction(y, s.detach().to(y.dtype), bandwidth=h, precision=precision,
                                           backend=backend)
-        check_finite(y, "svgd", k, f"step_size = {sizes[k]:g}; lower step_size")
+        if check_finite:
+            check_particles(y, "svgd", k, steps, f"step_size = {sizes[k]:g}; lower step_size")
         if return_trajectory:
             trajectory.append(y)
     return (y, torch.stack(trajectory)) if return_trajectory else y

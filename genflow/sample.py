@@ -9,12 +9,37 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from genflow._checks import did_you_mean
 from genflow.models import Model
-from genflow.noise import noise_source
+from genflow.noise import NOISE_KINDS, noise_source
 from genflow.schedules import time_grid, validate_grid
 from genflow.solvers import get as get_solver
+from genflow.solvers.base import NonFiniteError, diverged_rows
 
-__all__ = ["sample"]
+__all__ = ["NonFiniteError", "sample"]
+
+_NO_STEP = 2**31 - 1  # the divergence flag's value while no step has written a NaN/Inf
+
+
+def _fmt_t(t) -> str:
+    if isinstance(t, torch.Tensor) and t.numel() > 1:
+        return f"{float(t.min()):.4g}..{float(t.max()):.4g}"
+    return f"{float(t):.4g}"
+
+
+def _raise_diverged(solver: str, step: int, ts: torch.Tensor, x: torch.Tensor, done: int) -> None:
+    """Raise ``NonFiniteError`` for a NaN/Inf first recorded at step index ``step``, or return
+    when ``x`` (the state after ``done`` steps) is finite (only an intermediate stage was not)."""
+    bad = int(diverged_rows(x).sum())
+    if bad == 0:
+        return
+    steps = ts.shape[0] - 1
+    after = "" if done == step + 1 else f" (counted after step {done})"
+    raise NonFiniteError(
+        f"gf.sample: solver {solver!r} produced NaN/Inf at step {step + 1} of {steps} (t {_fmt_t(ts[step])} -> "
+        f"{_fmt_t(ts[step + 1])}): {bad} of {x.shape[0]} samples diverged{after}; check the model's output at "
+        f"these times (a NaN/Inf prediction, or a prediction kind that is singular there) and the step count "
+        f"(pass check_finite=False to skip this check)")
 
 
 def _check_x_T(x_T, shape):
@@ -22,8 +47,8 @@ def _check_x_T(x_T, shape):
         raise TypeError(f"x_T must be a tensor, got {type(x_T).__name__}")
     if not x_T.dtype.is_floating_point:
         raise TypeError(f"x_T must be a floating-point tensor, got {x_T.dtype}")
-    if x_T.dim() < 1 or x_T.shape[0] == 0:
-        raise ValueError(f"x_T must have a non-empty batch dimension, got shape {tuple(x_T.shape)}")
+    if x_T.dim() < 1:
+        raise ValueError(f"x_T must have a batch dimension (shape [B, *D]), got shape {tuple(x_T.shape)}")
     if shape is not None and tuple(shape) != tuple(x_T.shape):
         raise ValueError(f"shape {tuple(shape)} does not match x_T's shape {tuple(x_T.shape)}")
     if not torch.isfinite(x_T).all():
@@ -39,16 +64,31 @@ def _check_shape(shape):
         shape = tuple(int(s) for s in shape)
     except TypeError as error:
         raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from error
-    if len(shape) < 1 or any(s < 1 for s in shape):
-        raise ValueError(f"shape must be non-empty with positive sizes (batch first), got {shape}")
+    if len(shape) < 1 or any(s < 0 for s in shape):
+        raise ValueError(f"shape must be non-empty with sizes >= 0 (batch first), got {shape}")
     return shape
 
 
-def _grid_steps(stepper, ts, x):
+def _grid_steps(stepper, ts, x, solver, check_finite):
     """The fixed-grid loop: ``(x, None, steps done)`` after every step (the callback's info is
-    built only when there is a callback)."""
-    for i in range(ts.shape[0] - 1):
+    built only when there is a callback). With ``check_finite`` the fused updates record the
+    first step that writes a NaN/Inf in a one-element flag, read after every step on the CPU
+    (a host int) and every 8 steps and at the end on a GPU (a sync)."""
+    steps = ts.shape[0] - 1
+    flag = None
+    if check_finite:
+        flag = torch.full((1,), _NO_STEP, dtype=torch.int32, device=x.device)
+        stepper.nonfinite = flag
+        host = flag.numpy() if x.device.type == "cpu" else None
+        every = 1 if host is not None else 8
+    for i in range(steps):
+        stepper.step_index = i
         x = stepper.step(i, x)
+        if flag is not None and ((i + 1) % every == 0 or i + 1 == steps):
+            first = int(host[0]) if host is not None else int(flag.item())
+            if first != _NO_STEP:
+                _raise_diverged(solver, first, ts, x, i + 1)
+                flag.fill_(_NO_STEP)
         yield x, None, i + 1
 
 
@@ -58,7 +98,7 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
            device=None, backend: str = "auto", progress: bool = False,
            callback: Optional[Callable] = None, return_trajectory: bool = False,
            noise_sampler: Optional[Callable] = None, noise=None, final_step: Optional[str] = None,
-           cuda_graph: bool = False, **solver_options):
+           cuda_graph: bool = False, check_finite: bool = True, **solver_options):
     """Draw samples by integrating ``model`` from ``t_start`` (noise) to ``t_end`` (data).
 
     Args:
@@ -104,6 +144,12 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
             on its first call and replay it on later calls with the same model, solver, grid,
             shape and options (``genflow.cuda_graph``); equal to the eager solve for the same
             seed. CUDA tensors, shared grids, in-kernel noise, no callback/progress/trajectory.
+        check_finite: stop at the first step that writes NaN/Inf into the state and raise
+            ``gf.NonFiniteError`` naming the step, its times, the solver and how many samples
+            diverged. The fused kernels flag it as they write (no extra pass); the flag is read
+            every step on the CPU and every 8 steps on a GPU (so a GPU solve stops up to 7 steps
+            late, still naming the first bad step). Adaptive solvers check the state and the
+            error norms they already compute; CUDA graphs check once after the replay.
         **solver_options: passed to the solver (e.g. ``variance="large"`` for ``ddpm``).
 
     Returns:
@@ -111,6 +157,8 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
     """
     if not isinstance(model, Model):
         raise TypeError(f"model must be a genflow.Model, got {type(model).__name__}")
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
     if final_step not in (None, "x0"):
         raise ValueError(f"final_step must be None or 'x0', got {final_step!r}")
     solver_cls = get_solver(solver)
@@ -139,7 +187,10 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
                                 return_trajectory=return_trajectory)
         return graphs.graphed_solve(model, solver_cls, ts, shape=shape, x_T=x_T, dtype=dtype, device=device,
                                     generator=generator, eta=eta, backend=backend, final_step=final_step,
-                                    options=solver_options)
+                                    options=solver_options, check_finite=check_finite)
+    if isinstance(noise, str) and noise not in NOISE_KINDS:
+        hint = did_you_mean(noise, NOISE_KINDS)
+        raise ValueError(f"noise must be one of {NOISE_KINDS} or a noise source, got {noise!r}{hint}")
     if noise is None and noise_sampler is None:
         noise = getattr(solver_cls, "default_noise", "philox")
     sigma_max = process.sigma(process.T) if noise == "brownian_tree" else None
@@ -151,10 +202,15 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
         x = x_T.clone(memory_format=torch.contiguous_format)
     stepper = solver_cls(model, ts, noise=noise, eta=eta, backend=backend, **solver_options)
     adaptive = getattr(solver_cls, "adaptive", False)
+    if x.numel() == 0:  # an empty batch (or zero-size sample): nothing to integrate
+        if return_trajectory:
+            return x, x.unsqueeze(0).expand(1 if adaptive else ts.shape[0], *x.shape).clone()
+        return x
     if adaptive:  # the solver picks its steps; progress is the fraction of the interval done
+        stepper.check_finite = check_finite
         loop, total, bar_format = stepper.solve(x), 1.0, "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}]"
     else:
-        loop, total, bar_format = _grid_steps(stepper, ts, x), ts.shape[0] - 1, None
+        loop, total, bar_format = _grid_steps(stepper, ts, x, solver, check_finite), ts.shape[0] - 1, None
     trajectory = [x.clone()] if return_trajectory else None
     bar = tqdm(total=total, bar_format=bar_format, desc=f"genflow {solver}", leave=False) if progress else None
     try:
@@ -172,6 +228,10 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
             bar.close()
     if final_step == "x0":
         x = stepper.denoise(x, stepper.grid[-1])
+        if check_finite and bool(diverged_rows(x).any()):
+            raise NonFiniteError(f"gf.sample: final_step='x0' (the model's data prediction at t_end) is NaN/Inf "
+                                 f"for {int(diverged_rows(x).sum())} of {x.shape[0]} samples; check the model's "
+                                 f"output at t_end (pass check_finite=False to skip this check)")
         if trajectory is not None:
             trajectory[-1] = x.clone()
     if return_trajectory:

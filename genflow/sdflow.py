@@ -12,7 +12,6 @@ The move computed at the proxy ``z = y + sigma eps`` is applied to the clean par
 ``genflow.ops.kernel_weighted_mean``: no N x M matrix is formed. The baselines on the same
 engine (MMD flow, SVGD) live in ``genflow.kernel_flows``.
 """
-import difflib
 import math
 import numbers
 import os
@@ -23,9 +22,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from genflow.cnf import _save
+from genflow._checks import did_you_mean
+from genflow.train.checkpoint import resume_loop_state, save_loop_state
 from genflow.distributed import kernel_weighted_mean as sharded_mean
 from genflow.ops.kernel_mean import kernel_weighted_mean
+from genflow.solvers.base import NonFiniteError, diverged_rows
 
 __all__ = ["DENOISERS_Q", "MLPGenerator", "SIGMA_SCHEDULES", "sd_flow", "sigma_sequence", "train_sd_generator"]
 
@@ -37,8 +38,8 @@ DENOISERS_Q = ("kernel", "identity")
 
 def check_points(name: str, x, dim: Optional[int] = None, like: Optional[torch.Tensor] = None,
                  min_rows: int = 1) -> None:
-    """Raise unless ``x`` is a float32/float64 Tensor[N, d] (N >= min_rows, d = dim, dtype and
-    device of ``like``)."""
+    """Raise unless ``x`` is a finite float32/float64 Tensor[N, d] (N >= min_rows, d = dim, dtype
+    and device of ``like``)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [N, d], got {type(x).__name__}")
     if x.dtype not in (torch.float32, torch.float64):
@@ -52,6 +53,9 @@ def check_points(name: str, x, dim: Optional[int] = None, like: Optional[torch.T
     if like is not None and (x.dtype != like.dtype or x.device != like.device):
         raise ValueError(f"{name} must have source's dtype and device ({like.dtype}, {like.device}), "
                          f"got ({x.dtype}, {x.device})")
+    if not bool(torch.isfinite(x).all()):
+        bad = int(diverged_rows(x).sum())
+        raise ValueError(f"{name} must be finite: {bad} of its {x.shape[0]} rows hold NaN or Inf")
 
 
 def check_int(name: str, value, low: int = 1) -> int:
@@ -98,10 +102,19 @@ def make_generator(generator, device: torch.device) -> torch.Generator:
     return rng
 
 
-def check_finite(y: torch.Tensor, method: str, step: int, hint: str) -> None:
-    """Raise ``FloatingPointError`` naming ``step`` when the particles hold NaN or Inf."""
+def check_particles(y: torch.Tensor, method: str, step: int, steps: int, hint: str) -> None:
+    """Raise ``NonFiniteError`` naming ``step`` (0-based) and the number of diverged particles
+    when ``y`` holds NaN or Inf (one pass over the particles and a host sync)."""
     if not bool(torch.isfinite(y).all()):
-        raise FloatingPointError(f"{method} diverged at step {step}: the particles contain NaN/Inf; {hint}")
+        bad = int(diverged_rows(y).sum())
+        raise NonFiniteError(f"{method} diverged at step {step} (of {steps}): {bad} of {y.shape[0]} particles are "
+                             f"NaN/Inf; {hint} (pass check_finite=False to skip this check)")
+
+
+def check_flag(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(value).__name__}")
+    return value
 
 
 # -------------------------------------------------------------------------- sigma schedules
@@ -125,8 +138,7 @@ def sigma_sequence(schedule: Union[str, Sequence[float], Callable[[int], float]]
     steps = check_int("steps", steps)
     if isinstance(schedule, str):
         if schedule not in SIGMA_SCHEDULES:
-            close = difflib.get_close_matches(schedule, SIGMA_SCHEDULES, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(schedule, SIGMA_SCHEDULES)
             raise ValueError(f"sigma_schedule must be one of {SIGMA_SCHEDULES}, a sequence or a callable, "
                              f"got {schedule!r}{hint}")
         if schedule == "constant":
@@ -173,7 +185,7 @@ def sd_flow(source: torch.Tensor, target: torch.Tensor, *, sigma: float, steps: 
             sigma_schedule: Union[str, Sequence[float], Callable[[int], float]] = "constant",
             sigma_min: Optional[float] = None, denoiser_q: str = "kernel", target_batch: Optional[int] = None,
             generator=None, return_trajectory: bool = False, progress: bool = False, group=None,
-            precision: str = "highest", backend: str = "auto") -> torch.Tensor:
+            precision: str = "highest", backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """Move particles ``source`` toward target samples along the kernel score-difference flow.
 
     Step ``k`` (bandwidth ``sigma_k`` from ``sigma_schedule``, step ``h_k``) draws
@@ -217,22 +229,24 @@ def sd_flow(source: torch.Tensor, target: torch.Tensor, *, sigma: float, steps: 
             be the same on every rank (every rank then computes the same particles). None: no
             distribution.
         precision, backend: passed to ``kernel_weighted_mean``.
+        check_finite: after every step, raise ``gf.NonFiniteError`` (a ``FloatingPointError``)
+            naming the step and the number of diverged particles when some are NaN/Inf.
 
     Returns:
         Tensor[N, d] the final particles, or ``(y, trajectory)`` with trajectory
         Tensor[steps + 1, N, d] (the source first) when ``return_trajectory``.
 
     Raises:
-        FloatingPointError: naming the step, when the particles become NaN/Inf (lower step_size).
+        NonFiniteError: naming the step, when the particles become NaN/Inf (lower step_size).
     """
     check_points("source", source)
     check_points("target", target, dim=source.shape[1], like=source, min_rows=0 if group is not None else 1)
     steps = check_int("steps", steps)
+    check_finite = check_flag(check_finite)
     sigmas = sigma_sequence(sigma_schedule, sigma=sigma, steps=steps, sigma_min=sigma_min)
     sizes = per_step("step_size", step_size, steps)
     if denoiser_q not in DENOISERS_Q:
-        close = difflib.get_close_matches(str(denoiser_q), DENOISERS_Q, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(str(denoiser_q), DENOISERS_Q)
         raise ValueError(f"denoiser_q must be one of {DENOISERS_Q}, got {denoiser_q!r}{hint}")
     if target_batch is not None:
         target_batch = check_int("target_batch", target_batch)
@@ -249,7 +263,8 @@ def sd_flow(source: torch.Tensor, target: torch.Tensor, *, sigma: float, steps: 
         d_q = y if denoiser_q == "identity" else kernel_weighted_mean(z, y, sigma=s, precision=precision,
                                                                       backend=backend)
         y = y + (h / (s * s)) * (d_p - d_q)
-        check_finite(y, "sd_flow", k, f"sigma_k = {s:g}, step_size = {h:g}; lower step_size")
+        if check_finite:
+            check_particles(y, "sd_flow", k, steps, f"sigma_k = {s:g}, step_size = {h:g}; lower step_size")
         if return_trajectory:
             trajectory.append(y)
     return (y, torch.stack(trajectory)) if return_trajectory else y
@@ -281,7 +296,7 @@ def train_sd_generator(generator_net: nn.Module, target: torch.Tensor, *, sigma:
                        step_size: Optional[float] = None, latent_dim: Optional[int] = None,
                        denoiser_q: str = "kernel", target_batch: Optional[int] = None, generator=None,
                        progress: bool = False, checkpoint: Optional[Union[str, os.PathLike]] = None,
-                       checkpoint_every: int = 100) -> Tuple[nn.Module, List[float]]:
+                       checkpoint_every: int = 100, check_finite: bool = True) -> Tuple[nn.Module, List[float]]:
     """Fit a one-step generator ``g_theta(eps)`` by regression onto SD-flow-moved samples.
 
     Each iteration draws ``eps ~ N(0, I)`` [batch_size, latent_dim], moves ``y = g_theta(eps)``
@@ -306,6 +321,8 @@ def train_sd_generator(generator_net: nn.Module, target: torch.Tensor, *, sigma:
         denoiser_q, target_batch: passed to ``sd_flow``.
         generator: None, an int seed or a CPU torch.Generator (latents and SD-flow seeds).
         progress (bool): tqdm bar. checkpoint (path, optional), checkpoint_every (int >= 1).
+        check_finite (bool): raise ``gf.NonFiniteError`` naming the step when the generated
+            samples, their SD-flow targets (checked per inner step) or the loss are NaN/Inf.
 
     Returns:
         ``(generator_net, history)``: the trained net and the loss of each step (from step 0,
@@ -318,6 +335,7 @@ def train_sd_generator(generator_net: nn.Module, target: torch.Tensor, *, sigma:
     steps, batch_size = check_int("steps", steps), check_int("batch_size", batch_size)
     inner_steps = check_int("inner_steps", inner_steps)
     checkpoint_every = check_int("checkpoint_every", checkpoint_every)
+    check_finite = check_flag(check_finite)
     lr = check_positive("lr", lr)
     step_size = sigma * sigma if step_size is None else check_positive("step_size", step_size)
     if latent_dim is None:
@@ -329,16 +347,11 @@ def train_sd_generator(generator_net: nn.Module, target: torch.Tensor, *, sigma:
 
     optimizer = torch.optim.Adam(generator_net.parameters(), lr=lr)
     start, history = 0, []
-    if checkpoint is not None and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, weights_only=True)
-        generator_net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        rng.set_state(state["rng"])
-        start, history = int(state["step"]), list(state["history"])
+    if checkpoint is not None:
+        start, history = resume_loop_state(checkpoint, generator_net, optimizer, rng)
 
     def save(step):
-        _save(checkpoint, {"net": generator_net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                           "history": history, "rng": rng.get_state()})
+        save_loop_state(checkpoint, generator_net, optimizer, rng, step, history)
 
     with tqdm(total=steps, initial=min(start, steps), desc="SD-flow generator", disable=not progress,
               leave=False) as bar:
@@ -349,13 +362,21 @@ def train_sd_generator(generator_net: nn.Module, target: torch.Tensor, *, sigma:
                 raise ValueError(f"generator_net must map [B, {latent_dim}] to [B, {target.shape[1]}] "
                                  f"(target's d), got {list(fake.shape)}")
             seed = int(torch.randint(0, 1 << 62, (), generator=rng))
+            if check_finite:
+                check_particles(fake.detach(), "train_sd_generator (generator_net's samples)", step, steps,
+                                "the generator net diverged; lower lr")
             moved = sd_flow(fake.detach(), target, sigma=sigma, steps=inner_steps, step_size=step_size,
-                            denoiser_q=denoiser_q, target_batch=target_batch, generator=seed)
+                            denoiser_q=denoiser_q, target_batch=target_batch, generator=seed,
+                            check_finite=check_finite)
             loss = (fake - moved).square().sum(1).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             history.append(loss.item())
+            if check_finite and not math.isfinite(history[-1]):
+                raise NonFiniteError(f"train_sd_generator diverged at step {step} (of {steps}): the loss is "
+                                     f"{history[-1]}; lower lr or step_size (pass check_finite=False to skip "
+                                     f"this check)")
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]:.4f}")
             if checkpoint is not None and (step + 1) % checkpoint_every == 0:

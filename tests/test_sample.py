@@ -83,8 +83,9 @@ def test_bad_model_and_shape():
         gf.sample(lambda x, t: x, (4, 2))
     with pytest.raises(ValueError, match="shape"):
         gf.sample(gf.GaussianMixture.ring().model(gf.VP()))
+    assert gf.sample(gf.GaussianMixture.ring().model(gf.VP()), (0, 2)).shape == (0, 2)  # empty batch: empty result
     with pytest.raises(ValueError, match="shape"):
-        gf.sample(gf.GaussianMixture.ring().model(gf.VP()), (0, 2))
+        gf.sample(gf.GaussianMixture.ring().model(gf.VP()), (-1, 2))
 
 
 def test_final_step_denoises_to_the_data_prediction(model):

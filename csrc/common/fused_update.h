@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "common/philox.h"
 
@@ -52,6 +53,10 @@ struct FusedUpdateParams {
   bool seed_per_sample;
   uint64_t seed_value;
   uint64_t offset;
+  // Divergence check (gf.sample's check_finite): when non-null, *nonfinite <- min(*nonfinite,
+  // step) if some written output element is NaN or Inf (the outputs themselves are unchanged).
+  int32_t* nonfinite = nullptr;
+  int32_t step = 0;
 };
 
 // Coefficient k (0 = c0, K + 1 = s) for sample b.
@@ -90,6 +95,26 @@ GF_HD double fma_acc(double a, double b, double c) {
 #endif
 }
 
+// Is v NaN or +-Inf? An exponent test on the bits (exact under fast-math flags, vectorisable).
+GF_HD bool not_finite(float v) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t u = __float_as_uint(v);
+#else
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+#endif
+  return (u & 0x7f800000u) == 0x7f800000u;
+}
+GF_HD bool not_finite(double v) {
+#if defined(__CUDA_ARCH__)
+  const uint64_t u = static_cast<uint64_t>(__double_as_longlong(v));
+#else
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof(u));
+#endif
+  return (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+}
+
 // The per-element math, in this order and rounding:
 //   acc = c[0] * x;  acc = fma(c[k+1], t[k], acc) for k < K;  acc = fma(c[K+1], z, acc).
 template <typename acc_t, int K, bool kNoise>
@@ -114,8 +139,9 @@ GF_HD int64_t group_count(const FusedUpdateParams& p) {
 }
 
 // Group g. Conv: static acc_t load(T) and static T store(acc_t) (round to nearest even).
+// Returns whether some element written is NaN/Inf (for p.nonfinite; the caller records it).
 template <typename T, typename acc_t, int K, int Mode, typename Conv>
-GF_HD void fused_update_group(const FusedUpdateParams& p, int64_t g) {
+GF_HD bool fused_update_group(const FusedUpdateParams& p, int64_t g) {
   const T* x = static_cast<const T*>(p.x);  // out may equal x: no __restrict__
   const T* noise = static_cast<const T*>(p.noise);
   T* out = static_cast<T*>(p.out);
@@ -135,6 +161,7 @@ GF_HD void fused_update_group(const FusedUpdateParams& p, int64_t g) {
     b = segmented ? first / P : 0;
   }
   if (count > 4) count = 4;
+  bool bad = false;
   float z[4] = {0.f, 0.f, 0.f, 0.f};
   if (Mode == kGeneratedNoise)
     philox::normal4(seed_at(p, b), p.offset, static_cast<uint64_t>(stream_group), z);
@@ -161,8 +188,11 @@ GF_HD void fused_update_group(const FusedUpdateParams& p, int64_t g) {
     }
     acc_t t[kMaxTerms > 0 ? kMaxTerms : 1];
     for (int k = 0; k < K; ++k) t[k] = Conv::load(static_cast<const T*>(p.terms[k])[i]);
-    out[i] = Conv::store(fused_combine<acc_t, K, Mode != kNoNoise>(c, Conv::load(x[i]), t, zi));
+    const T v = Conv::store(fused_combine<acc_t, K, Mode != kNoNoise>(c, Conv::load(x[i]), t, zi));
+    out[i] = v;
+    bad |= not_finite(Conv::load(v));
   }
+  return bad;
 }
 
 // ---- the vectorised variant: a full, aligned group moved as one load/store per array ----
@@ -192,9 +222,10 @@ GF_HD bool vector_groups_ok(const FusedUpdateParams& p) {
 }
 
 // Group g when vector_groups_ok(p) and 4 g + 4 <= numel: the same elements, stream values,
-// coefficients and rounding as fused_update_group (so the results are bitwise equal).
+// coefficients and rounding as fused_update_group (so the results are bitwise equal); returns
+// whether some element written is NaN/Inf.
 template <typename T, typename acc_t, int K, int Mode, typename Conv>
-GF_HD void fused_update_group_vec(const FusedUpdateParams& p, int64_t g) {
+GF_HD bool fused_update_group_vec(const FusedUpdateParams& p, int64_t g) {
   const int64_t first = 4 * g;
   const int64_t b = per_sample_params(p) ? first / p.per_sample : 0;
   const int64_t stream_group = p.seed_per_sample ? g - b * (p.per_sample / 4) : g;
@@ -211,6 +242,7 @@ GF_HD void fused_update_group_vec(const FusedUpdateParams& p, int64_t g) {
   if (Mode == kSuppliedNoise)
     nv = *reinterpret_cast<const Pack4<T>*>(static_cast<const T*>(p.noise) + first);
   Pack4<T> ov;
+  bool bad = false;
   for (int l = 0; l < 4; ++l) {
     acc_t zi = acc_t(0);
     if (Mode == kSuppliedNoise) zi = Conv::load(nv.v[l]);
@@ -218,8 +250,10 @@ GF_HD void fused_update_group_vec(const FusedUpdateParams& p, int64_t g) {
     acc_t t[kMaxTerms > 0 ? kMaxTerms : 1];
     for (int k = 0; k < K; ++k) t[k] = Conv::load(tv[k].v[l]);
     ov.v[l] = Conv::store(fused_combine<acc_t, K, Mode != kNoNoise>(c, Conv::load(xv.v[l]), t, zi));
+    bad |= not_finite(Conv::load(ov.v[l]));
   }
   *reinterpret_cast<Pack4<T>*>(static_cast<T*>(p.out) + first) = ov;
+  return bad;
 }
 
 // Entry points. CPU: csrc/cpu/fused_update.cpp (parallel over at::parallel_for chunks).

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "common/fused_update.h"
 #include "cpu/kernel.h"
@@ -203,6 +204,43 @@ GF_INLINE void normal_store(const float* z, double* out, int64_t n) { normal_sto
 GF_INLINE void normal_store(const float* z, c10::BFloat16* out, int64_t n) { normal_store_bf16(z, out, n); }
 GF_INLINE void normal_store(const float* z, c10::Half* out, int64_t n) { normal_store_f16(z, out, n); }
 
+// ---- divergence check: does out[0, n) hold a NaN/Inf? (exponent bits all ones) ----
+//
+// Run on a block just written (still in L1) only when p.nonfinite is set; the update's own
+// loops are untouched. A branch-free OR over the block so that it vectorises.
+
+template <typename U, U kMask, typename T>
+GF_INLINE bool any_exponent_max(const T* v, int64_t n) {
+  static_assert(sizeof(U) == sizeof(T), "bit width");
+  U acc = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    U u;
+    std::memcpy(&u, v + i, sizeof(U));
+    acc |= static_cast<U>((u & kMask) == kMask);
+  }
+  return acc != 0;
+}
+GF_CLONES bool any_nonfinite(const float* v, int64_t n) {
+  return any_exponent_max<uint32_t, 0x7f800000u>(v, n);
+}
+GF_CLONES bool any_nonfinite(const double* v, int64_t n) {
+  return any_exponent_max<uint64_t, 0x7ff0000000000000ull>(v, n);
+}
+GF_CLONES bool any_nonfinite(const c10::BFloat16* v, int64_t n) {
+  return any_exponent_max<uint16_t, uint16_t(0x7f80)>(v, n);
+}
+GF_CLONES bool any_nonfinite(const c10::Half* v, int64_t n) {
+  return any_exponent_max<uint16_t, uint16_t(0x7c00)>(v, n);
+}
+
+// *flag <- min(*flag, step) (threads of one call may race).
+void record_nonfinite(int32_t* flag, int32_t step) {
+  int32_t seen = __atomic_load_n(flag, __ATOMIC_RELAXED);
+  while (step < seen &&
+         !__atomic_compare_exchange_n(flag, &seen, step, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+}
+
 // ---- driver: chunks -> per-sample segments -> blocks ----
 
 template <typename T>
@@ -215,11 +253,16 @@ void run(const FusedUpdateParams& p) {
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
   if (segmented && mode != kGeneratedNoise && x != nullptr && P <= kSmallSample) {
-    at::parallel_for(0, p.numel, kGrain, [&](int64_t begin, int64_t end) { small_fn(p, begin, end, x); });
+    at::parallel_for(0, p.numel, kGrain, [&](int64_t begin, int64_t end) {
+      small_fn(p, begin, end, x);
+      if (p.nonfinite != nullptr && any_nonfinite(out + begin, end - begin))
+        record_nonfinite(p.nonfinite, p.step);
+    });
     return;
   }
   at::parallel_for(0, p.numel, kGrain, [&](int64_t begin, int64_t end) {
     alignas(64) float zbuf[kBlock + 8];
+    bool bad = false;
     int64_t i = begin;
     while (i < end) {
       // Segment [i, seg_end): one sample (or everything when nothing is per-sample).
@@ -242,9 +285,11 @@ void run(const FusedUpdateParams& p) {
         for (int k = 0; k < K; ++k) terms[k] = static_cast<const T*>(p.terms[k]) + j;
         const T* noise = mode == kSuppliedNoise ? static_cast<const T*>(p.noise) + j : nullptr;
         block_fn(K, mode, x + j, terms, noise, z, out + j, n, c);
+        if (p.nonfinite != nullptr && !bad) bad = any_nonfinite(out + j, n);
       }
       i = seg_end;
     }
+    if (bad) record_nonfinite(p.nonfinite, p.step);
   });
 }
 
@@ -260,12 +305,14 @@ template <typename T, int K, int Mode>
 void grouped_typed(const FusedUpdateParams& p) {
   const int64_t groups = group_count(p);
   const bool vec = vector_groups_ok<T>(p);
+  bool bad = false;
   for (int64_t g = 0; g < groups; ++g) {
     if (vec && 4 * g + 4 <= p.numel)
-      fused_update_group_vec<T, typename Acc<T>::type, K, Mode, C10Conv<T>>(p, g);
+      bad |= fused_update_group_vec<T, typename Acc<T>::type, K, Mode, C10Conv<T>>(p, g);
     else
-      fused_update_group<T, typename Acc<T>::type, K, Mode, C10Conv<T>>(p, g);
+      bad |= fused_update_group<T, typename Acc<T>::type, K, Mode, C10Conv<T>>(p, g);
   }
+  if (bad && p.nonfinite != nullptr) record_nonfinite(p.nonfinite, p.step);
 }
 
 template <typename T, int Mode>

@@ -5,7 +5,8 @@
 // Each thread handles groups of four consecutive elements of one Philox stream (one Philox call
 // gives the group's four normals; fused_update_group in csrc/common/fused_update.h) in a
 // grid-stride loop with 64-bit indices; full groups of aligned arrays are read and written with
-// one vector access per array (fused_update_group_vec).
+// one vector access per array (fused_update_group_vec). With p.nonfinite set, a thread that wrote
+// a NaN/Inf records p.step there (atomicMin, once per thread after its loop).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -25,13 +26,15 @@ __global__ void fused_update_kernel(const FusedUpdateParams p, const bool vec) {
   using acc_t = typename Acc<T>::type;
   const int64_t groups = group_count(p);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  bool bad = false;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
        g += stride) {
     if (vec && 4 * g + 4 <= p.numel)
-      fused_update_group_vec<T, acc_t, K, Mode, Conv<T>>(p, g);
+      bad |= fused_update_group_vec<T, acc_t, K, Mode, Conv<T>>(p, g);
     else
-      fused_update_group<T, acc_t, K, Mode, Conv<T>>(p, g);
+      bad |= fused_update_group<T, acc_t, K, Mode, Conv<T>>(p, g);
   }
+  if (bad && p.nonfinite != nullptr) atomicMin(p.nonfinite, p.step);
 }
 
 template <typename T, int K, int Mode>

@@ -3,7 +3,9 @@
 //
 //   genflow::fused_update(x, terms, coef, noise, seed, offset) -> out
 //       out = c0 x + sum_{k=1..K} c_k terms[k-1] + s z,  coef = (c0, c1..cK, s)
-//   genflow::fused_update_out(..., out)                 the same into out (out may be x)
+//   genflow::fused_update_out(..., out, nonfinite, step) the same into out (out may be x);
+//       nonfinite (int32 [1] on x's device, optional): set to min(nonfinite, step) when some
+//       element written is NaN/Inf (gf.sample's divergence check; no extra pass over out)
 //   genflow::philox_normal(seed, offset, size, dtype)   the noise stream z alone
 //   genflow::philox_normal_out(seed, offset, out)
 //
@@ -13,10 +15,10 @@
 // or the CPU, not both; without either the noise term is dropped (and s must be 0 when coef is
 // on the CPU). offset >= 0 selects an independent stream for the same seed.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -71,6 +73,11 @@ void set_seed(Launch& launch, const at::Tensor& seed, int64_t batch, const at::D
   checks::on_device(seed, "seed", device, /*cpu_ok=*/true);
   auto& p = launch.p;
   p.seed_per_sample = seed.size(0) > 1;
+  if (seed.size(0) == 0) {  // B = 0: nothing is drawn, and there is no element to read
+    p.seeds = nullptr;
+    p.seed_value = 0;
+    return;
+  }
   if (seed.device().is_cpu() && !p.seed_per_sample) {
     p.seeds = nullptr;
     p.seed_value = static_cast<uint64_t>(seed.contiguous().data_ptr<int64_t>()[0]);
@@ -157,10 +164,11 @@ Launch prepare(const at::Tensor& x, at::TensorList terms, const at::Tensor& coef
 void write_into(Launch& launch, const at::Tensor& x, at::TensorList terms,
                 const std::optional<at::Tensor>& noise, const at::Tensor& out) {
   checks::same_as(out, "out", x, "x");
-  at::assert_no_internal_overlap(out);
-  at::assert_no_partial_overlap(out, x);
-  for (const auto& t : terms) at::assert_no_partial_overlap(out, t);
-  if (noise.has_value()) at::assert_no_partial_overlap(out, *noise);
+  checks::no_internal_overlap(out, "out");
+  checks::no_partial_overlap(out, "out", x, "x");
+  for (size_t k = 0; k < terms.size(); ++k)
+    checks::no_partial_overlap(out, "out", terms[k], ("terms[" + std::to_string(k) + "]").c_str());
+  if (noise.has_value()) checks::no_partial_overlap(out, "out", *noise, "noise");
   if (out.is_contiguous()) {
     launch.p.out = out.data_ptr();
     run(launch);
@@ -182,18 +190,32 @@ at::Tensor fused_update(const at::Tensor& x, at::TensorList terms, const at::Ten
   return out;
 }
 
+// nonfinite (int32 [1] on x's device) and step in [0, 2^31) -> launch.p.
+void set_nonfinite(Launch& launch, const at::Tensor& x, const at::Tensor& nonfinite,
+                   int64_t step) {
+  checks::dtype_is(nonfinite, "nonfinite", at::kInt);
+  TORCH_CHECK(nonfinite.dim() == 1 && nonfinite.size(0) == 1,
+              "nonfinite must have shape [1] (one int32 flag), got ", nonfinite.sizes());
+  checks::on_device(nonfinite, "nonfinite", x.device(), /*cpu_ok=*/false);
+  TORCH_CHECK(step >= 0 && step <= INT32_MAX, "step must be in [0, 2^31), got ", step);
+  launch.p.nonfinite = nonfinite.data_ptr<int32_t>();
+  launch.p.step = static_cast<int32_t>(step);
+}
+
 void fused_update_out(const at::Tensor& x, at::TensorList terms, const at::Tensor& coef,
                       const std::optional<at::Tensor>& noise,
                       const std::optional<at::Tensor>& seed, int64_t offset,
-                      const at::Tensor& out) {
+                      const at::Tensor& out, const std::optional<at::Tensor>& nonfinite,
+                      int64_t step) {
   Launch launch = prepare(x, terms, coef, noise, seed, offset);
+  if (nonfinite.has_value()) set_nonfinite(launch, x, *nonfinite, step);
   write_into(launch, x, terms, noise, out);
 }
 
 void philox_normal_out(const at::Tensor& seed, int64_t offset, const at::Tensor& out) {
   checks::floating_state(out, "out");
   TORCH_CHECK(offset >= 0, "offset must be >= 0, got ", offset);
-  at::assert_no_internal_overlap(out);
+  checks::no_internal_overlap(out, "out");
   Launch launch;
   launch.device = out.device();
   launch.dtype = dtype_of(out.scalar_type());
@@ -335,7 +357,7 @@ TORCH_LIBRARY_FRAGMENT(genflow, m) {
   m.def("fused_update(Tensor x, Tensor[] terms, Tensor coef, Tensor? noise, Tensor? seed, "
         "int offset) -> Tensor");
   m.def("fused_update_out(Tensor x, Tensor[] terms, Tensor coef, Tensor? noise, Tensor? seed, "
-        "int offset, Tensor(a!) out) -> ()");
+        "int offset, Tensor(a!) out, Tensor(b!)? nonfinite=None, int step=0) -> ()");
   m.def("philox_normal(Tensor seed, int offset, SymInt[] size, ScalarType dtype) -> Tensor");
   m.def("philox_normal_out(Tensor seed, int offset, Tensor(a!) out) -> ()");
   m.def("_fused_update_grouped(Tensor x, Tensor[] terms, Tensor coef, Tensor? noise, "

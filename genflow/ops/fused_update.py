@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from genflow._checks import did_you_mean
 from genflow._extension import HAS_EXTENSION, has_cuda_kernels, warn_missing_once
 from genflow.ops import _reference
 
@@ -129,7 +130,8 @@ def _use_kernel(backend: str, device: torch.device) -> bool:
     if backend == "auto" and HAS_EXTENSION and device.type == "cpu":
         return True
     if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        hint = did_you_mean(str(backend), _BACKENDS)
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}{hint}")
     if backend == "torch":
         return False
     if backend == "auto":
@@ -215,13 +217,28 @@ def fused_update(x: torch.Tensor, terms: Sequence[torch.Tensor] = (), coefs: Seq
                                   noise=noise, seed=seed_t, offset=offset, out=out)
 
 
+def record_nonfinite(out: torch.Tensor, nonfinite: torch.Tensor, step: int) -> None:
+    """``nonfinite <- min(nonfinite, step)`` where ``out`` holds a NaN/Inf (no host sync): what the
+    kernels do with their ``nonfinite`` flag, for the PyTorch paths."""
+    nonfinite.copy_(torch.where(torch.isfinite(out).all(), nonfinite, nonfinite.clamp(max=step)))
+
+
+def _needs_grad(x, terms, values, noise) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, noise, *terms, *values))
+
+
 def fused_update_unchecked(x: torch.Tensor, terms: list, values: list, *, kernel: bool,
                            noise: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None,
-                           offset: int = 0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           offset: int = 0, out: Optional[torch.Tensor] = None,
+                           nonfinite: Optional[torch.Tensor] = None, step: int = 0) -> torch.Tensor:
     """``fused_update`` without argument checks, for callers that validated once (solver loops).
 
     ``values`` is ``[c0, c1..cK, s]`` (floats or float64 [B] tensors), ``seed`` an int64 tensor
     from ``seed_tensor`` (or None), ``kernel`` the result of ``use_kernel(backend, x.device)``.
+    ``nonfinite`` (int32 [1] on x's device, optional) becomes ``min(nonfinite, step)`` when the
+    result holds a NaN/Inf (recorded by the kernel as it writes; see ``record_nonfinite``).
     """
     if all(type(v) is float for v in values):
         coef = _host_tensor(values, torch.float64, "d")  # CPU: the CUDA op takes it by value
@@ -237,24 +254,36 @@ def fused_update_unchecked(x: torch.Tensor, terms: list, values: list, *, kernel
         if on_host and x.device.type != "cpu":
             coef = coef.pin_memory().to(x.device, non_blocking=True)
     if kernel:
+        if out is None and nonfinite is not None and not _needs_grad(x, terms, values, noise):
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)  # the flagging out= op
         if out is None:
-            return torch.ops.genflow.fused_update(x, terms, coef, noise, seed, offset)
-        torch.ops.genflow.fused_update_out(x, terms, coef, noise, seed, offset, out)
+            result = torch.ops.genflow.fused_update(x, terms, coef, noise, seed, offset)
+            if nonfinite is not None:
+                record_nonfinite(result, nonfinite, step)
+            return result
+        torch.ops.genflow.fused_update_out(x, terms, coef, noise, seed, offset, out, nonfinite, step)
         return out
     if out is None:
-        return _reference.fused_update(x, terms, coef, noise, seed, offset)
-    _reference.fused_update_out(x, terms, coef, noise, seed, offset, out)
+        out = _reference.fused_update(x, terms, coef, noise, seed, offset)
+    else:
+        _reference.fused_update_out(x, terms, coef, noise, seed, offset, out)
+    if nonfinite is not None:
+        record_nonfinite(out, nonfinite, step)
     return out
 
 
 def fused_update_packed(x: torch.Tensor, terms: list, coef: torch.Tensor, *, kernel: bool,
-                        out: torch.Tensor) -> torch.Tensor:
+                        out: torch.Tensor, nonfinite: Optional[torch.Tensor] = None,
+                        step: int = 0) -> torch.Tensor:
     """The noise-free in-place update with a prepacked float64 CPU ``coef`` [K+2] (``s = 0``):
-    the op call alone, for solver steps whose coefficients are reused across solves."""
+    the op call alone, for solver steps whose coefficients are reused across solves
+    (``nonfinite``, ``step``: as for ``fused_update_unchecked``)."""
     if kernel:
-        torch.ops.genflow.fused_update_out(x, terms, coef, None, None, 0, out)
+        torch.ops.genflow.fused_update_out(x, terms, coef, None, None, 0, out, nonfinite, step)
     else:
         _reference.fused_update_out(x, terms, coef, None, None, 0, out)
+        if nonfinite is not None:
+            record_nonfinite(out, nonfinite, step)
     return out
 
 
@@ -320,12 +349,19 @@ def randn(shape, *, seed, offset: int = 0, dtype: torch.dtype = torch.float32, d
 
 if HAS_EXTENSION:
 
+    def _check_fake_devices(x, terms, coef, noise, seed, out=None, nonfinite=None):
+        same = [(f"terms[{k}]", t) for k, t in enumerate(terms)] + [("noise", noise), ("out", out),
+                                                                   ("nonfinite", nonfinite)]
+        _reference.check_devices("x", x, same=same, cpu_ok=[("coef", coef), ("seed", seed)])
+
     @torch.library.register_fake("genflow::fused_update")
     def _fused_update_fake(x, terms, coef, noise, seed, offset):
+        _check_fake_devices(x, terms, coef, noise, seed)
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
     @torch.library.register_fake("genflow::fused_update_out")
-    def _fused_update_out_fake(x, terms, coef, noise, seed, offset, out):
+    def _fused_update_out_fake(x, terms, coef, noise, seed, offset, out, nonfinite=None, step=0):
+        _check_fake_devices(x, terms, coef, noise, seed, out, nonfinite)
         return None
 
     @torch.library.register_fake("genflow::philox_normal")

@@ -8,6 +8,7 @@ import importlib
 import pkgutil
 from typing import NamedTuple
 
+from genflow._checks import did_you_mean
 from genflow.solvers.base import Solver
 
 __all__ = ["SOLVERS", "Solver", "SolverInfo", "available", "get"]
@@ -46,10 +47,9 @@ def available(steps: int = 20) -> list:
 
 def get(name: str) -> type:
     """The solver class registered as ``name``; unknown names list the closest matches."""
+    if not isinstance(name, str):
+        raise TypeError(f"solver must be a name (str) from {sorted(SOLVERS)}, got {type(name).__name__}")
     if name not in SOLVERS:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), list(SOLVERS), n=3)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        hint = did_you_mean(str(name), list(SOLVERS), n=3)
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}{hint}")
     return SOLVERS[name]

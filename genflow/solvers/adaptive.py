@@ -20,7 +20,7 @@ import torch
 
 from genflow.models import conversion
 from genflow.ops.fused_update import fused_update_unchecked, seed_tensor, use_kernel
-from genflow.solvers.base import Point, Solver
+from genflow.solvers.base import NonFiniteError, Point, Solver, diverged_rows
 
 __all__ = ["AdaptiveSolver", "RK45", "SDEAdaptive"]
 
@@ -58,6 +58,7 @@ class AdaptiveSolver(Solver):
             raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
         self.rtol, self.atol, self.h_init, self.max_steps = float(rtol), float(atol), h_init, max_steps
         self.accepted_steps = self.rejected_steps = None
+        self.check_finite = True  # raise NonFiniteError on a NaN/Inf state or error norm (see solve)
         self.ends = [self.at(ts[0].to(torch.float64).reshape(-1)), self.at(ts[-1].to(torch.float64).reshape(-1))]
 
     @classmethod
@@ -89,6 +90,14 @@ class AdaptiveSolver(Solver):
             self.update(x if s == 0 else out, terms[s:s + 4], [c0 if s == 0 else 1.0] + coefs[s:s + 4], out=out)
         return out
 
+    def _diverged(self, rows, t, h, what):
+        """Raise ``NonFiniteError`` for the samples ``rows`` (bool [B]) at times ``t``, steps ``h``."""
+        rows = rows.cpu()
+        raise NonFiniteError(
+            f"gf.sample: solver {self.name!r} diverged at t={t[rows][:4].tolist()}: {what} h={h[rows][:4].tolist()}; "
+            f"{int(rows.sum())} of {rows.shape[0]} samples diverged; check the model's output at these times "
+            f"(pass check_finite=False to skip this check)")
+
     def _check_finite(self, kinds, what):
         for p in self.ends:
             for a, b in (self.coef(kind, p) for kind in kinds):
@@ -105,6 +114,8 @@ class AdaptiveSolver(Solver):
         ``t_next`` (float64 [B]; ``t_next = t`` where the step was rejected), ``h`` (the attempted
         steps), ``accepted`` (bool [B]), ``error`` (the error norms) and ``accepted_steps`` (int64
         [B], cumulative); ``progress`` is the smallest fraction of its interval any sample has done.
+        With ``check_finite`` a NaN/Inf state after a step, or a NaN/Inf error norm that persists
+        down to step size underflow, raises ``NonFiniteError``.
         """
         batch = x.shape[0]
         t_start = self.ts[0].to(torch.float64).expand(batch).clone()
@@ -115,6 +126,7 @@ class AdaptiveSolver(Solver):
         self.rejected_steps = torch.zeros(batch, dtype=torch.int64)
         done = torch.zeros(batch, dtype=torch.bool)
         h = self._start(x, t, span)
+        nonfinite_err = torch.zeros(batch, dtype=torch.bool)
         i = 0
         while not bool(done.all()):
             if i >= self.max_steps:
@@ -125,15 +137,22 @@ class AdaptiveSolver(Solver):
             last = (1.01 * h >= remaining) & ~done  # land on t_end exactly rather than just short of it
             h = torch.where(done, 0.0, torch.where(last, remaining, h))
             tiny = ~done & (h <= 1e-13 * torch.maximum(t.abs(), span))
+            if self.check_finite and bool((tiny & nonfinite_err).any()):
+                self._diverged(nonfinite_err, t, h, "its error norm is NaN/Inf at every step size down to")
             if tiny.any():
                 raise RuntimeError(f"{self.name!r}: step size underflow (h={h[tiny][:4].tolist()} at "
                                    f"t={t[tiny][:4].tolist()}); the model output may be non-finite or the "
                                    f"tolerances too tight for {x.dtype}")
             err = self._attempt(x, t, h)
+            nonfinite_err = ~done & ~torch.isfinite(err)  # retried with smaller h: raises at underflow
             err = torch.where(done, 0.0, torch.where(torch.isnan(err), math.inf, err))
             accept = (err <= 1.0) & ~done
             h_next = self._control(err, h, accept)
             x = self._commit(x, accept, done)
+            if self.check_finite:
+                bad = diverged_rows(x)
+                if bool(bad.any()):
+                    self._diverged(bad, t, h, "an accepted step made the state NaN/Inf; step")
             t_next = torch.where(accept, torch.where(last, t_end, t - h), t)
             done = done | (accept & last)
             self.accepted_steps += accept

@@ -14,7 +14,19 @@ import torch
 from genflow.models import conversion
 from genflow.ops.fused_update import _host_tensor, fused_update_packed, fused_update_unchecked, seed_tensor, use_kernel
 
-__all__ = ["Solver", "Point", "dynamic_threshold", "point", "sqrt", "exp", "expm1", "where"]
+__all__ = ["NonFiniteError", "Solver", "Point", "diverged_rows", "dynamic_threshold", "point", "sqrt", "exp",
+           "expm1", "where"]
+
+
+class NonFiniteError(RuntimeError, FloatingPointError):
+    """A solve or particle flow diverged: a step wrote NaN or Inf into the state
+    (``check_finite=True``; exported as ``gf.NonFiniteError``). Also a ``FloatingPointError``,
+    which the particle flows raised before."""
+
+
+def diverged_rows(x: torch.Tensor) -> torch.Tensor:
+    """bool [B]: the samples (rows) of ``x`` holding a NaN or Inf."""
+    return ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
 
 
 class Point(NamedTuple):
@@ -142,6 +154,10 @@ class Solver(abc.ABC):
         self.evaluations = 0
         self._kernel = None  # use_kernel(backend, device), decided at the first update
         self._seed = None
+        # Divergence check (gf.sample's check_finite): an int32 [1] flag on the state's device that
+        # every fused update lowers to step_index when it writes a NaN/Inf; None: no check.
+        self.nonfinite: Optional[torch.Tensor] = None
+        self.step_index = 0
         if not 0.0 < dynamic_thresholding_ratio <= 1.0:
             raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
         if not sample_max_value >= 1.0:
@@ -228,7 +244,8 @@ class Solver(abc.ABC):
                     self._seed = seed_tensor(drawn["seed"], x.shape[0], x.device)
                 seed, offset = self._seed, drawn["offset"]
         return fused_update_unchecked(x, kept_terms, values, kernel=self._kernel, noise=noise,
-                                      seed=seed, offset=offset, out=out)
+                                      seed=seed, offset=offset, out=out, nonfinite=self.nonfinite,
+                                      step=self.step_index)
 
     @staticmethod
     def pack(coefs, noise_scale=0.0):
@@ -264,7 +281,8 @@ class Solver(abc.ABC):
         if self._kernel is None:
             self._kernel = use_kernel(self.backend, x.device)
         terms = [t for t, k in zip(terms, kept) if k]
-        return fused_update_packed(x, terms, coef, kernel=self._kernel, out=out)
+        return fused_update_packed(x, terms, coef, kernel=self._kernel, out=out, nonfinite=self.nonfinite,
+                                   step=self.step_index)
 
     @abc.abstractmethod
     def step(self, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,10 @@ flushed and fsync'ed, the current file (if any) is renamed to ``<name>.prev`` an
 file renamed into place (``os.replace``, atomic on POSIX and Windows). A crash at any moment
 leaves either the new file or the previous good one as ``.prev``; :func:`load_latest` falls back
 to it with a warning when the newest file is truncated or corrupted.
+
+:func:`save_loop_state` / :func:`resume_loop_state` store and restore the state of a plain
+training loop (a network, its optimizer, a ``torch.Generator``, the step and the loss history)
+in such a file: ``genflow.train_cnf`` and ``genflow.train_sd_generator`` resume through them.
 """
 from __future__ import annotations
 
@@ -20,13 +24,13 @@ import random
 import tempfile
 import warnings
 import zipfile
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
 __all__ = ["CHECKPOINT_NAME", "CheckpointError", "FORMAT", "VERSION", "get_rng_states", "load_checkpoint",
-           "load_latest", "save_checkpoint", "set_rng_states"]
+           "load_latest", "resume_loop_state", "save_checkpoint", "save_loop_state", "set_rng_states"]
 
 FORMAT = "genflow.train.checkpoint"
 VERSION = 1
@@ -117,6 +121,40 @@ def load_latest(directory: str, name: str = CHECKPOINT_NAME) -> Tuple[Optional[d
     if errors:
         raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
     return None, None
+
+
+_LOOP_KEYS = ("net", "optimizer", "rng", "step", "history")
+
+
+def save_loop_state(path: str, net: torch.nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator,
+                    step: int, history: List[float]) -> None:
+    """Save a training loop's ``{net, optimizer, rng, step, history}`` to ``path`` with :func:`save_checkpoint`."""
+    save_checkpoint(path, {"net": net.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
+                           "step": int(step), "history": list(history)})
+
+
+def resume_loop_state(path: str, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      rng: torch.Generator) -> Tuple[int, List[float]]:
+    """Restore ``net``, ``optimizer`` and ``rng`` in place from :func:`save_loop_state`'s file at ``path``.
+
+    Reads ``path`` (or ``path + ".prev"``, with a warning, when ``path`` is broken) like
+    :func:`load_latest`. Returns ``(step, history)``; ``(0, [])`` when neither file exists.
+
+    Raises:
+        CheckpointError: the files exist but none is a readable loop checkpoint.
+    """
+    path = os.path.abspath(os.fspath(path))
+    state, used = load_latest(os.path.dirname(path), os.path.basename(path))
+    if state is None:
+        return 0, []
+    missing = [key for key in _LOOP_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {used!r} is not a training-loop checkpoint: it lacks {missing} "
+                              f"(expected keys {list(_LOOP_KEYS)})")
+    net.load_state_dict(state["net"])
+    optimizer.load_state_dict(state["optimizer"])
+    rng.set_state(state["rng"])
+    return int(state["step"]), list(state["history"])
 
 
 def get_rng_states() -> dict:

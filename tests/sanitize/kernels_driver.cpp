@@ -3,19 +3,26 @@
 //
 //   sanitize_kernels [quick | long | ITERATIONS] [SEED]
 //
+// quick: 2,000 iterations (about 10 s on one quiet core; CI), long: 20,000 (about 2 minutes).
+//
 // Each iteration calls the kernels of one op family (fused update, Langevin step, Hutchinson
 // probes, probe_dot, kernel weighted mean forward + backward) on shapes and parameters drawn from
 // std::mt19937_64(SEED), with the preconditions the op layer (csrc/ops/*.cpp) guarantees and
-// nothing more. Every array is its own exactly-sized heap allocation, sometimes shifted by one
-// element inside an allocation of numel + 1 (to take the unaligned paths) so that its last
-// element is still the allocation's last: a read or write one past any array trips ASan. Inputs
+// nothing more. Sizes include 0, 1, odd sizes, block boundaries +- 1 and large primes (up to
+// 100003 elements per sample; d = 0 and dv = 0 for the kernel mean). The kernels take contiguous
+// arrays only (the ops make strided inputs contiguous), so there are no strided cases. Every
+// array is its own exactly-sized heap allocation, sometimes shifted by one element inside an
+// allocation of numel + 1 (to take the unaligned paths) so that its last element is still the
+// allocation's last: a read or write one past any array trips ASan. Inputs
 // contain NaN, +-Inf, huge, tiny and denormal values. Invariants checked (exit 1 on a mismatch):
 // the plain and grouped (CUDA-order) variants agree bitwise (NaN matches NaN) for the fused
-// update, the Langevin step, the probes and probe_dot; the kernel weighted mean and its gradients
+// update, the Langevin step, the probes and probe_dot; the fused update's divergence flag is set
+// exactly when its output holds a NaN/Inf; the kernel weighted mean and its gradients
 // are finite for finite inputs, and a backward with no queries leaves zero key/value gradients.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -162,12 +169,13 @@ template <typename T> bool all_finite(const T* a, int64_t n) {
 
 int64_t draw_batch(Rng& r) { return r.pick<int64_t>({0, 1, 1, 2, 3, 5, 7, 16, 33}); }
 
-// per_sample: small, odd, multiples of 4, and 1024-block / 4096-chunk boundaries +- 1.
+// per_sample: small, odd, multiples of 4, 1024-block / 4096-chunk boundaries +- 1, large primes.
 int64_t draw_per_sample(Rng& r) {
-  switch (r.uniform(0, 3)) {
+  switch (r.uniform(0, 4)) {
     case 0: return r.pick<int64_t>({0, 1, 2, 3, 4, 5, 7, 8, 12, 13});
     case 1: return r.pick<int64_t>({1023, 1024, 1025, 2047, 2048, 2049, 3071, 3072, 3073});
     case 2: return r.pick<int64_t>({4095, 4096, 4097, 8191, 8192, 8193});
+    case 3: return r.pick<int64_t>({1021, 4093, 12289, 65521, 100003});
     default: return r.coin() ? 4 * r.uniform(1, 300) : r.uniform(1, 1200);
   }
 }
@@ -270,20 +278,35 @@ void fused_case(Rng& r, Dtype dtype, int64_t it, Counts& n) {
   if (out_alias < 0) a.out = Buf<T>(numel, r.coin(0.25) ? 1 : 0);
 
   FusedArrays<T> g = a;  // the grouped variant's own copy (in-place calls overwrite inputs)
-  const genflow::FusedUpdateParams pa = fused_params(base, a, philox_only, out_alias);
-  const genflow::FusedUpdateParams pg = fused_params(base, g, philox_only, out_alias);
+  genflow::FusedUpdateParams pa = fused_params(base, a, philox_only, out_alias);
+  genflow::FusedUpdateParams pg = fused_params(base, g, philox_only, out_alias);
+  // the divergence flag (fused_update_out's nonfinite): lowered to step when a NaN/Inf is written
+  int32_t flag = std::numeric_limits<int32_t>::max(), flag_g = flag;
+  if (r.coin(0.3)) {
+    pa.step = pg.step = static_cast<int32_t>(r.uniform(0, 1000));
+    pa.nonfinite = &flag;
+    pg.nonfinite = &flag_g;
+  }
   if (numel > 0) {  // the op skips empty calls (csrc/ops/fused_update.cpp, run)
     genflow::fused_update_cpu(pa, dtype);
     ++n.fused;
   }
   genflow::fused_update_cpu_grouped(pg, dtype);  // the test hook is called for any numel
   ++n.fused_grouped;
+  const std::string shape = std::string(dtype_name(dtype)) + " B=" + std::to_string(B) + " P=" +
+                            std::to_string(P) + " K=" + std::to_string(K) +
+                            " noise_mode=" + std::to_string(base.noise_mode);
+  T* out = fused_out(a, out_alias, K);
   int64_t where = 0;
-  if (numel > 0 && !same_bits(fused_out(a, out_alias, K), fused_out(g, out_alias, K), numel, &where))
-    fail("fused_update_cpu vs fused_update_cpu_grouped, dtype " + std::string(dtype_name(dtype)) +
-             " B=" + std::to_string(B) + " P=" + std::to_string(P) + " K=" + std::to_string(K) +
-             " noise_mode=" + std::to_string(base.noise_mode) + " element " + std::to_string(where) +
-             values_at(fused_out(a, out_alias, K), fused_out(g, out_alias, K), where),
+  if (numel > 0 && !same_bits(out, fused_out(g, out_alias, K), numel, &where))
+    fail("fused_update_cpu vs fused_update_cpu_grouped, dtype " + shape + " element " +
+             std::to_string(where) + values_at(out, fused_out(g, out_alias, K), where),
+         it);
+  const bool diverged = numel > 0 && !all_finite(out, numel);
+  if (pa.nonfinite != nullptr && ((flag == pa.step) != diverged || flag_g != flag))
+    fail("fused_update nonfinite flag " + std::to_string(flag) + " (grouped " +
+             std::to_string(flag_g) + "), step " + std::to_string(pa.step) + ", output " +
+             (diverged ? "not " : "") + "finite, dtype " + shape,
          it);
 }
 
@@ -473,14 +496,15 @@ void probe_dot_case(Rng& r, Dtype dtype, int64_t it, Counts& n) {
 
 template <typename T>
 void kernel_mean_case(Rng& r, Dtype dtype, int64_t it, Counts& n) {
-  const int64_t qn = r.pick<int64_t>({0, 1, 2, 3, 7, 15, 16, 17, 33, 50, 300});
-  const int64_t m = r.pick<int64_t>({1, 2, 3, 5, 17, 64, 255, 256, 257, 300});
-  const int64_t d = r.pick<int64_t>({1, 2, 3, 4, 5, 17, 64, 130});
+  const int64_t qn = r.pick<int64_t>({0, 1, 2, 3, 7, 15, 16, 17, 33, 50, 127, 300});
+  const int64_t m = r.pick<int64_t>({1, 2, 3, 5, 17, 64, 255, 256, 257, 300, 509});
+  // d = 0 and dv = 0 are valid (empty feature dimensions; the op passes them on)
+  const int64_t d = r.pick<int64_t>({0, 1, 2, 3, 4, 5, 17, 64, 127, 130});
   const bool values_are_keys = r.coin(0.3);
-  const int64_t dv = values_are_keys ? d : r.pick<int64_t>({1, 2, 3, 4, 5, 17, 64, 130});
+  const int64_t dv = values_are_keys ? d : r.pick<int64_t>({0, 1, 2, 3, 4, 5, 17, 64, 127, 130});
   const bool tame = r.coin(0.6);  // finite inputs: the outputs must be finite
   const double sp = tame ? 0.0 : 0.02;
-  const double sigma = r.pick<double>({0.05, 0.3, 1.0, 3.0, 50.0}) * std::sqrt(double(d));
+  const double sigma = r.pick<double>({0.05, 0.3, 1.0, 3.0, 50.0}) * std::sqrt(double(std::max<int64_t>(d, 1)));
   Buf<T> q = random_buf<T>(r, qn * d, sp), k = random_buf<T>(r, m * d, sp);
   Buf<T> v = values_are_keys ? Buf<T>() : random_buf<T>(r, m * dv, sp);
   Buf<T> lw;
@@ -570,8 +594,8 @@ template <typename T> void one_iteration(int family, Rng& r, Dtype dtype, int64_
 int main(int argc, char** argv) {
   const std::string preset = argc > 1 ? argv[1] : "quick";
   int64_t iterations = 0;
-  if (preset == "quick") iterations = 300;
-  else if (preset == "long") iterations = 3000;
+  if (preset == "quick") iterations = 2000;
+  else if (preset == "long") iterations = 20000;
   else iterations = std::atoll(preset.c_str());
   const uint64_t seed = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 20261123u;
   if (iterations <= 0) {
