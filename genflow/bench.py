@@ -1304,7 +1304,8 @@ def _divergence_batch(ctx):
 @group("likelihood", "PF-ODE log-likelihoods vs score_sde-style scipy RK45 and flow_matching 1.0.10; "
                      "one Hutchinson divergence estimate vs a forward pass")
 def _likelihood(ctx: Context) -> Iterator[Case]:
-    """(1) ``gf.log_likelihood(method="exact", rtol = atol = 1e-5)`` of 1024 2D points (64 with
+    """(1) ``gf.log_likelihood(method="exact", rtol = atol = 1e-5)`` (eager; and with
+    ``compile=True`` unless --no-compile) of 1024 2D points (64 with
     --tiny) under a flow-matching velocity MLP (``LinearPath``, prediction "velocity", the fixed
     random ``MLP``): against score_sde's approach (``_score_sde_likelihood``: scipy ``solve_ivp``
     RK45 over the whole batch with numpy round trips) and against flow_matching's
@@ -1336,9 +1337,19 @@ def _likelihood(ctx: Context) -> Iterator[Case]:
     net = MLP(seed=11)
     x = ctx.randn(*shape, seed=12)
 
-    def make_gf(net):
+    def make_gf(net, **options):
         model = gf.Model(net, process, "velocity")
-        return lambda: gf.log_likelihood(model, x, method="exact", rtol=tol, atol=tol)
+        return lambda: gf.log_likelihood(model, x, method="exact", rtol=tol, atol=tol, **options)
+
+    def make_gf_compiled(net):  # a Counted net stays outside the compiled drift (its counter would recompile it)
+        model = gf.Model(net.net if isinstance(net, Counted) else net, process, "velocity")
+
+        def run():
+            logp, info = gf.log_likelihood(model, x, method="exact", rtol=tol, atol=tol, compile=True, return_info=True)
+            if isinstance(net, Counted):
+                net.calls += info["nfe"]  # one network call per drift evaluation
+            return logp
+        return run
 
     def make_score_sde(net):
         model = gf.Model(net, process, "velocity")
@@ -1363,16 +1374,24 @@ def _likelihood(ctx: Context) -> Iterator[Case]:
     reference = _cache(reference)
     how = ("max |genflow - peer| logp (nats) <= (their errors vs a float64 scipy DOP853 solve at rtol = atol = 1e-10) "
            "+ 1e-4, relative to max |peer|; each error < 5% of it")
-    baselines = [Baseline("score_sde-style scipy RK45", make_score_sde(net),
-                          _equal_work(make_gf, make_score_sde, net, 1e-4, reference=reference, how=how),
-                          note="solve_ivp over the flattened batch, numpy round trip per rhs")]
-    if fm is None:
-        baselines.append(Baseline("flow_matching compute_likelihood", None, status="skipped: flow_matching not installed"))
-    else:
-        baselines.append(Baseline("flow_matching compute_likelihood", make_fm(net),
-                                  _equal_work(make_gf, make_fm, net, 1e-4, reference=reference, how=how),
-                                  note="ODESolver dopri5 (torchdiffeq), exact_divergence=True"))
-    yield Case(case, size, make_gf(net), baselines, note="exact divergence on all sides; LinearPath velocity MLP")
+
+    def baselines(ours):
+        out = [Baseline("score_sde-style scipy RK45", make_score_sde(net),
+                        _equal_work(ours, make_score_sde, net, 1e-4, reference=reference, how=how),
+                        note="solve_ivp over the flattened batch, numpy round trip per rhs")]
+        if fm is None:
+            out.append(Baseline("flow_matching compute_likelihood", None, status="skipped: flow_matching not installed"))
+        else:
+            out.append(Baseline("flow_matching compute_likelihood", make_fm(net),
+                                _equal_work(ours, make_fm, net, 1e-4, reference=reference, how=how),
+                                note="ODESolver dopri5 (torchdiffeq), exact_divergence=True"))
+        return out
+
+    yield Case(case, size, make_gf(net), baselines(make_gf),
+               note="exact divergence on all sides; LinearPath velocity MLP; per-sample steps")
+    if ctx.compile:
+        yield Case(case + ", compile=True", size, make_gf_compiled(net), baselines(make_gf_compiled),
+                   note="genflow's drift torch.compiled (compiled in the warm-up call, kept per model)")
 
     # (2) one Hutchinson divergence estimate
     batch = _divergence_batch(ctx)

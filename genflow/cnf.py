@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from genflow.likelihood import _FIXED, _fixed, _stage, _stage_differentiable
 from genflow.noise import _seed
 from genflow.ops import hutchinson as _hutch
+from genflow.train.checkpoint import resume_loop_state, save_loop_state
 
 __all__ = ["CNFNet", "cnf_log_likelihood", "train_cnf"]
 
@@ -127,7 +128,7 @@ def _check_int(name, value, low=1):
 
 def cnf_log_likelihood(net: Callable, x: torch.Tensor, *, steps: int = 8, method: str = "hutchinson",
                        probes: int = 1, noise: str = "rademacher", generator=None,
-                       solver: str = "rk4") -> torch.Tensor:
+                       solver: str = "rk4", check_finite: bool = True) -> torch.Tensor:
     """Differentiable log-likelihood ``log p(x)`` (nats per sample) of a CNF velocity network.
 
     Integrates ``d[x, delta]/dt = [v(x, t), div v(x, t)]`` from ``t = 0`` (``x_0 = x``,
@@ -156,6 +157,8 @@ def cnf_log_likelihood(net: Callable, x: torch.Tensor, *, steps: int = 8, method
             probe k is the Philox stream at offset k, as in ``gf.log_likelihood``).
         generator: probe seed: None (fresh), an int, B per-sample ints or a torch.Generator.
         solver: ``"euler"``, ``"heun"`` or ``"rk4"`` (classic fourth-order Runge–Kutta).
+        check_finite (bool): raise ``gf.NonFiniteError`` (naming the step, the time and how many
+            samples diverged) after the first step that leaves a NaN/Inf state or log-density.
 
     Returns:
         float64 Tensor[B]: ``log p(x)``.
@@ -184,17 +187,11 @@ def cnf_log_likelihood(net: Callable, x: torch.Tensor, *, steps: int = 8, method
     drift = _Drift(net, method, eps, graph=torch.is_grad_enabled())
     t0 = torch.zeros(batch, dtype=torch.float64, device=x.device)
     stage = _stage_differentiable if torch.is_grad_enabled() else _stage  # the fused ops have no graph
-    x1, delta, _ = _fixed(drift, x, t0, torch.ones_like(t0), steps, SOLVERS[solver], stage)
+    x1, delta, _ = _fixed(drift, x, t0, torch.ones_like(t0), steps, SOLVERS[solver], stage,
+                          check_finite=bool(check_finite))
     z = x1.reshape(batch, -1).to(torch.float64)
     prior = -0.5 * z.square().sum(1) - z.shape[1] * _HALF_LOG_2PI
     return prior + delta
-
-
-def _save(path, state):
-    """``torch.save`` to a temporary file then an atomic rename: a crash never leaves a torn file."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def train_cnf(net: nn.Module, data: Union[torch.Tensor, Callable], *, steps: int, batch: int = 256,
@@ -223,7 +220,10 @@ def train_cnf(net: nn.Module, data: Union[torch.Tensor, Callable], *, steps: int
         solve_steps, probes, noise, method, solver: passed to ``cnf_log_likelihood``.
         generator: None (fresh seed), an int seed or a torch.Generator (CPU) of minibatches
             and probes; on resume its state is replaced by the checkpoint's.
-        checkpoint (path, optional): the checkpoint file. checkpoint_every (int >= 1).
+        checkpoint (path, optional): the checkpoint file, written atomically and read safely by
+            ``genflow.train.checkpoint`` (``save_loop_state`` / ``resume_loop_state``: the previous
+            file is kept as ``.prev`` and used when the newest is broken; ``CheckpointError`` when
+            none is usable). checkpoint_every (int >= 1).
         progress (bool): show a tqdm progress bar with the running negative log-likelihood.
 
     Returns:
@@ -257,16 +257,11 @@ def train_cnf(net: nn.Module, data: Union[torch.Tensor, Callable], *, steps: int
 
     optimizer = torch.optim.Adam(net.parameters(), lr=float(lr))
     start, history = 0, []
-    if checkpoint is not None and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, weights_only=True)
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        rng.set_state(state["rng"])
-        start, history = int(state["step"]), list(state["history"])
+    if checkpoint is not None:
+        start, history = resume_loop_state(checkpoint, net, optimizer, rng)
 
     def save(step):
-        _save(checkpoint, {"net": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                           "history": history, "rng": rng.get_state()})
+        save_loop_state(checkpoint, net, optimizer, rng, step, history)
 
     with tqdm(total=steps, initial=min(start, steps), desc="training CNF", disable=not progress, leave=False) as bar:
         for step in range(start, steps):

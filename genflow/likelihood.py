@@ -12,32 +12,37 @@ from ``x_{t_end} = x``, ``delta = 0`` at ``t = t_end`` to ``t = T``::
     log q_{t_end}(x) = log q_T(x_T) + int_{t_end}^T div v(x_t, t) dt = prior_log_prob(x_T) + delta(T)
 
 The divergence is the trace of the Jacobian ``dv/dx``: computed exactly (``method="exact"``,
-one backward pass per dimension, batched over dimensions) or by Hutchinson's estimator
-(Hutchinson 1989) ``div v = E[eps^T (dv/dx) eps]`` with ``E[eps eps^T] = I`` and the probes
-``eps`` held fixed over the whole solve (FFJORD), which keeps the ODE smooth for the adaptive
-solver and makes ``log_likelihood`` an unbiased estimate of ``log q_{t_end}(x)`` up to the solver
-error (the estimate of ``log q`` is unbiased, not that of ``q``).
+one backward pass per dimension, in a loop or batched over dimensions, or ``torch.compile``d)
+or by Hutchinson's estimator (Hutchinson 1989) ``div v = E[eps^T (dv/dx) eps]`` with
+``E[eps eps^T] = I`` and the probes ``eps`` held fixed over the whole solve (FFJORD), which keeps
+the ODE smooth for the adaptive solver and makes ``log_likelihood`` an unbiased estimate of
+``log q_{t_end}(x)`` up to the solver error (the estimate of ``log q`` is unbiased, not that of
+``q``).
 """
 from __future__ import annotations
 
 import math
 import numbers
+import time
 import warnings
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
+from genflow._checks import check_choice
 from genflow.noise import _seed
 from genflow.ops import hutchinson as _hutch
 from genflow.ops.fused_update import fused_update_packed, randn, use_kernel
 from genflow.solvers.adaptive import _A, _C, _E
+from genflow.solvers.base import NonFiniteError, diverged_rows
 
 __all__ = ["bits_per_dim", "log_likelihood"]
 
 METHODS = ("hutchinson", "exact")
 MODES = ("auto", "vjp", "jvp")
 SOLVERS = ("rk45", "heun", "rk4")
+ERROR_NORMS = ("sample", "batch")
 # Butcher tableaux (c, a, b) of the fixed-step solvers: Heun's (explicit trapezoidal) and classic RK4
 _FIXED = {
     "heun": ((0.0, 1.0), ((), (1.0,)), (0.5, 0.5)),
@@ -49,7 +54,9 @@ _DEQUANT_OFFSET = 1 << 62  # Philox offset of bits_per_dim's dequantisation nois
 
 class _Drift:
     """The augmented drift ``(x, t) -> (v(x, t), div v(x, t))``: v in the state dtype, the
-    divergence float64 [B]; counts evaluations in ``nfe`` (one per batch-wide drift call)."""
+    divergence float64 [B]; counts evaluations in ``nfe`` (one per batch-wide drift call).
+    ``mode``: for hutchinson "vjp" or "jvp"; for exact None (measured), "loop", "batched" or
+    "compile" (``_compiled_exact``)."""
 
     def __init__(self, model, method, eps, mode):
         self.model, self.method, self.eps, self.mode = model, method, eps, mode
@@ -93,9 +100,55 @@ class _Drift:
         return v, div
 
     def _exact(self, x, t):
-        """tr(dv/dx): the batch replicated over a chunk of c dimensions, one backward pass per
-        chunk with the one-hot rows ``e_i`` as output gradients (replica i gives row i of the
-        Jacobian; samples must not interact in the net)."""
+        """tr(dv/dx) by ``_exact_loop`` (one forward, one backward per dimension: the least
+        arithmetic; always on CPU, where each pass is compute-bound) or ``_exact_batched`` (the
+        dimensions batched into one forward and one backward: the fewest kernel launches). On
+        other devices the faster of the two is timed on the first evaluations and remembered per
+        model, shape, dtype and device (``_EXACT_CHOICE``)."""
+        if self.mode == "compile":
+            fn = _compiled_exact(self.model, x)
+            return self._exact_loop(x, t) if fn is None else fn(x, t)
+        if self.mode == "batched":
+            return self._exact_batched(x, t)
+        if self.mode == "loop" or x[0].numel() == 1 or not _times_schemes(x.device):
+            return self._exact_loop(x, t)
+        key = (id(self.model), tuple(x.shape), x.dtype, str(x.device))
+        entry = _EXACT_CHOICE.get(key)
+        if entry is not None and entry[0] is self.model and entry[1] is not None:
+            return entry[1](self, x, t)
+        if entry is None or entry[0] is not self.model:
+            entry = _EXACT_CHOICE[key] = [self.model, None, []]
+            while len(_EXACT_CHOICE) > 16:
+                _EXACT_CHOICE.popitem(last=False)
+        timings = entry[2]
+        scheme = _EXACT_SCHEMES[len(timings) % 2]  # alternate the two
+        _sync(x)
+        start = time.perf_counter()
+        out = scheme(self, x, t)
+        _sync(x)
+        timings.append(time.perf_counter() - start)
+        if len(timings) == 2 * _EXACT_ROUNDS:  # the best time of each, past the warm-up round
+            entry[1] = min(_EXACT_SCHEMES, key=lambda f: min(timings[2 + _EXACT_SCHEMES.index(f)::2]))
+        return out
+
+    def _exact_loop(self, x, t):
+        """One forward pass, then one backward pass per dimension i (output gradient ``e_i``
+        summed over the batch, row i of every sample's Jacobian; samples must not interact)."""
+        batch = x.shape[0]
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            v = self._velocity(xg, t)
+            vf = v.reshape(batch, -1)
+            dim = vf.shape[1]
+            div = torch.zeros(batch, dtype=torch.float64, device=x.device)
+            for i in range(dim):
+                (g,) = torch.autograd.grad(vf[:, i].sum(), xg, retain_graph=i + 1 < dim)
+                div += g.reshape(batch, -1)[:, i]
+        return v.detach(), div
+
+    def _exact_batched(self, x, t):
+        """The batch replicated over a chunk of c dimensions, one backward pass per chunk with
+        the one-hot rows ``e_i`` as output gradients (replica i gives row i of the Jacobian)."""
         batch, dim = x.shape[0], x[0].numel()
         div = None
         v = None
@@ -156,7 +209,8 @@ class _GraphedDrift:
 
         static_x, static_t = x.detach().clone(), t.clone()
         static_eps = [e.clone() for e in drift.eps]
-        body_drift = _Drift(drift.model, drift.method, static_eps, drift.mode)
+        mode = "batched" if drift.method == "exact" else drift.mode  # no timing inside a capture
+        body_drift = _Drift(drift.model, drift.method, static_eps, mode)
         replay, out = cuda_graph._record(lambda: body_drift.evaluate(static_x, static_t), x.device)
         entry = (drift.model, replay, static_x, static_t, static_eps, out)
         _DRIFT_GRAPHS[key] = entry
@@ -173,6 +227,67 @@ class _GraphedDrift:
 
 
 _DRIFT_GRAPHS = OrderedDict()  # key -> (model, replay, static x, t, probes, (v, div))
+
+
+_EXACT_SCHEMES = (_Drift._exact_batched, _Drift._exact_loop)
+_EXACT_ROUNDS = 4  # timed evaluations of each exact scheme (real drift calls) before choosing
+_EXACT_CHOICE = OrderedDict()  # (id(model), shape, dtype, device) -> [model, scheme or None, timings]
+
+
+_COMPILED = OrderedDict()  # (id(model), shape, dtype, device) -> (model, drift function or None)
+
+
+def _compiled_exact(model, x):
+    """The exact drift ``(x, t) -> (v, tr dv/dx)`` of ``model`` as one ``torch.compile``d function
+    (``torch.func.vjp``, its pullback vmapped over the D unit vectors: the forward once, the D
+    backward rows as one batched pass, fused by inductor), kept per model, shape, dtype and
+    device. None on the first call for a key (evaluate eagerly with plain autograd then, so state
+    a model builds lazily is made outside any trace or transform); compiled on the second, which
+    keeps the eager ``torch.func`` function, with a warning, where compiling fails."""
+    key = (id(model), tuple(x.shape), x.dtype, str(x.device))
+    entry = _COMPILED.get(key)
+    if entry is None or entry[0] is not model:
+        _COMPILED[key] = (model, None)
+        while len(_COMPILED) > 8:
+            _COMPILED.popitem(last=False)
+        return None
+    _COMPILED.move_to_end(key)
+    if entry[1] is not None:
+        return entry[1]
+    batch, dim = x.shape[0], x[0].numel()
+
+    def drift(x, t):
+        v, pullback = torch.func.vjp(lambda y: model.velocity(y, t), x)
+        basis = torch.eye(dim, dtype=x.dtype, device=x.device).reshape((dim, 1) + tuple(x.shape[1:]))
+        (rows,) = torch.func.vmap(pullback)(basis.expand((dim,) + tuple(x.shape)))
+        div = rows.reshape(dim, batch, dim).diagonal(dim1=0, dim2=2).sum(1, dtype=torch.float64)
+        return v, div
+
+    compiled = torch.compile(drift, dynamic=False)
+
+    def first(x, t):
+        try:
+            out = compiled(x, t)
+            fn = compiled
+        except Exception as error:  # noqa: BLE001 - any compiler failure: fall back to eager
+            warnings.warn(f"log_likelihood(compile=True): torch.compile failed on the drift ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:200] if str(error) else ''}); evaluating it eagerly",
+                          RuntimeWarning, stacklevel=4)
+            out, fn = drift(x, t), drift
+        _COMPILED[key] = (model, fn)
+        return out
+
+    return first
+
+
+def _times_schemes(device):
+    """Whether the exact schemes are timed on ``device`` (not on CPU: there the loop is faster)."""
+    return device.type != "cpu"
+
+
+def _sync(x):
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
 
 
 def _graphed(drift, x, t):
@@ -229,8 +344,9 @@ def _stage_differentiable(y, d, h, ks, a):
     return ys, ds
 
 
-def _fixed(drift, y, t0, t1, steps, tableau, stage=_stage):
-    """Explicit Runge–Kutta on a uniform grid of ``steps`` steps from t0 to t1 (float64 [B])."""
+def _fixed(drift, y, t0, t1, steps, tableau, stage=_stage, check_finite=False):
+    """Explicit Runge–Kutta on a uniform grid of ``steps`` steps from t0 to t1 (float64 [B]);
+    ``check_finite``: raise ``NonFiniteError`` after the first step that leaves a NaN/Inf."""
     c, a, b = tableau
     d = torch.zeros_like(t0)
     h = (t1 - t0) / steps
@@ -240,6 +356,10 @@ def _fixed(drift, y, t0, t1, steps, tableau, stage=_stage):
         for j in range(1, len(c)):
             ks.append(drift(stage(y, d, h, ks, a[j])[0], t + c[j] * h))
         y, d = stage(y, d, h, ks, b)
+        if check_finite:
+            bad = diverged_rows(y.detach()) | ~torch.isfinite(d.detach())
+            if bool(bad.any()):
+                _diverged("step", i + 1, (t + h).detach().cpu().numpy(), bad.cpu().numpy(), True)
     return y, d, None
 
 
@@ -278,23 +398,41 @@ def _combine(y, ks, pack, chunks, kernel):
     return out
 
 
-def _rk45(drift, y, t0, t1, rtol, atol, max_steps):
+def _diverged(where, step, t, bad, check_finite):
+    """Raise ``NonFiniteError`` when ``check_finite`` and some sample is flagged in ``bad``
+    (bool numpy [B]): names the step, the samples' time range and how many diverged."""
+    if check_finite and bad.any():
+        times = t[bad]
+        raise NonFiniteError(
+            f"the likelihood solve diverged at {where} {step} (t in [{times.min():.6g}, {times.max():.6g}]): "
+            f"{int(bad.sum())} of {bad.size} samples have a NaN/Inf state, log-density or error estimate; "
+            "check the model near these times (or pass check_finite=False)")
+
+
+def _rk45(drift, y, t0, t1, rtol, atol, max_steps, check_finite=True, error_norm="sample"):
     """Dormand–Prince RK5(4) with FSAL and per-sample step sizes on the augmented state.
 
-    The tableau and the PI controller are those of ``genflow.solvers.adaptive.RK45`` (DOPRI5,
-    Hairer et al., "Solving ODEs I", §II.4–II.5). The error norm of a sample is the larger of
-    ``rms(err_x / (atol + rtol max(|x|, |x'|)))`` and ``|err_delta| / (atol + rtol max(|delta|,
-    |delta'|))``, so the log-density integral is controlled in its own right. Samples that have
-    reached ``t1`` ride along with ``h = 0``.
+    The tableau is that of ``genflow.solvers.adaptive.RK45`` (DOPRI5, Hairer et al., "Solving
+    ODEs I", §II.4–II.5); the step size control is the plain ``h (0.9 / err)^(1/5)`` (within
+    [0.2 h, 10 h]) of scipy and torchdiffeq, without DOPRI5's Lund stabilisation (whose damped
+    start grows the first steps 4x instead of 8x: one more step on short solves). The error
+    norm of a sample is the root mean square of its D + 1 scaled components
+    ``err_i / (atol + rtol max(|y_i|, |y_i'|))`` over ``y = [x, delta]`` (Hairer's norm, per
+    sample), as in the initial step selection (§II.4). Samples that have reached ``t1`` ride
+    along with ``h = 0``. ``error_norm="batch"`` pools the norms into one rms over the batch
+    (one step size for all, as ``scipy.integrate.solve_ivp`` on the flattened batch).
+    ``check_finite``: a NaN/Inf state, divergence or error norm raises ``NonFiniteError``
+    instead of shrinking the step.
 
     The state x stays on its device and every stage combination is fused passes over it
     (``_combine``); the per-sample times, step sizes, log-density ``delta`` and the controller are
     float64 numpy arrays on the host (B numbers each; one device-to-host copy of the error
     norms and stage divergences per step).
     """
-    beta, safety, fac_min, fac_max = 0.04, 0.9, 0.2, 10.0
+    safety, fac_min, fac_max = 0.9, 0.2, 10.0
     dev = y.device
     batch = y.shape[0]
+    dim = y[0].numel()
     kernel = use_kernel("auto", dev)
     base, slope, chunks = _RK45_PLAN
 
@@ -306,6 +444,14 @@ def _rk45(drift, y, t0, t1, rtol, atol, max_steps):
             v = v.to("cpu", torch.float64)
         return v.numpy()
 
+    def norm(rms_x, e_d, s_d):
+        """Per-sample rms over [x, delta] from the x part's rms and the delta part's error and scale."""
+        return np.sqrt((dim * np.square(rms_x) + np.square(e_d / s_d)) / (dim + 1))
+
+    def pool(norms):
+        """The norms as used by the controller: pooled into one rms for ``error_norm="batch"``."""
+        return np.full(batch, np.sqrt(np.mean(np.square(norms)))) if error_norm == "batch" else norms
+
     t_end = host(t1)
     t = host(t0).copy()
     span = t_end - t
@@ -314,51 +460,58 @@ def _rk45(drift, y, t0, t1, rtol, atol, max_steps):
     done = np.zeros(batch, dtype=bool)
     k0, k0_div = drift(y, t0)
     k0_div = host(k0_div)
-    # Hairer et al., §II.4, "Starting step size" (on the x part)
+    # Hairer et al., §II.4, "Starting step size"
     scale = atol + rtol * y.abs()
-    d0, d1 = host(_rms(y / scale)), host(_rms(k0 / scale))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        d0 = norm(host(_rms(y / scale)), 0.0, atol)
+        d1 = norm(host(_rms(k0 / scale)), k0_div, atol)
+        _diverged("the start, step", 0, t, ~(np.isfinite(d0) & np.isfinite(d1)), check_finite)
+        d0, d1 = pool(d0), pool(d1)
         h0 = np.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / np.maximum(d1, 1e-300))
         h0 = np.minimum(h0, span)
-        f1 = drift(y + _rows(dev64(h0), y) * k0, dev64(t + h0))[0]
-        d2 = host(_rms((f1 - k0) / scale)) / h0
+        f1, f1_div = drift(y + _rows(dev64(h0), y) * k0, dev64(t + h0))
+        d2 = pool(norm(host(_rms((f1 - k0) / scale)), host(f1_div) - k0_div, atol)) / h0
         dmax = np.maximum(d1, d2)
         h1 = np.where(dmax <= 1e-15, np.maximum(h0 * 1e-3, 1e-6), (0.01 / np.maximum(dmax, 1e-300)) ** 0.2)
     h = np.minimum(np.minimum(100 * h0, h1), span)
-    facold = np.full(batch, 1e-4)
+    h = np.where(np.isfinite(h), h, span)
     rejected = np.zeros(batch, dtype=bool)
     b_weights, e_weights = np.array(_A[6] + (0.0,)), np.array(_E)
-    for _ in range(max_steps):
+    times_c = np.array(_C)
+    for step in range(max_steps):
         if done.all():
             return y, torch.from_numpy(d).to(dev), torch.from_numpy(accepted).to(dev)
         remaining = t_end - t
         last = (1.01 * h >= remaining) & ~done
         h = np.where(done, 0.0, np.where(last, remaining, h))
         pack = dev64(base[:, None] + np.outer(slope, h))
-        times = dev64(t + np.outer(np.array(_C), h))
-        ks, divs = [k0], [k0_div]
+        times = dev64(t + np.outer(times_c, h))
+        ks, divs = [k0], [None]
         for i in range(1, 7):
             v, div = drift(_combine(y, ks, pack, chunks[i], kernel), times[i])
             ks.append(v)
             divs.append(div)
-        divs = np.stack([divs[0]] + [host(dj) for dj in divs[1:]], 1)
+        divs = torch.stack(divs[1:], 1)
         y_new = _combine(y, ks, pack, chunks["new"], kernel)
         ex = _combine(y, ks, pack, chunks["err"], kernel)
         sx = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
-        err_x = host(_rms(ex.div_(sx)))
-        d_new = d + h * (divs @ b_weights)
-        ed = h * (divs @ e_weights)
-        sd = np.maximum(np.abs(d), np.abs(d_new)) * rtol + atol
-        err = np.maximum(err_x, np.abs(ed) / sd)
-        err = np.where(done, 0.0, np.where(np.isnan(err), math.inf, err))
+        err_x = _rms(ex.div_(sx))
+        packed = host(torch.cat([err_x[:, None], divs.to(torch.float64)], 1))
+        err_x, divs = packed[:, 0], np.concatenate([k0_div[:, None], packed[:, 1:]], 1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            d_new = d + h * (divs @ b_weights)
+            ed = h * (divs @ e_weights)
+            sd = np.maximum(np.abs(d), np.abs(d_new)) * rtol + atol
+            err = norm(err_x, ed, sd)
+        finite = np.isfinite(err)
+        _diverged("step", step + 1, t, ~finite & ~done, check_finite)
+        err = np.where(done, 0.0, pool(np.where(finite, err, math.inf)))
         accept = (err <= 1.0) & ~done
-        # DOPRI5's PI step size control (Lund stabilisation beta, no growth after a rejection)
+        # h (safety / err)^(1/5) within [fac_min, fac_max] h, no growth right after a rejection
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            fac11 = err ** (0.2 - 0.75 * beta)
-            fac = np.clip(fac11 / facold ** beta / safety, 1 / fac_max, 1 / fac_min)
+            fac = np.clip(err ** 0.2 / safety, 1 / fac_max, 1 / fac_min)
             h_acc = np.where(rejected, np.minimum(h / fac, h), h / fac)
-            h_rej = h / np.minimum(fac11 / safety, 1 / fac_min)
-        facold = np.where(accept, np.maximum(err, 1e-4), facold)
+            h_rej = h / fac
         rejected = ~accept & (h > 0)
         if accept.all():
             y, k0 = y_new, ks[6]
@@ -392,7 +545,8 @@ def _check_tol(name, value):
 def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes: int = 1,
                    noise: str = "rademacher", mode: str = "auto", rtol: float = 1e-5, atol: float = 1e-5,
                    t_end=None, solver: str = "rk45", steps=None, generator=None, max_steps: int = 10_000,
-                   cuda_graph: bool = False, return_info: bool = False):
+                   cuda_graph: bool = False, compile: bool = False, error_norm: str = "sample",
+                   check_finite: bool = True, return_info: bool = False):
     """Log density ``log q_{t_end}(x)`` (nats per sample) of a model through its probability-flow ODE.
 
     Integrates ``d[x, delta]/dt = [v(x, t), div v(x, t)]`` with ``v = model.velocity`` from
@@ -424,6 +578,20 @@ def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes
         cuda_graph (bool): evaluate the drift (forward, divergence passes, ``probe_dot``) by
             replaying a CUDA graph captured once per model, method, mode and shape (x on a CUDA
             device); a model that cannot be captured runs eagerly with a warning.
+        compile (bool): for ``method="exact"``: evaluate the drift (velocity and exact trace) with
+            one ``torch.compile``d function, compiled during the first call (seconds to a
+            minute) and kept per model and shape, so later calls with the same model are faster
+            (a model that cannot be compiled runs eagerly with a warning). Without it the exact
+            trace is one backward pass per dimension on CPU; on other devices the faster of that
+            and one pass batched over the dimensions, timed on the first evaluations and
+            remembered per model and shape.
+        error_norm: rk45's error control: ``"sample"`` (per-sample steps, each sample's local error
+            rms over its [x, delta] components <= 1) or ``"batch"`` (one step size for the batch
+            from the rms over all samples, as ``scipy.integrate.solve_ivp`` on the flattened
+            batch: fewer steps, but a sample's own error may exceed the tolerance).
+        check_finite (bool): raise ``gf.NonFiniteError`` (naming the step, the time and how many
+            samples diverged) as soon as a state, log-density or rk45 error estimate is NaN/Inf,
+            instead of rk45 shrinking its step until it underflows (or NaN being returned).
         return_info (bool): also return a dict with ``nfe`` (drift evaluations, each one batch
             forward plus its divergence), ``prior_logp`` and ``delta_logp`` (float64 [B]),
             ``x_T`` (Tensor[B, *D]), ``steps`` (accepted steps per sample, int64 [B], rk45 only)
@@ -436,21 +604,19 @@ def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes
         raise TypeError(f"model must be a genflow.Model (with .velocity and .process), got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating tensor, got {x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must have shape [B, *D] with B >= 1 and at least one data dimension, got {list(x.shape)}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if x.dim() < 2 or math.prod(x.shape[1:]) == 0:
+        raise ValueError(f"x must have shape [B, *D] with at least one data element per sample, got {list(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"x must be finite: {int(diverged_rows(x).sum())} of its {x.shape[0]} samples hold NaN or Inf")
+    check_choice("method", method, METHODS)
     if isinstance(probes, bool) or not isinstance(probes, numbers.Integral) or probes < 1:
         raise ValueError(f"probes must be an int >= 1, got {probes!r}")
-    if noise not in _hutch.KINDS:
-        raise ValueError(f"noise must be one of {_hutch.KINDS}, got {noise!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice("noise", noise, _hutch.KINDS)
+    check_choice("mode", mode, MODES)
     rtol, atol = _check_tol("rtol", rtol), _check_tol("atol", atol)
     if rtol + atol == 0:
         raise ValueError("rtol and atol must not both be 0")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    check_choice("solver", solver, SOLVERS)
     if solver == "rk45":
         if steps is not None:
             raise ValueError("steps is for the fixed-step solvers heun and rk4; rk45 chooses its own steps (set rtol/atol)")
@@ -458,6 +624,10 @@ def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes
         raise ValueError(f"steps must be an int >= 1 for solver={solver!r}, got {steps!r}")
     if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
         raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+    if compile and (method != "exact" or cuda_graph):
+        raise ValueError(f"compile=True is for method='exact' without cuda_graph, got method={method!r}, "
+                         f"cuda_graph={cuda_graph!r}")
+    check_choice("error_norm", error_norm, ERROR_NORMS)
     if cuda_graph and (x.device.type != "cuda" or not torch.cuda.is_available()):
         raise ValueError(f"cuda_graph=True needs x on a CUDA device, got x on {x.device}")
     process = model.process
@@ -469,6 +639,10 @@ def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes
     batch, device = x.shape[0], x.device
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.detach().to(dtype)
+    if batch == 0:  # an empty batch: an empty result, no model call
+        empty = torch.zeros(0, dtype=torch.float64, device=device)
+        info = {"nfe": 0, "prior_logp": empty, "delta_logp": empty, "x_T": y}
+        return (empty, info) if return_info else empty
     eps = ()
     used_mode = None
     if method == "hutchinson":
@@ -476,16 +650,16 @@ def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes
         eps = [_hutch.probes(y.shape, seed=seed, offset=k, kind=noise, dtype=dtype, device=device)
                for k in range(int(probes))]
         used_mode = "vjp" if mode == "auto" else mode
-    drift = _Drift(model, method, eps, used_mode)
+    drift = _Drift(model, method, eps, "compile" if compile else used_mode)
     t0 = torch.full((batch,), float(t_end), dtype=torch.float64, device=device)
     if cuda_graph:
         drift = _graphed(drift, y, t0)
     t1 = torch.full((batch,), T, dtype=torch.float64, device=device)
     with torch.no_grad():
         if solver == "rk45":
-            x_T, delta, accepted = _rk45(drift, y, t0, t1, rtol, atol, int(max_steps))
+            x_T, delta, accepted = _rk45(drift, y, t0, t1, rtol, atol, int(max_steps), bool(check_finite), error_norm)
         else:
-            x_T, delta, accepted = _fixed(drift, y, t0, t1, int(steps), _FIXED[solver])
+            x_T, delta, accepted = _fixed(drift, y, t0, t1, int(steps), _FIXED[solver], check_finite=bool(check_finite))
         prior = process.prior_log_prob(x_T.to(torch.float64))
     logp = prior + delta
     if not return_info:
@@ -531,8 +705,8 @@ def bits_per_dim(model, x: torch.Tensor, *, generator=None, dequantization=None,
     if not isinstance(x, torch.Tensor) or x.dtype == torch.bool or x.is_complex():
         raise TypeError(f"x must be a real tensor of pixel values, got "
                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must have shape [B, *D] with B >= 1, got {list(x.shape)}")
+    if x.dim() < 2 or math.prod(x.shape[1:]) == 0:
+        raise ValueError(f"x must have shape [B, *D] with at least one data element per sample, got {list(x.shape)}")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if isinstance(levels, bool) or not isinstance(levels, numbers.Integral) or levels < 2:
@@ -554,7 +728,7 @@ def bits_per_dim(model, x: torch.Tensor, *, generator=None, dequantization=None,
         if not bool(((u >= 0) & (u < 1)).all()):
             raise ValueError("dequantization must lie in [0, 1)")
         u = u.to(device=x.device, dtype=torch.float64)
-    dim = x[0].numel()
+    dim = math.prod(x.shape[1:])
     y = (x64 + u) / levels * 2.0 - 1.0
     y = y.to(dtype)
     out = log_likelihood(model, y, generator=seed, **kwargs)
