@@ -10,17 +10,17 @@ excepted: they couple the global batch by design, ``objectives.gather_coupled``)
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import numbers
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 
 import genflow.processes as processes
-from genflow.cnf import CNFNet, cnf_log_likelihood
+from genflow import cnf  # the module, not names: genflow.cnf imports genflow.train
+from genflow._checks import check_choice, did_you_mean
 from genflow.likelihood import log_likelihood as _log_likelihood
 from genflow.models import Model, guided
 from genflow.noise import _seed
@@ -35,14 +35,6 @@ __all__ = ["FAMILIES", "CNFFamily", "DiffusionFamily", "Family", "FlowMatchingFa
 # Philox stream offsets of the per-sample draws
 _NOISE, _TIME, _DROPOUT, _COUPLING, _PROBES = 0, 1, 2, 3, 16
 PROCESSES = ("VP", "SubVP", "VE", "CosineVP", "EDM", "LinearPath")
-
-
-def _choice(name: str, value, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        close = difflib.get_close_matches(str(value), allowed, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}{hint}")
-    return value
 
 
 def _real(name: str, value, *, low: float = -math.inf, strict: bool = False) -> float:
@@ -63,7 +55,7 @@ def _make_process(process, options: Optional[dict]):
     if isinstance(process, processes.Process):
         return process
     names = {p.lower(): p for p in PROCESSES}
-    key = _choice("process", str(process).lower(), tuple(names))
+    key = check_choice("process", str(process).lower(), tuple(names))
     return getattr(processes, names[key])(**(options or {}))
 
 
@@ -115,7 +107,7 @@ class Family:
 
     def parameters(self, phase: str) -> list:
         """The parameters the optimiser of ``phase`` updates (all of them, by default)."""
-        _choice("phase", phase, self.phases)
+        check_choice("phase", phase, self.phases)
         return list(self.modules.parameters())
 
     def state_dict(self) -> dict:
@@ -131,7 +123,7 @@ class Family:
         return None
 
     def _check(self, phase: str, batch: torch.Tensor, seeds: torch.Tensor, data_shapes=None):
-        _choice("phase", phase, self.phases)
+        check_choice("phase", phase, self.phases)
         shapes = data_shapes or (self.data_shape,)
         if not isinstance(batch, torch.Tensor) or tuple(batch.shape[1:]) not in shapes:
             got = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
@@ -217,13 +209,13 @@ class DiffusionFamily(_ODEFamily):
                  net=None, net_options=None):
         self.process = _make_process(process, process_options)
         edm_process = isinstance(self.process, processes.EDM)
-        preconditioning = _choice("preconditioning", preconditioning, ("auto", "edm", None))
+        preconditioning = check_choice("preconditioning", preconditioning, ("auto", "edm", None))
         use_edm = preconditioning == "edm" or (preconditioning == "auto" and edm_process)
         self.preconditioning = "edm" if use_edm else None
-        self.prediction = _choice("prediction", prediction, ("eps", "x0", "v"))
+        self.prediction = check_choice("prediction", prediction, ("eps", "x0", "v"))
         if self.preconditioning == "edm":
             self.prediction = "x0"
-        self.weighting = _choice("weighting", weighting or ("edm" if self.preconditioning else "uniform"),
+        self.weighting = check_choice("weighting", weighting or ("edm" if self.preconditioning else "uniform"),
                                  obj.WEIGHTINGS)
         self.gamma = _real("min_snr_gamma", min_snr_gamma, low=0.0, strict=True)
         self.sigma_data = _real("sigma_data", sigma_data, low=0.0, strict=True)
@@ -295,7 +287,7 @@ class FlowMatchingFamily(_ODEFamily):
 
     def __init__(self, *, data_shape, num_classes=None, coupling="independent", sigma_min=0.0, sinkhorn_eps=0.05,
                  sinkhorn_iters=1000, label_dropout=None, solver="heun", steps=20, net=None, net_options=None):
-        self.coupling = _choice("coupling", coupling, ("independent", "ot", "sinkhorn"))
+        self.coupling = check_choice("coupling", coupling, ("independent", "ot", "sinkhorn"))
         self.sigma_min = _real("sigma_min", sigma_min, low=0.0)
         self.process = processes.LinearPath(sigma_min=self.sigma_min)
         self.sinkhorn_eps = _real("sinkhorn_eps", sinkhorn_eps, low=0.0, strict=True)
@@ -377,7 +369,7 @@ def reflow_pairs(family: FlowMatchingFamily, n: int, *, steps: int = 20, solver:
         raise TypeError(f"family must be a flow-matching or rectified-flow family, got {type(family).__name__}")
     n, steps, batch_size = _int("n", n), _int("steps", steps), _int("batch_size", batch_size)
     info = {s.name: s for s in _solvers()}
-    _choice("solver", solver, tuple(info))
+    check_choice("solver", solver, tuple(info))
     if info[solver].stochastic:
         raise ValueError(f"solver must be deterministic (an ODE solver) for reflow, got stochastic {solver!r}")
     seed = _seed(generator, n)
@@ -412,7 +404,7 @@ class CNFFamily(_ODEFamily):
         if net is None:
             if len(data_shape) != 1:
                 raise ValueError(f"the default CNFNet needs vector data_shape (D,), got {tuple(data_shape)}; pass net=")
-            net = CNFNet(data_shape[0], hidden=hidden, depth=depth)
+            net = cnf.CNFNet(data_shape[0], hidden=hidden, depth=depth)
         self.options = dict(steps=_int("solve_steps", solve_steps), probes=_int("probes", probes), noise=noise,
                             method=method, solver=cnf_solver)
         self.process = processes.LinearPath()
@@ -427,7 +419,7 @@ class CNFFamily(_ODEFamily):
         seeds = self._check(phase, batch, seeds)
         if labels is not None:
             raise ValueError("the cnf family is unconditional: labels must be None")
-        return -cnf_log_likelihood(self.modules["net"], batch, generator=seeds, **self.options).mean()
+        return -cnf.cnf_log_likelihood(self.modules["net"], batch, generator=seeds, **self.options).mean()
 
 
 class SlicedScoreFamily(_ODEFamily):
@@ -453,7 +445,7 @@ class SlicedScoreFamily(_ODEFamily):
         self.process = processes.VE(sigma_min=sigma_min, sigma_max=sigma_max)
         self.single = None if sigma is None else _real("sigma", sigma, low=0.0, strict=True)
         self.projections = _int("projections", projections)
-        self.projection = _choice("projection", projection, ("rademacher", "gaussian"))
+        self.projection = check_choice("projection", projection, ("rademacher", "gaussian"))
         self.variance_reduction = bool(variance_reduction)
         self.solver, self.steps = solver, _int("steps", steps)
         self.langevin_step = _real("langevin_step", langevin_step, low=0.0, strict=True)
@@ -540,7 +532,7 @@ def make_family(name: str, *, data_shape, num_classes: Optional[int] = None, **o
     ``ValueError`` with the closest valid one.
     """
     key = str(name).lower().replace("_", "-")
-    _choice("family name", key, tuple(FAMILIES))
+    check_choice("family name", key, tuple(FAMILIES))
     cls = FAMILIES[key]
     if isinstance(data_shape, numbers.Integral):
         data_shape = (data_shape,)
@@ -553,7 +545,6 @@ def make_family(name: str, *, data_shape, num_classes: Optional[int] = None, **o
                 if p not in ("self", "data_shape", "num_classes")]
     for option in options:
         if option not in accepted:
-            close = difflib.get_close_matches(option, accepted, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(option, accepted)
             raise ValueError(f"unknown option {option!r} for family {key!r}{hint}; accepted: {accepted}")
     return cls(data_shape=tuple(int(s) for s in data_shape), num_classes=num_classes, **options)

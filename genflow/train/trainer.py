@@ -441,21 +441,22 @@ def plot_samples(x: torch.Tensor, path: str, *, title: str = "", max_images: int
     most ``max_images`` images for Tensor[n, C, H, W] in [-1, 1]. Returns ``path``."""
     from matplotlib.figure import Figure
 
-    x = x.detach().float().cpu()
+    x = x.detach().float().cpu().numpy()   # NumPy arrays: matplotlib warns on torch's __array__ under NumPy 2
     fig = Figure(figsize=(4, 4))
     ax = fig.add_subplot()
-    if x.dim() == 2 and x.shape[1] == 2:
+    if x.ndim == 2 and x.shape[1] == 2:
         ax.scatter(x[:, 0], x[:, 1], s=2)
         ax.set_aspect("equal")
-    elif x.dim() == 4:
-        imgs = x[:max_images].clamp(-1, 1) * 0.5 + 0.5
+    elif x.ndim == 4:
+        imgs = x[:max_images].clip(-1, 1) * 0.5 + 0.5
         cols = math.ceil(math.sqrt(imgs.shape[0]))
         rows = math.ceil(imgs.shape[0] / cols)
         c, h, w = imgs.shape[1:]
-        grid = torch.ones(c, rows * h, cols * w)
+        grid = np.ones((c, rows * h, cols * w), dtype=np.float32)
         for k, img in enumerate(imgs):
             grid[:, (k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] = img
-        ax.imshow(grid.permute(1, 2, 0).squeeze(-1), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+        image = grid.transpose(1, 2, 0)
+        ax.imshow(image[..., 0] if c == 1 else image, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
         ax.axis("off")
     else:
         raise ValueError(f"plot_samples draws 2D points or images, got samples of shape {tuple(x.shape)}")

@@ -14,6 +14,7 @@ import genflow.ops
 from genflow.train import (CheckpointError, Dataset, TrainConfig, learning_rate, load_checkpoint, load_latest,
                            sample_plotter, sample_seeds, save_checkpoint, train)
 from genflow.train.checkpoint import FORMAT
+from genflow.train.trainer import plot_samples
 
 
 @pytest.fixture(autouse=True)
@@ -333,11 +334,15 @@ def test_bf16_and_bad_arguments(tmp_path):
         train(TinyFamily(), make_data(), config(steps=1, eval_every=1), evaluate=lambda f, s: 1.0, progress=False)
 
 
+@pytest.mark.filterwarnings("error::DeprecationWarning")  # matplotlib's on torch's __array__ under NumPy 2
 def test_sample_plotter(tmp_path):
     pytest.importorskip("matplotlib")
     train(TinyFamily(), make_data(), config(steps=2, eval_every=2), evaluate=sample_plotter(str(tmp_path), n=64),
           progress=False)
     assert (tmp_path / "samples_0000002.png").stat().st_size > 1000
+    for channels in (1, 3):
+        path = plot_samples(torch.rand(5, channels, 8, 8) * 2 - 1, str(tmp_path / f"grid{channels}.png"))
+        assert os.path.getsize(path) > 1000
 
 
 def _ddp_worker(rank, world, init_file, ckpt, cfg_kwargs):
