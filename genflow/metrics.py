@@ -1,5 +1,6 @@
 """Sample-quality metrics."""
 import math
+import numbers
 from typing import Callable, Sequence
 
 import torch
@@ -12,6 +13,12 @@ def _check_samples(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be [N, D], got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.shape[0] < 2:
         raise ValueError(f"{name} needs at least 2 samples, got {x.shape[0]}")
+    _check_finite(name, x)
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must be finite, got {int((~torch.isfinite(x)).sum())} NaN/Inf values")
 
 
 class MMD:
@@ -23,8 +30,10 @@ class MMD:
 
     def __init__(self, y: torch.Tensor, *, bandwidths: Sequence[float] = (0.2, 0.5, 1.0, 2.0, 5.0)):
         _check_samples("y", y)
-        if not bandwidths or any(s <= 0 for s in bandwidths):
-            raise ValueError(f"bandwidths must be positive, got {bandwidths}")
+        if isinstance(bandwidths, (str, bytes)) or not isinstance(bandwidths, Sequence) or not bandwidths or any(
+                isinstance(s, bool) or not isinstance(s, numbers.Real) or not (math.isfinite(s) and s > 0)
+                for s in bandwidths):
+            raise ValueError(f"bandwidths must be a non-empty sequence of finite numbers > 0, got {bandwidths!r}")
         self.y = y.detach().double()
         self.scales = torch.tensor([-0.5 / (s * s) for s in bandwidths], dtype=torch.float64, device=y.device)
         self.yy = self._same(self.y)
@@ -129,12 +138,12 @@ def kl_kde_grid(data: torch.Tensor, samples: torch.Tensor, *, bandwidth: float =
             raise ValueError(f"{name} must be a Tensor[N, 2] with N >= 1, got {got}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} must be finite")
-    if not (isinstance(bandwidth, (int, float)) and not isinstance(bandwidth, bool) and bandwidth > 0):
-        raise ValueError(f"bandwidth must be a positive number, got {bandwidth!r}")
+    if not (isinstance(bandwidth, (int, float)) and not isinstance(bandwidth, bool) and 0 < bandwidth < math.inf):
+        raise ValueError(f"bandwidth must be a finite number > 0, got {bandwidth!r}")
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
         raise ValueError(f"grid must be an int >= 2, got {grid!r}")
-    if not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 <= eps < math.inf):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     p_points = data.detach().to("cpu", torch.float64)
     q_points = samples.detach().to("cpu", torch.float64)
     lo, hi = p_points.min(0).values, p_points.max(0).values
@@ -182,6 +191,7 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, *, projections: int = 2
         if not isinstance(a, torch.Tensor) or a.dim() != 2 or a.shape[0] < 1:
             got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
             raise ValueError(f"{name} must be a Tensor[N, D] with N >= 1, got {got}")
+        _check_finite(name, a)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same dimension D, got {tuple(x.shape)} and {tuple(y.shape)}")
     if isinstance(projections, bool) or not isinstance(projections, int) or projections < 1:

@@ -48,9 +48,11 @@ def _time_vector(t, batch: int, device) -> torch.Tensor:
             raise ValueError(f"t must be a number or a tensor, got {type(t).__name__}")
         t = torch.tensor(float(t), dtype=_F64, device=device)
     if t.dim() == 0:
-        return t.expand(batch)
+        t = t.expand(batch)
     if t.shape != (batch,):
         raise ValueError(f"t must be a scalar or have shape [{batch}] (the batch), got {tuple(t.shape)}")
+    if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"t must be finite, got {t[~torch.isfinite(t)][0].item()}")
     return t
 
 
@@ -190,7 +192,9 @@ class GaussianMixture:
     def _flatten(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise ValueError(f"{name} must be a tensor of shape [N, D]")
-        flat = x.reshape(x.shape[0], -1)
+        if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a real tensor, got dtype {x.dtype}")
+        flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
         if flat.shape[1] != self.dim:
             raise ValueError(f"{name} must have shape [N, {self.dim}] (or [N, *S] with prod(S) = "
                              f"{self.dim}), got {tuple(x.shape)}")

@@ -16,10 +16,17 @@ import math
 from typing import Callable, Optional, Union
 
 import torch
+from genflow._checks import did_you_mean
 
 __all__ = ["KINDS", "Model", "conversion", "guided"]
 
 KINDS = ("eps", "x0", "score", "v", "velocity")
+
+
+def _kind_error(name: str, value) -> ValueError:
+    """``ValueError`` for an unknown prediction kind, with a did-you-mean hint."""
+    hint = did_you_mean(str(value), KINDS)
+    return ValueError(f"{name} must be one of {KINDS}, got {value!r}{hint}")
 
 
 def _basis(kind, alpha, sigma, dalpha, dsigma):
@@ -34,7 +41,7 @@ def _basis(kind, alpha, sigma, dalpha, dsigma):
         return -sigma, alpha
     if kind == "velocity":
         return dalpha, dsigma
-    raise ValueError(f"prediction kind must be one of {KINDS}, got {kind!r}")
+    raise _kind_error("prediction kind", kind)
 
 
 def conversion(src, dst, alpha, sigma, dalpha=0.0, dsigma=0.0):
@@ -91,7 +98,7 @@ class Model:
         if not callable(net):
             raise TypeError(f"net must be callable, got {type(net).__name__}")
         if prediction not in KINDS:
-            raise ValueError(f"prediction must be one of {KINDS}, got {prediction!r}")
+            raise _kind_error("prediction", prediction)
         if not (time in ("native", "reversed") or callable(time)):
             raise ValueError(f"time must be 'native', 'reversed' or a callable, got {time!r}")
         self.net = net

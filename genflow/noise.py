@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from genflow._checks import did_you_mean
 
 __all__ = ["BrownianTreeNoise", "NOISE_KINDS", "PhiloxNoise", "SuppliedNoise", "noise_source"]
 
@@ -124,8 +125,8 @@ class BrownianTreeNoise(PhiloxNoise):
         self.sigma_min, self.sigma_max, self.tol = float(sigma_min), float(sigma_max), float(tol)
         if not (math.isfinite(self.sigma_min) and math.isfinite(self.sigma_max) and self.sigma_max > self.sigma_min):
             raise ValueError(f"need finite sigma_min < sigma_max, got [{sigma_min}, {sigma_max}]")
-        if not self.tol > 0:
-            raise ValueError(f"tol must be > 0, got {tol}")
+        if not (math.isfinite(self.tol) and self.tol > 0):
+            raise ValueError(f"tol must be a finite number > 0, got {tol}")
         self.depth = max(0, math.ceil(math.log2((self.sigma_max - self.sigma_min) / self.tol)))
         if self.depth > 60:
             raise ValueError(f"tol={tol} needs {self.depth} tree levels on [{sigma_min}, {sigma_max}] (at most 60)")
@@ -256,9 +257,10 @@ def _seed(generator, batch: int):
     if isinstance(generator, (Sequence, torch.Tensor)) and not isinstance(generator, str):
         seeds = torch.as_tensor(generator)
         if seeds.dtype.is_floating_point or seeds.dtype == torch.bool or seeds.shape != (batch,):
-            raise ValueError(f"per-sample seeds must be {batch} integers (one per sample), got {seeds.dtype} {tuple(seeds.shape)}")
+            raise ValueError(f"generator: per-sample seeds must be {batch} integers (one per sample), "
+                             f"got {seeds.dtype} {tuple(seeds.shape)}")
         if (seeds < 0).any():
-            raise ValueError("per-sample seeds must be non-negative")
+            raise ValueError(f"generator: per-sample seeds must be non-negative, got {int(seeds.min())}")
         return seeds.to(torch.int64)
     raise TypeError(f"generator must be None, an int seed, per-sample seeds or a torch.Generator, got {type(generator).__name__}")
 
@@ -292,4 +294,5 @@ def noise_source(generator, batch: int, noise_sampler: Optional[Callable] = None
         if sigma_max is None:
             raise ValueError("noise='brownian_tree' needs sigma_max (the top of the tree's interval)")
         return BrownianTreeNoise(_seed(generator, batch), sigma_max)
-    raise ValueError(f"noise must be one of {NOISE_KINDS} or a noise source, got {noise!r}")
+    hint = did_you_mean(noise, NOISE_KINDS)
+    raise ValueError(f"noise must be one of {NOISE_KINDS} or a noise source, got {noise!r}{hint}")

@@ -9,16 +9,11 @@ from typing import Sequence, Union
 
 import torch
 
+from genflow._checks import did_you_mean
+
 __all__ = ["SCHEDULES", "time_grid", "validate_grid"]
 
 SCHEDULES = ("uniform", "quadratic", "logsnr", "karras", "cosine")
-
-
-def _suggest(name: str, options: Sequence[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, options, n=3)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def _finite_log_snr(process, t: torch.Tensor, toward: torch.Tensor) -> torch.Tensor:
@@ -68,7 +63,7 @@ def _time_grid(process, steps, schedule, t_start, t_end, rho):
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}{_suggest(str(schedule), SCHEDULES)}")
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}{did_you_mean(str(schedule), SCHEDULES)}")
     if not (rho > 0 and math.isfinite(rho)):
         raise ValueError(f"rho must be a positive finite number, got {rho}")
     t0 = torch.as_tensor(process.T if t_start is None else t_start, dtype=torch.float64)
@@ -103,8 +98,19 @@ def _time_grid(process, steps, schedule, t_start, t_end, rho):
             w1 = 2 / math.pi * torch.atan(torch.exp(-lam1 / 2))
             lam = -2 * torch.log(torch.tan(math.pi / 2 * (w0 + u * (w1 - w0))))
         ts = process.t_from_log_snr(lam)
-    ts = ts.clone()
+    # rounding in the log-SNR round trip may step outside [t_end, t_start] or repeat a time on
+    # tiny intervals: keep the grid inside them, and fall back to uniform spacing where it is
+    # not strictly decreasing
+    ts = torch.minimum(torch.maximum(ts, t1), t0)
     ts[0], ts[-1] = t0, t1
+    if not bool((ts[1:] < ts[:-1]).all()):
+        uniform = t0 + u * (t1 - t0)
+        uniform[0], uniform[-1] = t0, t1
+        bad = ~(ts[1:] < ts[:-1]).all(0)
+        ts = torch.where(bad, uniform, ts)
+        if not bool((ts[1:] < ts[:-1]).all()):
+            raise ValueError(f"t_start - t_end is too small for {steps} distinct steps in float64, got "
+                             f"t_start={t0.tolist()}, t_end={t1.tolist()}")
     return ts
 
 
