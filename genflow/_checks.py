@@ -14,6 +14,6 @@ def did_you_mean(value, options: Sequence[str], n: int = 1) -> str:
 
 def check_choice(name: str, value, options: Sequence[str]):
     """``value`` when it is one of ``options``, else a ``ValueError`` naming ``name``."""
-    if not isinstance(value, str) or value not in options:
+    if not ((value is None or isinstance(value, str)) and value in options):
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}{did_you_mean(value, options)}")
     return value

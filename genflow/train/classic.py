@@ -20,7 +20,8 @@ from torch import nn
 from genflow.noise import _seed
 from genflow.ops import randn
 from genflow.train import objectives as obj
-from genflow.train.families import Family, _choice, _int, _real
+from genflow._checks import check_choice
+from genflow.train.families import Family, _int, _real
 
 __all__ = ["CLASSIC_FAMILIES", "GANFamily", "GMMFamily", "RealNVPFamily", "VAEFamily", "kmeans_plus_plus"]
 
@@ -120,7 +121,7 @@ class GMMFamily(Family):
     def __init__(self, *, data_shape, num_classes=None, components=8, init="kmeans", reg_covar=1e-6, kmeans_iter=100):
         _check_unconditional("gmm", num_classes)
         self.components = _int("components", components)
-        self.init = _choice("init", init, ("kmeans", "kmeans++"))
+        self.init = check_choice("init", init, ("kmeans", "kmeans++"))
         self.reg_covar = _real("reg_covar", reg_covar, low=0.0)
         self.kmeans_iter = _int("kmeans_iter", kmeans_iter, 0)
         self.dim = _flat_dim(data_shape)
@@ -445,14 +446,14 @@ class GANFamily(Family):
         self.latent = _int("latent", latent)
         self.dim = _flat_dim(data_shape)
         hidden, layers = _int("hidden", hidden), _int("layers", layers)
-        self.penalty = _choice("penalty", penalty, ("r1", "gp", None))
+        self.penalty = check_choice("penalty", penalty, ("r1", "gp", None))
         self.gamma = _real("gamma", gamma, low=0.0)
         super().__init__({"generator": _mlp(self.latent, self.dim, hidden, layers),
                           "discriminator": _mlp(self.dim, 1, hidden, layers, nn.LeakyReLU)}, data_shape, None)
 
     def parameters(self, phase: str) -> list:
         """The discriminator's parameters in phase ``"discriminator"``, the generator's in ``"generator"``."""
-        _choice("phase", phase, self.phases)
+        check_choice("phase", phase, self.phases)
         return list(self.modules[phase].parameters())
 
     def discriminate(self, x: torch.Tensor) -> torch.Tensor:

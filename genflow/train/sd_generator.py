@@ -21,8 +21,9 @@ import torch
 from torch import distributed as dist
 
 from genflow import sdflow  # the module, not names: genflow.sdflow imports genflow.train
+from genflow._checks import check_choice
 from genflow.ops import kernel_weighted_mean
-from genflow.train.families import Family, _choice, _int, _real, register_family
+from genflow.train.families import Family, _int, _real, register_family
 from genflow.train.objectives import draw_normal
 
 __all__ = ["SDFlowGeneratorFamily"]
@@ -61,7 +62,7 @@ class SDFlowGeneratorFamily(Family):
         self.sigma = _real("sigma", sigma, low=0.0, strict=True)
         self.step_size = self.sigma ** 2 if step_size is None else _real("step_size", step_size, low=0.0, strict=True)
         self.inner_steps = _int("inner_steps", inner_steps)
-        self.denoiser_q = _choice("denoiser_q", denoiser_q, sdflow.DENOISERS_Q)
+        self.denoiser_q = check_choice("denoiser_q", denoiser_q, sdflow.DENOISERS_Q)
         if net is None:
             net = sdflow.MLPGenerator(self.latent_dim, data_shape[0], hidden=_int("hidden", hidden),
                                       depth=_int("depth", depth))
