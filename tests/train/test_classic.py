@@ -139,9 +139,9 @@ def test_vae_images_fixed_std_and_sampling():
 
 # ---------------------------------------------------------------------------- RealNVP
 
-def _random_realnvp(dim=2, layers=4):
+def _random_realnvp(dim=2, layers=4, rotations=False):
     torch.manual_seed(1)
-    flow = RealNVPFamily(data_shape=(dim,), layers=layers, hidden=16)
+    flow = RealNVPFamily(data_shape=(dim,), layers=layers, hidden=16, rotations=rotations)
     with torch.no_grad():
         for p in flow.modules.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -149,8 +149,9 @@ def _random_realnvp(dim=2, layers=4):
     return flow
 
 
-def test_realnvp_inverse_of_forward_is_identity():
-    flow = _random_realnvp(dim=4)
+@pytest.mark.parametrize("rotations", [False, True])
+def test_realnvp_inverse_of_forward_is_identity(rotations):
+    flow = _random_realnvp(dim=4, rotations=rotations)
     x = 2 * torch.randn(64, 4, dtype=torch.float64)
     z, _ = flow.forward(x)
     assert (z - x).abs().max() > 0.1
@@ -160,16 +161,18 @@ def test_realnvp_inverse_of_forward_is_identity():
     torch.testing.assert_close(flow.inverse(flow.forward(x32)[0]), x32, atol=1e-5, rtol=0)
 
 
-def test_realnvp_log_det_matches_jacrev():
-    flow = _random_realnvp(dim=3, layers=5)
+@pytest.mark.parametrize("rotations", [False, True])
+def test_realnvp_log_det_matches_jacrev(rotations):
+    flow = _random_realnvp(dim=3, layers=5, rotations=rotations)
     x = torch.randn(6, 3, dtype=torch.float64)
     _, log_det = flow.forward(x)
     jac = torch.stack([torch.func.jacrev(lambda v: flow.forward(v[None])[0][0])(xi) for xi in x])
     torch.testing.assert_close(log_det, torch.linalg.slogdet(jac).logabsdet)
 
 
-def test_realnvp_density_integrates_to_one():
-    flow = _random_realnvp(dim=2)
+@pytest.mark.parametrize("rotations", [False, True])
+def test_realnvp_density_integrates_to_one(rotations):
+    flow = _random_realnvp(dim=2, rotations=rotations)
     axis = torch.linspace(-9, 9, 301, dtype=torch.float64)
     grid = torch.cartesian_prod(axis, axis)
     mass = flow.log_likelihood(grid).exp().sum() * (axis[1] - axis[0]) ** 2
@@ -185,6 +188,8 @@ def test_realnvp_trains_and_samples(table2):
     assert flow.sample(10, generator=0).shape == (10, 2)
     with pytest.raises(ValueError, match="coordinates"):
         RealNVPFamily(data_shape=(1,))
+    with pytest.raises(TypeError, match="rotations"):
+        RealNVPFamily(data_shape=(2,), rotations=1)
 
 
 # ---------------------------------------------------------------------------- GAN
