@@ -121,6 +121,18 @@ std::vector<int64_t> random_seeds(Rng& r, int64_t n) {
   return v;
 }
 
+// Seeds of a generated-noise update: seed_value, seeds[1], or seeds[B] per sample (the array
+// lives in `store`).
+void random_update_seeds(Rng& r, int64_t B, genflow::FusedUpdateParams& p, std::vector<int64_t>& store) {
+  const int seed_kind = B >= 1 ? static_cast<int>(r.uniform(0, 2)) : 0;
+  p.seed_value = r.gen();
+  if (seed_kind > 0) {
+    p.seed_per_sample = seed_kind == 2;
+    store = random_seeds(r, p.seed_per_sample ? B : 1);
+    p.seeds = store.data();
+  }
+}
+
 // ---- checks ----
 
 const char* dtype_name(Dtype d) {
@@ -261,16 +273,7 @@ void fused_case(Rng& r, Dtype dtype, int64_t it, Counts& n) {
     a.coef = random_doubles(r, (K + 2) * (base.coef_per_sample ? B : 1), -2.0, 2.0, sp);
     base.coef = a.coef.data();
   }
-  // seeds: seed_value, seeds[1], or seeds[B] per sample
-  if (base.noise_mode == genflow::kGeneratedNoise) {
-    const int seed_kind = B >= 1 ? static_cast<int>(r.uniform(0, 2)) : 0;
-    base.seed_value = r.gen();
-    if (seed_kind > 0) {
-      base.seed_per_sample = seed_kind == 2;
-      a.seeds = random_seeds(r, base.seed_per_sample ? B : 1);
-      base.seeds = a.seeds.data();
-    }
-  }
+  if (base.noise_mode == genflow::kGeneratedNoise) random_update_seeds(r, B, base, a.seeds);
   int out_alias = -1;
   if (!philox_only && r.coin(0.4)) {
     out_alias = static_cast<int>(r.uniform(0, K + (base.noise_mode == genflow::kSuppliedNoise)));
@@ -369,15 +372,7 @@ void langevin_case(Rng& r, Dtype dtype, int64_t it, Counts& n) {
     a.coef = random_doubles(r, 3 * (base.coef_per_sample ? B : 1), -2.0, 1.0, sp);
     base.coef = a.coef.data();
   }
-  if (u.noise_mode == genflow::kGeneratedNoise) {
-    const int seed_kind = B >= 1 ? static_cast<int>(r.uniform(0, 2)) : 0;
-    u.seed_value = r.gen();
-    if (seed_kind > 0) {
-      u.seed_per_sample = seed_kind == 2;
-      a.seeds = random_seeds(r, u.seed_per_sample ? B : 1);
-      u.seeds = a.seeds.data();
-    }
-  }
+  if (u.noise_mode == genflow::kGeneratedNoise) random_update_seeds(r, B, u, a.seeds);
   // scratch sizes as csrc/ops/langevin.cpp allocates them
   a.partial.assign(static_cast<size_t>(std::max<int64_t>(B * base.chunks * 2, 1)), 0.0);
   a.norms.assign(static_cast<size_t>(std::max<int64_t>(B * 2, 1)), 0.0);
