@@ -1,0 +1,5 @@
+"""The general SDE/ODE engine: terms, the one time loop, the Butcher-tableau engine, SDE
+schemes, step-size controllers and ``gf.solve`` (DESIGN.md §1)."""
+from genflow.engine.terms import ODE, SDE
+
+__all__ = ["ODE", "SDE"]
