@@ -6,6 +6,8 @@ import math
 import numbers
 from typing import Optional, Sequence
 
+import numpy
+
 __all__ = ["check_bool", "check_choice", "check_int", "check_real", "did_you_mean"]
 
 
@@ -66,6 +68,6 @@ def check_real(name: str, value, *, low: Optional[float] = None, high: Optional[
 
 def check_bool(name: str, value) -> bool:
     """``value`` when it is a bool (or a NumPy bool), else a ``TypeError`` naming ``name``."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, (bool, numpy.bool_)):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
