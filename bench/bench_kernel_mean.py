@@ -6,7 +6,7 @@ values = keys): genflow's op vs chunked PyTorch, dense PyTorch and genflow's own
 
 Rows: ``genflow`` is ``kernel_weighted_mean(q, k, sigma=)`` (streaming log-sum-exp, forward only);
 ``genflow_fwd_bwd`` adds the backward w.r.t. queries and keys; ``chunked`` is
-``genflow.bench.kernel_mean_chunked_torch`` (cdist, softmax, matmul over query chunks of 1024);
+``bench.cases.kernel.kernel_mean_chunked_torch`` (cdist, softmax, matmul over query chunks of 1024);
 ``dense`` the same on the full N x M matrix (only where it fits: N = M <= 16384); ``reference``
 is genflow's pure-PyTorch twin (``backend="torch"``, sums of squared differences).
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from genflow._extension import HAS_EXTENSION
-from genflow.bench import kernel_mean_chunked_torch
+from bench.cases.kernel import kernel_mean_chunked_torch
 from genflow.ops import kernel_weighted_mean
 
 CASES = [(4096, 2), (16384, 2), (65536, 2), (4096, 64), (16384, 64)]

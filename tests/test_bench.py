@@ -11,6 +11,8 @@ import torch
 from genflow import bench
 from genflow.bench import Agreement, Baseline, Case, Context
 
+from bench.cases.ops import noise_law
+
 from .peers import diffusers, k_diffusion_sampling
 
 TINY = Context(tiny=True, rounds=1, round_s=0.001, compile=False)
@@ -216,8 +218,8 @@ def test_noise_law_detects_a_wrong_coefficient():
     g = torch.Generator().manual_seed(0)
     x, d, z = (torch.randn(n, generator=g) for _ in range(3))
     det = 0.95 * x + 0.03 * d
-    assert bench._noise_law(det + 0.2 * z, det, 0.2, [x, d]) < 6
-    assert bench._noise_law(det + 0.01 * x + 0.2 * z, det, 0.2, [x, d]) > 6
+    assert noise_law(det + 0.2 * z, det, 0.2, [x, d]) < 6
+    assert noise_law(det + 0.01 * x + 0.2 * z, det, 0.2, [x, d]) > 6
 
 
 def test_agreement_and_timer():
