@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from genflow._checks import did_you_mean
 
-__all__ = ["BrownianTreeNoise", "NOISE_KINDS", "PhiloxNoise", "SuppliedNoise", "noise_source"]
+__all__ = ["BrownianTreeNoise", "NOISE_KINDS", "PhiloxNoise", "SuppliedNoise", "generator_seed", "noise_source"]
 
 NOISE_KINDS = ("philox", "brownian_tree")
 
@@ -242,8 +242,10 @@ class BrownianTreeNoise(PhiloxNoise):
         return {"noise": self._increment(like, sigma_from, sigma_to, normalise=True)}
 
 
-def _seed(generator, batch: int):
-    """An int seed or an int64 [B] tensor of per-sample seeds from ``gf.sample(generator=...)``."""
+def generator_seed(generator, batch: int):
+    """An int seed or an int64 [B] tensor of per-sample seeds from ``generator=`` (``gf.sample``,
+    ``gf.solve``): None (a fresh seed from torch's global RNG), an int, ``batch`` per-sample seeds
+    or a ``torch.Generator`` (one seed drawn from it)."""
     if generator is None:
         return int(torch.randint(0, _SEED_LIMIT, ()).item())
     if isinstance(generator, torch.Generator):
@@ -263,6 +265,9 @@ def _seed(generator, batch: int):
             raise ValueError(f"generator: per-sample seeds must be non-negative, got {int(seeds.min())}")
         return seeds.to(torch.int64)
     raise TypeError(f"generator must be None, an int seed, per-sample seeds or a torch.Generator, got {type(generator).__name__}")
+
+
+_seed = generator_seed  # the former private name, until its importers use generator_seed
 
 
 def noise_source(generator, batch: int, noise_sampler: Optional[Callable] = None, *,
@@ -289,10 +294,10 @@ def noise_source(generator, batch: int, noise_sampler: Optional[Callable] = None
         raise TypeError(f"noise must be one of {NOISE_KINDS} or a noise source (with draw and prior), "
                         f"got {type(noise).__name__}")
     if noise == "philox":
-        return PhiloxNoise(_seed(generator, batch))
+        return PhiloxNoise(generator_seed(generator, batch))
     if noise == "brownian_tree":
         if sigma_max is None:
             raise ValueError("noise='brownian_tree' needs sigma_max (the top of the tree's interval)")
-        return BrownianTreeNoise(_seed(generator, batch), sigma_max)
+        return BrownianTreeNoise(generator_seed(generator, batch), sigma_max)
     hint = did_you_mean(noise, NOISE_KINDS)
     raise ValueError(f"noise must be one of {NOISE_KINDS} or a noise source, got {noise!r}{hint}")
