@@ -28,11 +28,11 @@ from genflow._checks import did_you_mean
 from genflow._extension import HAS_EXTENSION, has_cuda_kernels, warn_missing_once
 from genflow.ops import _reference
 
-__all__ = ["fused_update", "fused_update_packed", "fused_update_unchecked", "randn", "seed_tensor", "use_kernel", "use_op",
-           "MAX_TERMS"]
+__all__ = ["MAX_TERMS", "STATE_DTYPES", "check_coef", "check_like", "check_offset", "fused_update", "fused_update_packed",
+           "fused_update_unchecked", "host_tensor", "randn", "seed_tensor", "use_kernel", "use_op"]
 
 MAX_TERMS = 4
-_STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _BACKENDS = ("auto", "torch", "cpu", "cuda")
 
 Coef = Union[float, torch.Tensor]
@@ -44,14 +44,14 @@ def _is_number(v) -> bool:
     return type(v) is float or type(v) is int or (isinstance(v, numbers.Real) and not isinstance(v, bool))
 
 
-def _host_tensor(values, dtype: torch.dtype, code: str) -> torch.Tensor:
+def host_tensor(values, dtype: torch.dtype, code: str) -> torch.Tensor:
     """A small CPU tensor of Python numbers (frombuffer is ~3x faster than torch.tensor)."""
     if torch.compiler.is_compiling():
         return torch.tensor(values, dtype=dtype)
     return torch.frombuffer(array.array(code, values), dtype=dtype)
 
 
-def _check_coef(value, name: str, batch: int, device: torch.device):
+def check_coef(value, name: str, batch: int, device: torch.device):
     """A float, or a [B] tensor (a 0-dim tensor is broadcast to [B] without a sync)."""
     if type(value) is float:
         return value
@@ -71,7 +71,7 @@ def _check_coef(value, name: str, batch: int, device: torch.device):
     raise TypeError(f"{name} must be a float or a tensor of shape [B], got {type(value).__name__}")
 
 
-def _check_like(t, name: str, x: torch.Tensor):
+def check_like(t, name: str, x: torch.Tensor):
     if isinstance(t, torch.Tensor) and t.shape == x.shape and t.dtype == x.dtype and t.device == x.device:
         return
     if not isinstance(t, torch.Tensor):
@@ -93,10 +93,10 @@ def _seed_int(v, name: str) -> int:
     return v - 2**64 if v >= 2**63 else v  # the same 64 bits as an int64
 
 
-def _seed_tensor(seed, batch: Optional[int], device: torch.device) -> torch.Tensor:
+def seed_tensor(seed, batch: Optional[int], device: torch.device) -> torch.Tensor:
     """int -> int64 [1] on the CPU; B ints or an int64 [B] tensor -> int64 [B] on ``device``."""
     if type(seed) is int and -(2**63) <= seed < 2**63:
-        return _host_tensor([seed], torch.int64, "q")
+        return host_tensor([seed], torch.int64, "q")
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64:
             raise TypeError(f"seed tensor must be int64, got {seed.dtype}")
@@ -112,10 +112,10 @@ def _seed_tensor(seed, batch: Optional[int], device: torch.device) -> torch.Tens
                              f"sample), got {len(seed)} seeds")
         values = [_seed_int(s, f"seed[{i}]") for i, s in enumerate(seed)]
         return torch.tensor(values, dtype=torch.int64, device=device)
-    return _host_tensor([_seed_int(seed, "seed")], torch.int64, "q")
+    return host_tensor([_seed_int(seed, "seed")], torch.int64, "q")
 
 
-def _check_offset(offset) -> int:
+def check_offset(offset) -> int:
     if type(offset) is int and 0 <= offset < 2**63:
         return offset
     if not isinstance(offset, numbers.Integral) or isinstance(offset, bool):
@@ -125,7 +125,7 @@ def _check_offset(offset) -> int:
     return int(offset)
 
 
-def _use_kernel(backend: str, device: torch.device) -> bool:
+def use_kernel(backend: str, device: torch.device) -> bool:
     """True: call torch.ops.genflow; False: the pure-PyTorch reference."""
     if backend == "auto" and HAS_EXTENSION and device.type == "cpu":
         return True
@@ -181,7 +181,7 @@ def fused_update(x: torch.Tensor, terms: Sequence[torch.Tensor] = (), coefs: Seq
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dtype not in _STATE_DTYPES:
+    if x.dtype not in STATE_DTYPES:
         raise TypeError(f"x must be float32, float64, bfloat16 or float16, got {x.dtype}")
     if isinstance(terms, torch.Tensor) or not isinstance(terms, (list, tuple)):
         raise TypeError(f"terms must be a list or tuple of tensors, got {type(terms).__name__}")
@@ -194,26 +194,26 @@ def fused_update(x: torch.Tensor, terms: Sequence[torch.Tensor] = (), coefs: Seq
         raise ValueError(f"coefs must have len(terms) + 1 = {K + 1} entries (c0, c1..cK), got {len(coefs)}")
     device = x.device
     for k, t in enumerate(terms):
-        _check_like(t, "terms[%d]" % k, x)
+        check_like(t, "terms[%d]" % k, x)
     batch = x.shape[0] if x.dim() > 0 else 1
     values = list(coefs)
     values.append(noise_scale)
     for k, v in enumerate(values):
         if type(v) is not float:
-            values[k] = _check_coef(v, "coefs[%d]" % k if k <= K else "noise_scale", batch, device)
+            values[k] = check_coef(v, "coefs[%d]" % k if k <= K else "noise_scale", batch, device)
     if noise is not None and seed is not None:
         raise ValueError("pass either noise= or seed= (noise generated in the kernel), not both")
     if noise is not None:
-        _check_like(noise, "noise", x)
+        check_like(noise, "noise", x)
     elif seed is None:
         s = values[-1]  # a tensor is read back here (a device sync; pass seed= or noise= instead)
         if (bool((s != 0).any()) if isinstance(s, torch.Tensor) else s != 0.0):
             raise ValueError("noise_scale is nonzero but neither noise= nor seed= was given")
-    offset = _check_offset(offset)
+    offset = check_offset(offset)
     if out is not None:
-        _check_like(out, "out", x)
-    seed_t = None if seed is None else _seed_tensor(seed, batch, device)
-    return fused_update_unchecked(x, list(terms), values, kernel=_use_kernel(backend, device),
+        check_like(out, "out", x)
+    seed_t = None if seed is None else seed_tensor(seed, batch, device)
+    return fused_update_unchecked(x, list(terms), values, kernel=use_kernel(backend, device),
                                   noise=noise, seed=seed_t, offset=offset, out=out)
 
 
@@ -241,7 +241,7 @@ def fused_update_unchecked(x: torch.Tensor, terms: list, values: list, *, kernel
     result holds a NaN/Inf (recorded by the kernel as it writes; see ``record_nonfinite``).
     """
     if all(type(v) is float for v in values):
-        coef = _host_tensor(values, torch.float64, "d")  # CPU: the CUDA op takes it by value
+        coef = host_tensor(values, torch.float64, "d")  # CPU: the CUDA op takes it by value
     else:
         # per-sample coefficients (host float64 [B] from the solvers' grid tables): packed on the
         # host and sent in one copy; from pinned memory without a stream sync on CUDA
@@ -287,20 +287,18 @@ def fused_update_packed(x: torch.Tensor, terms: list, coef: torch.Tensor, *, ker
     return out
 
 
-use_kernel = _use_kernel
 
 
 def use_op(backend: str, device: torch.device, has_op: bool, what: str) -> bool:
     """``use_kernel`` for an op that a build of ``genflow._C`` may lack (``has_op``): False (the
     reference) for ``backend="auto"`` without it, an error naming ``what`` for an explicit backend."""
-    kernel = _use_kernel(backend, device)
+    kernel = use_kernel(backend, device)
     if kernel and not has_op:
         if backend != "auto":
             raise RuntimeError(f"backend={backend!r}: genflow._C was built without {what} "
                                "(rebuild with pip install -e .)")
         return False
     return kernel
-seed_tensor = _seed_tensor
 
 
 def randn(shape, *, seed, offset: int = 0, dtype: torch.dtype = torch.float32, device=None,
@@ -325,7 +323,7 @@ def randn(shape, *, seed, offset: int = 0, dtype: torch.dtype = torch.float32, d
             isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise ValueError(f"shape must be an int or a sequence of non-negative ints, got {shape!r}")
     shape = tuple(int(s) for s in shape)
-    if dtype not in _STATE_DTYPES:
+    if dtype not in STATE_DTYPES:
         raise TypeError(f"dtype must be float32, float64, bfloat16 or float16, got {dtype}")
     if device is None:
         device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
@@ -334,9 +332,9 @@ def randn(shape, *, seed, offset: int = 0, dtype: torch.dtype = torch.float32, d
     if isinstance(seed, (list, tuple, torch.Tensor)) and not shape and not (
             isinstance(seed, torch.Tensor) and seed.numel() == 1):
         raise ValueError("per-sample seeds need a shape with a batch dimension, got shape ()")
-    seed_t = _seed_tensor(seed, batch, device)
-    offset = _check_offset(offset)
-    if _use_kernel(backend, device):
+    seed_t = seed_tensor(seed, batch, device)
+    offset = check_offset(offset)
+    if use_kernel(backend, device):
         if seed_t.device == device:
             return torch.ops.genflow.philox_normal(seed_t, offset, list(shape), dtype)
         out = torch.empty(shape, dtype=dtype, device=device)

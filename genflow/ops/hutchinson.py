@@ -42,7 +42,7 @@ import torch
 from genflow._checks import did_you_mean
 from genflow._extension import HAS_EXTENSION
 from genflow.ops import _reference
-from genflow.ops.fused_update import _check_offset, _host_tensor, _seed_tensor, use_op
+from genflow.ops.fused_update import check_offset, host_tensor, seed_tensor, use_op
 
 __all__ = ["BLOCK", "KINDS", "probe_dot", "probes"]
 
@@ -127,8 +127,8 @@ def probes(shape, *, seed, offset: int = 0, kind: str = "rademacher", dtype: tor
     if isinstance(seed, (list, tuple, torch.Tensor)) and not shape and not (
             isinstance(seed, torch.Tensor) and seed.numel() == 1):
         raise ValueError("per-sample seeds need a shape with a batch dimension, got shape ()")
-    seed_t = _seed_tensor(seed, shape[0] if shape else 1, device)
-    offset = _check_offset(offset)
+    seed_t = seed_tensor(seed, shape[0] if shape else 1, device)
+    offset = check_offset(offset)
     code = KINDS.index(kind)
     if _dispatch(backend, device):
         return torch.ops.genflow.hutchinson_probes(seed_t.to(device), offset, list(shape), dtype, code)  # kernel:
@@ -186,7 +186,7 @@ def probe_dot(probe: torch.Tensor, v: torch.Tensor, *, scale: Union[float, torch
     elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
-        scale_t = _host_tensor([float(scale)], torch.float64, "d").to(device)
+        scale_t = host_tensor([float(scale)], torch.float64, "d").to(device)
     else:
         raise TypeError(f"scale must be a float or a float64 tensor of shape [B], got {type(scale).__name__}")
     if torch.is_grad_enabled():

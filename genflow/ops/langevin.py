@@ -23,8 +23,8 @@ import torch
 from genflow._checks import did_you_mean
 from genflow._extension import HAS_EXTENSION
 from genflow.ops import _reference
-from genflow.ops.fused_update import (_STATE_DTYPES, _check_coef, _check_like, _check_offset,
-                                      _host_tensor, _seed_tensor, _use_kernel)
+from genflow.ops.fused_update import (STATE_DTYPES, check_coef, check_like, check_offset,
+                                      host_tensor, seed_tensor, use_kernel)
 
 __all__ = ["langevin_update"]
 
@@ -85,17 +85,17 @@ def langevin_update(x: torch.Tensor, model_out: torch.Tensor, coefs: Sequence = 
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dtype not in _STATE_DTYPES:
+    if x.dtype not in STATE_DTYPES:
         raise TypeError(f"x must be float32, float64, bfloat16 or float16, got {x.dtype}")
-    _check_like(model_out, "model_out", x)
+    check_like(model_out, "model_out", x)
     if isinstance(coefs, torch.Tensor) or not isinstance(coefs, (list, tuple)) or len(coefs) != 2:
         raise ValueError(f"coefs must be a pair (a, b) with the score s = a x + b model_out, got {coefs!r}")
     device = x.device
     batch = x.shape[0] if x.dim() > 0 else 1
-    a = _check_coef(coefs[0], "coefs[0]", batch, device)
-    b = _check_coef(coefs[1], "coefs[1]", batch, device)
-    snr = _check_coef(snr, "snr", batch, device)
-    alpha_i = _check_coef(alpha_i, "alpha_i", batch, device)
+    a = check_coef(coefs[0], "coefs[0]", batch, device)
+    b = check_coef(coefs[1], "coefs[1]", batch, device)
+    snr = check_coef(snr, "snr", batch, device)
+    alpha_i = check_coef(alpha_i, "alpha_i", batch, device)
     _check_finite(a, "coefs[0]")
     _check_finite(b, "coefs[1]")
     _check_finite(snr, "snr", nonnegative=True)
@@ -109,10 +109,10 @@ def langevin_update(x: torch.Tensor, model_out: torch.Tensor, coefs: Sequence = 
     if noise is None and seed is None:
         raise ValueError("langevin_update needs noise: pass noise= or seed=")
     if noise is not None:
-        _check_like(noise, "noise", x)
-    offset = _check_offset(offset)
+        check_like(noise, "noise", x)
+    offset = check_offset(offset)
     if out is not None:
-        _check_like(out, "out", x)
+        check_like(out, "out", x)
         if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
             raise ValueError(f"out must not have overlapping memory (an expand()ed tensor), got "
                              f"strides {out.stride()} for shape {list(out.shape)}")
@@ -126,7 +126,7 @@ def langevin_update(x: torch.Tensor, model_out: torch.Tensor, coefs: Sequence = 
     values = [a, b, None]
     if all(type(v) is float for v in (a, b, snr, alpha_i)):
         values[2] = 2.0 * alpha_i * snr * snr
-        coef = _host_tensor(values, torch.float64, "d")
+        coef = host_tensor(values, torch.float64, "d")
     else:
         def vec(v):
             if isinstance(v, torch.Tensor):
@@ -134,9 +134,9 @@ def langevin_update(x: torch.Tensor, model_out: torch.Tensor, coefs: Sequence = 
             return torch.full((batch,), v, dtype=torch.float64, device=device)
         r = 2.0 * vec(alpha_i) * vec(snr) * vec(snr)
         coef = torch.stack([vec(a), vec(b), r])
-    seed_t = None if seed is None else _seed_tensor(seed, batch, device)
+    seed_t = None if seed is None else seed_tensor(seed, batch, device)
 
-    if _use_kernel(backend, device) and (_HAS_OP or backend != "auto"):
+    if use_kernel(backend, device) and (_HAS_OP or backend != "auto"):
         if not _HAS_OP:
             raise RuntimeError("this build of genflow._C has no langevin_update op: rebuild it "
                                "with pip install -e . from the repository root")

@@ -101,7 +101,7 @@ def test_philox_streams_match_reference(shape, dtype, seed, offset, per_sample, 
         assert torch.equal(p, z)
     else:
         assert torch.equal(p, torch.where(z.float() >= 0, 1.0, -1.0).to(dtype))
-    assert torch.equal(torch.ops.genflow.philox_normal(ops.fused_update.__globals__["_seed_tensor"](
+    assert torch.equal(torch.ops.genflow.philox_normal(ops.fused_update.__globals__["seed_tensor"](
         seeds, shape[0], torch.device("cpu")), offset, list(shape), dtype), z)
 
 
