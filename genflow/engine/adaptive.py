@@ -1,0 +1,148 @@
+"""Adaptive step sizes: the per-sample accept/reject loop, the step-size controller, the error
+norm and the initial step.
+
+Every sample has its own time, step size and error norm (the fused update takes per-sample
+coefficient vectors), so a batch takes as many iterations as its hardest sample and each sample
+follows the step sequence it would follow alone; ``error_norm="batch"`` pools the norms into one
+(one step size for the batch, as torchdiffeq and ``scipy.integrate.solve_ivp`` on the flattened
+batch). Step sizes ``h`` are magnitudes; each sample integrates from ``t_start`` toward
+``t_end`` in its own direction. The controller and bookkeeping run on the host in float64 (one
+device-to-host copy of the error norms per iteration).
+"""
+import math
+from typing import Optional
+
+import torch
+
+from genflow.solvers.base import diverged_rows
+
+__all__ = ["StepController", "iterate", "rms", "initial_step", "pooled"]
+
+
+def rms(v: torch.Tensor) -> torch.Tensor:
+    """Per-sample root mean square of v (Tensor[B, *D]) as float64 [B] on the host."""
+    return v.reshape(v.shape[0], -1).double().square().mean(1).sqrt().cpu()
+
+
+def pooled(norms: torch.Tensor, error_norm: str) -> torch.Tensor:
+    """The per-sample norms, or (``error_norm="batch"``) their rms over the batch for every sample."""
+    if error_norm == "batch":
+        return norms.square().mean().sqrt().expand_as(norms).clone()
+    return norms
+
+
+class StepController:
+    """The step-size controller of DOPRI5 (Hairer, Nørsett & Wanner, *Solving ODEs I*, §II.4 and
+    the code's PI control, §IV.2 of volume II):
+
+        fac = clip(err^(1/(q+1) - 0.75 beta) / err_prev^beta / safety, 1/fac_max, 1/fac_min),  h' = h / fac
+
+    with ``q`` the embedded solution's order, no growth right after a rejection, and after a
+    rejection ``h' = h / min(err^(1/(q+1) - 0.75 beta) / safety, 1/fac_min)``. ``beta = 0`` is the
+    plain controller of scipy and torchdiffeq, ``h (safety / err)^(1/(q+1))``; DOPRI5 uses
+    ``beta = 0.04`` (Lund stabilisation). All float64 [B] host tensors.
+    """
+
+    def __init__(self, error_order: int, *, beta: float = 0.0, safety: float = 0.9, fac_min: float = 0.2,
+                 fac_max: float = 10.0):
+        self.exponent, self.beta = 1.0 / (error_order + 1), beta
+        self.safety, self.fac_min, self.fac_max = safety, fac_min, fac_max
+        self.err_prev = self.rejected = None
+
+    def reset(self, batch: int) -> None:
+        self.err_prev = torch.full((batch,), 1e-4, dtype=torch.float64)
+        self.rejected = torch.zeros(batch, dtype=torch.bool)
+
+    def __call__(self, err: torch.Tensor, h: torch.Tensor, accept: torch.Tensor) -> torch.Tensor:
+        fac11 = err ** (self.exponent - 0.75 * self.beta)
+        fac = fac11 / self.safety
+        if self.beta:
+            fac = fac / self.err_prev ** self.beta
+        fac = fac.clamp(1 / self.fac_max, 1 / self.fac_min)
+        h_accept = torch.where(self.rejected, torch.minimum(h / fac, h), h / fac)
+        h_reject = h / torch.clamp(fac11 / self.safety, max=1 / self.fac_min)
+        self.err_prev = torch.where(accept, err.clamp_min(1e-4), self.err_prev)
+        self.rejected = ~accept & (h > 0)
+        return torch.where(accept, h_accept, h_reject)
+
+
+def initial_step(y, f0, step_to, derivative, span, *, rtol: float, atol: float, error_order: int,
+                 error_norm: str = "sample") -> torch.Tensor:
+    """Hairer's automatic first step (Hairer, Nørsett & Wanner I, §II.4, "Starting step size"),
+    per sample: ``h0 = 0.01 |y|/|f0|``, one explicit Euler step ``y1 = step_to(h0)`` and
+    ``f1 = derivative(y1, h0)``, ``h1 = (0.01 / max(|f0|, |f1 - f0| / h0))^(1/(q+1))``,
+    ``h = min(100 h0, h1, span)`` (norms scaled by ``atol + rtol |y|``; 1 NFE)."""
+    scale = y.abs().mul(rtol).add_(atol)
+    d0 = pooled(rms(y / scale), error_norm)
+    d1 = pooled(rms(f0 / scale), error_norm)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1.clamp_min(1e-300))
+    h0 = torch.minimum(h0, span)
+    f1 = derivative(step_to(h0), h0)
+    d2 = pooled(rms((f1 - f0) / scale), error_norm) / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(dmax <= 1e-15, torch.clamp_min(h0 * 1e-3, 1e-6),
+                     (0.01 / dmax.clamp_min(1e-300)) ** (1.0 / (error_order + 1)))
+    h = torch.minimum(torch.minimum(100 * h0, h1), span)
+    return torch.where(torch.isfinite(h), h, span)
+
+
+def iterate(stepper, x: torch.Tensor, t_start: torch.Tensor, t_end: torch.Tensor, *, max_steps: int,
+            check_finite: bool, h_init: Optional[float] = None):
+    """The per-sample adaptive loop (a generator) over the hooks of ``stepper``:
+
+    ``_start(x, t, span) -> h`` (first step sizes), ``_attempt(x, t, h) -> err`` (float64 [B]
+    error norms of a step of size ``h`` from ``t`` toward ``t_end``; accepted where ``<= 1``),
+    ``_control(err, h, accept) -> h_next``, ``_commit(x, accept, done) -> x`` (take the attempt
+    where accepted), and ``_diverged(rows, t, h, what)`` (raise ``NonFiniteError``).
+
+    After every iteration it yields ``(x, info, progress)``: ``info`` holds ``i``, ``t``,
+    ``t_next`` (float64 [B]; ``t_next = t`` where rejected), ``h``, ``accepted`` (bool [B]),
+    ``error`` and ``accepted_steps`` (int64 [B], cumulative); ``progress`` is the smallest
+    fraction of its interval any sample has done. Sets ``stepper.accepted_steps`` and
+    ``rejected_steps``. A sample that has reached ``t_end`` rides along with ``h = 0``.
+    """
+    batch = x.shape[0]
+    direction = torch.where(t_end >= t_start, 1.0, -1.0).to(torch.float64)
+    span = (t_end - t_start).abs()
+    t = t_start.clone()
+    stepper.accepted_steps = torch.zeros(batch, dtype=torch.int64)
+    stepper.rejected_steps = torch.zeros(batch, dtype=torch.int64)
+    done = span == 0
+    h = stepper._start(x, t, span)
+    if h_init is not None:
+        h = torch.minimum(torch.full_like(t, float(h_init)), span)
+    nonfinite_err = torch.zeros(batch, dtype=torch.bool)
+    i = 0
+    while not bool(done.all()):
+        if i >= max_steps:
+            raise RuntimeError(f"{stepper.name!r} reached max_steps={max_steps} with {int((~done).sum())} samples "
+                               f"short of t_end (at t={t[~done][:4].tolist()}...); raise max_steps or loosen rtol/atol")
+        remaining = (t_end - t) * direction
+        last = (1.01 * h >= remaining) & ~done  # land on t_end exactly rather than just short of it
+        h = torch.where(done, 0.0, torch.where(last, remaining, h))
+        tiny = ~done & (h <= 1e-13 * torch.maximum(t.abs(), span))
+        if check_finite and bool((tiny & nonfinite_err).any()):
+            stepper._diverged(nonfinite_err, t, h, "its error norm is NaN/Inf at every step size down to")
+        if tiny.any():
+            raise RuntimeError(f"{stepper.name!r}: step size underflow (h={h[tiny][:4].tolist()} at "
+                               f"t={t[tiny][:4].tolist()}); the derivative may be non-finite or the "
+                               f"tolerances too tight for {x.dtype}")
+        err = stepper._attempt(x, t, h)
+        nonfinite_err = ~done & ~torch.isfinite(err)  # retried with smaller h: raises at underflow
+        err = torch.where(done, 0.0, torch.where(torch.isnan(err), math.inf, err))
+        accept = (err <= 1.0) & ~done
+        h_next = stepper._control(err, h, accept)
+        x = stepper._commit(x, accept, done)
+        if check_finite:
+            bad = diverged_rows(x)
+            if bool(bad.any()):
+                stepper._diverged(bad, t, h, "an accepted step made the state NaN/Inf; step")
+        t_next = torch.where(accept, torch.where(last, t_end, t + direction * h), t)
+        done = done | (accept & last)
+        stepper.accepted_steps += accept
+        stepper.rejected_steps += ~accept & ~done
+        progress = float(((t_next - t_start).abs() / span.clamp_min(1e-300)).min())
+        info = {"i": i, "t": t, "t_next": t_next, "h": h, "accepted": accept, "error": err,
+                "accepted_steps": stepper.accepted_steps.clone()}
+        yield x, info, progress
+        t, h, i = t_next, h_next, i + 1

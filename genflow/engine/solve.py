@@ -1,0 +1,277 @@
+"""``gf.solve``: integrate a user's ODE or SDE (``gf.ODE``, ``gf.SDE``) with the engine.
+
+ODE solvers are Butcher tableaux (``genflow.engine.tableau.TABLEAUX``) run by the one
+Runge–Kutta engine, on a fixed grid or with adaptive per-sample steps; SDE solvers are the
+schemes of ``genflow.engine.sde.SDE_SOLVERS`` on the Brownian motion of
+``genflow.engine.brownian.make_brownian``. Both run through the one time loop
+(``genflow.engine.loop.run``: callback, progress bar, divergence check).
+"""
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from genflow._checks import check_bool, check_choice, check_int, check_real
+from genflow.engine.loop import run
+from genflow.engine.ode import AdaptiveRK, FixedRK
+from genflow.engine.tableau import TABLEAUX
+from genflow.engine.terms import ODE, SDE
+from genflow.ops.fused_update import use_kernel
+
+__all__ = ["Solution", "solve"]
+
+BACKENDS = ("auto", "torch", "cpu", "cuda")
+ERROR_NORMS = ("sample", "batch")
+
+
+class Solution(NamedTuple):
+    """What ``gf.solve`` returns with ``saveat`` or ``dense=True``.
+
+    Attributes:
+        y (Tensor[B, *D]): the state at ``t1``.
+        ts (float64 Tensor[S] or [S, B]): the save times (None without ``saveat``).
+        ys (Tensor[S, B, *D]): the states at ``ts`` (None without ``saveat``).
+        stats (dict): ``nfe``, and for adaptive solves ``accepted_steps`` / ``rejected_steps``
+            (int64 [B]).
+        interpolation: the adaptive solver (``dense=True``); use ``evaluate``.
+    """
+
+    y: torch.Tensor
+    ts: Optional[torch.Tensor]
+    ys: Optional[torch.Tensor]
+    stats: dict
+    interpolation: Optional[object] = None
+
+    def evaluate(self, t) -> torch.Tensor:
+        """The dense solution at ``t`` (float or float64 [B]); needs ``dense=True``."""
+        if self.interpolation is None:
+            raise ValueError("Solution.evaluate needs gf.solve(..., dense=True) with an adaptive solver")
+        return self.interpolation.evaluate(t)
+
+
+def _times(name: str, value, batch: int) -> torch.Tensor:
+    """A float or a length-B tensor as float64 [B] on the host."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() != 1:
+        if value.shape[0] != batch:
+            raise ValueError(f"{name} must be a float or a tensor of shape [B] = [{batch}], got shape {list(value.shape)}")
+        value = value.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} must be finite")
+        return value
+    return torch.full((batch,), check_real(name, value), dtype=torch.float64)
+
+
+def _grid(ts, steps, t0, t1, batch):
+    """The fixed grid ``[N+1]`` (shared times) or ``[N+1, B]`` (per-sample) as host float64."""
+    if ts is not None:
+        if not isinstance(ts, torch.Tensor):
+            ts = torch.as_tensor(ts, dtype=torch.float64)
+        ts = ts.detach().to("cpu", torch.float64)
+        if ts.dim() not in (1, 2) or ts.shape[0] < 2 or (ts.dim() == 2 and ts.shape[1] != batch):
+            raise ValueError(f"ts must have shape [N+1] or [N+1, B] = [N+1, {batch}] with N >= 1, got {list(ts.shape)}")
+        if not bool(torch.isfinite(ts).all()):
+            raise ValueError("ts must be finite")
+        diff = ts[1:] - ts[:-1]
+        if not (bool((diff > 0).all()) or bool((diff < 0).all())):
+            raise ValueError("ts must be strictly increasing or strictly decreasing")
+        return ts
+    steps = check_int("steps", steps, low=1)
+    fractions = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    if bool((t0 == t0[0]).all()) and bool((t1 == t1[0]).all()):
+        ts = t0[0] + (t1[0] - t0[0]) * fractions
+    else:
+        ts = t0[None, :] + (t1 - t0)[None, :] * fractions[:, None]
+    ts[-1] = t1[0] if ts.dim() == 1 else t1
+    return ts
+
+
+def _drift(term, y0: torch.Tensor, shared: bool):
+    """``f(y, t)`` for the engine: the user's ``drift(t, y)`` with ``t`` as a tensor of y's dtype
+    and device (0-d for a shared time, [B] per sample); its first output is checked."""
+    drift, checked = term.drift, []
+
+    def f(y, t):
+        if isinstance(t, torch.Tensor):
+            t = t[0] if shared else t
+            t = t.to(device=y.device, dtype=y.dtype)
+        else:
+            t = torch.tensor(t, dtype=y.dtype, device=y.device)
+        out = drift(t, y)
+        if not checked:
+            if not isinstance(out, torch.Tensor) or out.shape != y.shape or out.dtype != y.dtype:
+                got = f"{out.dtype} {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"drift(t, y) must return a tensor like y ({y.dtype} {list(y.shape)}), got {got}")
+            checked.append(True)
+        return out if out.device == y.device else out.to(y.device)
+
+    return f
+
+
+def _saveat(saveat, batch):
+    if saveat is None:
+        return None
+    saveat = torch.as_tensor(saveat, dtype=torch.float64).detach().cpu()
+    if saveat.dim() == 0:
+        saveat = saveat.reshape(1)
+    if saveat.dim() not in (1, 2) or (saveat.dim() == 2 and saveat.shape[1] != batch) or saveat.shape[0] == 0:
+        raise ValueError(f"saveat must have shape [S] or [S, B] = [S, {batch}] with S >= 1, got {list(saveat.shape)}")
+    return saveat
+
+
+def _grid_indices(saveat, ts):
+    """The grid index of each save time (a fixed grid saves at its own nodes only)."""
+    grid = ts if ts.dim() == 2 else ts[:, None]
+    indices = []
+    for s in saveat:
+        hits = ((grid - s.reshape(1, -1)).abs() <= 1e-12 * (1 + grid.abs())).all(1).nonzero()
+        if hits.numel() == 0:
+            raise ValueError(f"saveat time {s.tolist()} is not a node of the fixed grid: with steps/ts, save at grid "
+                             f"times (or use an adaptive solver, which interpolates)")
+        indices.append(int(hits[0]))
+    return indices
+
+
+def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] = None, ts=None,
+          rtol: Optional[float] = None, atol: Optional[float] = None, generator=None, brownian=None, saveat=None,
+          dense: bool = False, callback: Optional[Callable] = None, progress: bool = False, check_finite: bool = True,
+          backend: str = "auto", error_norm: str = "sample", h_init=None, max_steps: int = 10_000,
+          **solver_options):
+    """Integrate ``term`` (``gf.ODE`` or ``gf.SDE``) from ``y0`` at ``t0`` to ``t1``.
+
+    Args:
+        term: ``gf.ODE(drift)`` (ODE solvers: ``TABLEAUX``) or ``gf.SDE(drift, diffusion, ...)``
+            (SDE solvers: ``genflow.engine.sde.SDE_SOLVERS``).
+        y0 (Tensor[B, *D]): the start state (not modified).
+        t0, t1: floats, or float Tensor[B] (each sample has its own interval; either direction).
+        solver: a name from ``TABLEAUX`` (``euler``, ``midpoint``, ``heun``, ``ralston``, ``rk4``,
+            ``rk4_38``, ``bosh3``, ``tsit5``, ``dopri5``, ``dop853``) or of the SDE solvers.
+        steps: a uniform grid of ``steps`` steps; ``ts``: an explicit grid ``[N+1]`` or
+            ``[N+1, B]`` (monotone; its ends replace t0/t1). Without either an embedded pair
+            (bosh3, tsit5, dopri5, dop853) steps adaptively.
+        rtol, atol: adaptive tolerances (default 1e-6 each; only for adaptive solves).
+        generator, brownian: the SDE's noise (see ``genflow.engine.brownian.make_brownian``).
+        saveat: times ``[S]`` or ``[S, B]`` at which to return the state (adaptive solves
+            interpolate with the dense output; fixed grids save at their own nodes).
+        dense: keep the adaptive solve's stages; ``Solution.evaluate(t)`` interpolates.
+        callback: called after every step (or adaptive iteration) with a dict ``i, t, t_next,
+            x, nfe`` (``x`` is the working buffer: clone it to keep it).
+        progress: a tqdm progress bar.  check_finite: raise ``gf.NonFiniteError`` at the
+            first step that makes the state NaN/Inf.
+        backend: ``"auto"``, ``"torch"``, ``"cpu"`` or ``"cuda"`` for the fused updates.
+        error_norm: ``"sample"`` (per-sample step sizes) or ``"batch"`` (one step size from the
+            rms over the batch, as torchdiffeq).
+        h_init: the first adaptive step (default: Hairer's automatic choice, 1 NFE).
+        max_steps: bound on the adaptive iterations.
+        **solver_options: passed to an SDE solver.
+
+    Returns:
+        ``y(t1)`` (Tensor[B, *D]), or a ``Solution`` with ``saveat`` or ``dense=True``.
+        Gradients flow to ``y0`` and to the drift's parameters (backpropagation through the steps).
+    """
+    if not isinstance(term, (ODE, SDE)):
+        raise TypeError(f"term must be a gf.ODE or gf.SDE, got {type(term).__name__}")
+    if not isinstance(y0, torch.Tensor) or not y0.is_floating_point() or y0.dim() < 1:
+        raise TypeError(f"y0 must be a floating tensor of shape [B, *D], got "
+                        f"{y0.dtype if isinstance(y0, torch.Tensor) else type(y0).__name__}")
+    if not bool(torch.isfinite(y0).all()):
+        raise ValueError("y0 contains NaN or Inf")
+    check_choice("backend", backend, BACKENDS)
+    check_choice("error_norm", error_norm, ERROR_NORMS)
+    check_finite, dense, progress = (check_bool("check_finite", check_finite), check_bool("dense", dense),
+                                     check_bool("progress", progress))
+    max_steps = check_int("max_steps", max_steps, low=1)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    if steps is not None and ts is not None:
+        raise ValueError("pass steps (a uniform grid) or ts (an explicit grid), not both")
+    batch = y0.shape[0]
+    t0, t1 = _times("t0", t0, batch), _times("t1", t1, batch)
+    saveat = _saveat(saveat, batch)
+    if isinstance(term, SDE):
+        return _solve_sde(term, y0, t0, t1, solver, steps, ts, rtol, atol, generator, brownian, saveat, callback,
+                          progress, check_finite, backend, h_init, max_steps, solver_options)
+    tableau = TABLEAUX[check_choice("solver", solver, tuple(TABLEAUX))]
+    if solver_options:
+        raise TypeError(f"unexpected options for ODE solver {solver!r}: {sorted(solver_options)}")
+    kernel = use_kernel(backend, y0.device)
+    adaptive = steps is None and ts is None
+    if adaptive and not tableau.adaptive:
+        raise ValueError(f"solver {solver!r} has no error estimate: pass steps= or ts= (adaptive solvers: "
+                         f"{[n for n, t in TABLEAUX.items() if t.adaptive]})")
+    if not adaptive and (rtol is not None or atol is not None or h_init is not None or dense):
+        raise ValueError("rtol, atol, h_init and dense are for adaptive solves (without steps= or ts=)")
+    if adaptive:
+        rtol = 1e-6 if rtol is None else check_real("rtol", rtol, low=0.0)
+        atol = 1e-6 if atol is None else check_real("atol", atol, low=0.0)
+        if rtol + atol == 0:
+            raise ValueError("rtol and atol must not both be 0")
+        if h_init is not None:
+            h_init = check_real("h_init", h_init, low=0.0, low_open=True)
+        shared = error_norm == "batch" and bool((t0 == t0[0]).all()) and bool((t1 == t1[0]).all())
+        stepper = AdaptiveRK(tableau, _drift(term, y0, shared), t0, t1, kernel=kernel, rtol=rtol, atol=atol,
+                             error_norm=error_norm, h_init=h_init, max_steps=max_steps, saveat=saveat, dense=dense,
+                             check_finite=check_finite)
+        grid = None
+    else:
+        grid = _grid(ts, steps, t0, t1, batch)
+        stepper = FixedRK(tableau, _drift(term, y0, grid.dim() == 1), grid, kernel=kernel)
+    return _finish(stepper, y0, grid, solver, saveat, callback, progress, check_finite, dense)
+
+
+def _finish(stepper, y0, grid, solver, saveat, callback, progress, check_finite, dense):
+    """Run the stepper through the loop and package the result (``y`` or a ``Solution``)."""
+    adaptive = grid is None
+    if y0.numel() == 0:
+        ys = None if saveat is None else y0.new_zeros((saveat.shape[0],) + tuple(y0.shape))
+        return y0.clone() if saveat is None and not dense else Solution(y0.clone(), saveat, ys, {"nfe": 0})
+    saved, user_callback = {}, callback
+    if saveat is not None and not adaptive:
+        indices = _grid_indices(saveat, grid)
+        if 0 in indices:
+            saved[0] = y0.clone()
+
+        def callback(info):
+            if info["i"] + 1 in indices:
+                saved[info["i"] + 1] = info["x"].clone()
+            if user_callback is not None:
+                user_callback(info)
+
+    advice = "the drift at these times (a NaN/Inf output, or a drift that blows up there)"
+    y, _ = run(stepper, y0, ts=grid, solver=solver, check_finite=check_finite, callback=callback, progress=progress,
+               caller="gf.solve", advice=advice)
+    if saveat is None and not dense:
+        return y
+    stats = {"nfe": stepper.evaluations}
+    if adaptive:
+        stats.update(accepted_steps=stepper.accepted_steps, rejected_steps=stepper.rejected_steps)
+        ys = stepper.saved
+    else:
+        ys = None if saveat is None else torch.stack([saved[i] for i in indices])
+    return Solution(y, saveat, ys, stats, stepper if dense else None)
+
+
+def _solve_sde(term, y0, t0, t1, solver, steps, ts, rtol, atol, generator, brownian, saveat, callback, progress,
+               check_finite, backend, h_init, max_steps, options):
+    """The SDE branch: a scheme of ``genflow.engine.sde.SDE_SOLVERS`` on the grid (or adaptive)."""
+    from genflow.engine.brownian import make_brownian
+    from genflow.engine.sde import SDE_SOLVERS
+
+    cls = SDE_SOLVERS[check_choice("solver", solver, tuple(SDE_SOLVERS))]
+    adaptive = getattr(cls, "adaptive", False)
+    if adaptive:
+        grid = torch.stack([t0, t1]) if not bool(((t0 == t0[0]) & (t1 == t1[0])).all()) else torch.stack(
+            [t0[0], t1[0]])
+        for name, value in (("rtol", rtol), ("atol", atol), ("h_init", h_init)):
+            if value is not None:
+                options[name] = value
+        options["max_steps"] = max_steps
+    else:
+        if steps is None and ts is None:
+            raise ValueError(f"SDE solver {solver!r} needs steps= or ts=")
+        if rtol is not None or atol is not None or h_init is not None:
+            raise ValueError("rtol, atol and h_init are for adaptive solvers")
+        grid = _grid(ts, steps, t0, t1, y0.shape[0])
+    source = make_brownian(generator, brownian, term, y0, grid[0], grid[-1])
+    stepper = cls(term, grid, brownian=source, backend=backend, **options)
+    if adaptive and saveat is not None:
+        raise ValueError(f"saveat is not supported by the adaptive SDE solver {solver!r}")
+    return _finish(stepper, y0, None if adaptive else grid, solver, saveat, callback, progress, check_finite, False)

@@ -1,0 +1,191 @@
+"""Butcher tableaux of the explicit Runge–Kutta methods the engine runs (fixed and embedded).
+
+An ``s``-stage explicit method advances ``dy/dt = f(t, y)`` by one step ``h`` as::
+
+    k_i = f(t + c_i h, Y_i),   Y_i = y + h sum_{j<i} a_ij k_j,   y' = y + h sum_i b_i k_i
+
+(Hairer, Nørsett & Wanner, *Solving Ordinary Differential Equations I*, §II.1, eq. 1.8). An
+embedded pair adds error weights ``e = b - b_hat`` (``err = h sum_i e_i k_i``, the difference to
+a lower-order solution, §II.4); FSAL methods ("first same as last") have a last stage with
+``c = 1`` and ``a_s = b``, whose derivative ``f(t + h, y')`` is the next step's first stage.
+Dense output writes the solution inside a step as ``y(t + theta h) = y + h sum_i w_i(theta) k_i``
+with ``w_i(theta) = sum_m P_im theta^(m+1)``: the method's own continuous extension where it
+has one (dopri5, bosh3), else the cubic Hermite interpolant of ``y, y', f(t, y), f(t + h, y')``
+written in the same form (§II.6).
+
+``TABLEAUX`` maps the engine's ODE solver names to tableaux; ``gf.solve`` and the diffusion
+Runge–Kutta solvers (``genflow.solvers.runge_kutta``, ``RK45``) run them through one engine
+(``genflow.engine.rk``).
+"""
+from typing import NamedTuple, Optional, Tuple
+
+__all__ = ["ButcherTableau", "TABLEAUX", "hermite_dense"]
+
+
+class ButcherTableau(NamedTuple):
+    """An explicit Runge–Kutta method (see the module doc for the equations).
+
+    Attributes:
+        name: registry name.  order: order of the propagated solution ``b``.
+        c (s floats), a (s rows, row i holding a_i0 .. a_i,i-1), b (s floats).
+        error (s floats or None): ``e = b - b_hat`` of the embedded pair.
+        error_order: order of the embedded solution (the controller's exponent is
+            ``1 / (error_order + 1)``).
+        error3 (s floats or None): DOP853's second, third-order error weights (its error norm
+            is ``|err5|^2 / sqrt(|err5|^2 + 0.01 |err3|^2)``, Hairer's code).
+        fsal: the last stage is ``f(t + h, y')`` (``a[-1] == b``, ``c[-1] == 1``).
+        dense (s rows of m floats or None): ``P`` of the method's own continuous extension.
+        peer: the equivalent in torchdiffeq / scipy / diffrax.  reference: the paper.
+    """
+
+    name: str
+    order: int
+    c: Tuple[float, ...]
+    a: Tuple[Tuple[float, ...], ...]
+    b: Tuple[float, ...]
+    error: Optional[Tuple[float, ...]] = None
+    error_order: Optional[int] = None
+    error3: Optional[Tuple[float, ...]] = None
+    fsal: bool = False
+    dense: Optional[Tuple[Tuple[float, ...], ...]] = None
+    peer: str = ""
+    reference: str = ""
+
+    @property
+    def stages(self) -> int:
+        return len(self.c)
+
+    @property
+    def nfe_per_step(self) -> int:
+        """Derivative evaluations per step (an FSAL method's last stage is the next step's first)."""
+        return self.stages - 1 if self.fsal else self.stages
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the method has an embedded error estimate (usable with rtol/atol)."""
+        return self.error is not None
+
+
+def hermite_dense(tableau: ButcherTableau) -> Tuple[Tuple[float, ...], ...]:
+    """``P`` (s rows of [theta, theta^2, theta^3] weights) of the cubic Hermite interpolant
+    through ``y, y'`` with slopes ``k_1 = f(t, y)`` and ``k_s = f(t + h, y')`` of an FSAL method:
+    ``y(theta) = (1 - 3 theta^2 + 2 theta^3) y + (3 theta^2 - 2 theta^3) y' + h theta (theta - 1)^2 k_1
+    + h theta^2 (theta - 1) k_s`` with ``y' = y + h sum_i b_i k_i`` (Hairer et al. I, §II.6, eq. 6.7)."""
+    if tableau.dense is not None:
+        return tableau.dense
+    if not tableau.fsal:
+        raise ValueError(f"the Hermite interpolant needs an FSAL method, got {tableau.name!r}")
+    rows = []
+    for i, b in enumerate(tableau.b):
+        w = [0.0, 3.0 * b, -2.0 * b]
+        if i == 0:
+            w = [w[0] + 1.0, w[1] - 2.0, w[2] + 1.0]
+        if i == tableau.stages - 1:
+            w = [w[0], w[1] - 1.0, w[2] + 1.0]
+        rows.append(tuple(w))
+    return tuple(rows)
+
+
+def _lower(rows):
+    """Dense lower-triangular rows from ``{j: a_ij}`` dicts (row 0 is empty)."""
+    return ((),) + tuple(tuple(row.get(j, 0.0) for j in range(i)) for i, row in enumerate(rows, start=1))
+
+
+def _padded(weights: dict, stages: int) -> Tuple[float, ...]:
+    return tuple(weights.get(j, 0.0) for j in range(stages))
+
+
+_HNW = "Hairer, Nørsett & Wanner, Solving ODEs I"
+
+EULER = ButcherTableau("euler", 1, (0.0,), ((),), (1.0,), peer="torchdiffeq 'euler', diffrax Euler",
+                       reference=f"Euler 1768; {_HNW}, §II.1")
+MIDPOINT = ButcherTableau("midpoint", 2, (0.0, 0.5), ((), (0.5,)), (0.0, 1.0),
+                          peer="torchdiffeq 'midpoint', diffrax Midpoint", reference=f"Runge 1895; {_HNW}, eq. 1.7")
+HEUN = ButcherTableau("heun", 2, (0.0, 1.0), ((), (1.0,)), (0.5, 0.5), peer="torchdiffeq 'heun2'/'adaptive_heun', diffrax Heun",
+                      reference=f"Heun 1900; {_HNW}, Table II.1.1")
+RALSTON = ButcherTableau("ralston", 2, (0.0, 2 / 3), ((), (2 / 3,)), (0.25, 0.75), peer="diffrax Ralston",
+                         reference="Ralston 1962, Runge–Kutta methods with minimum error bounds, eq. 3.5")
+RK4 = ButcherTableau("rk4", 4, (0.0, 0.5, 0.5, 1.0), ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
+                     (1 / 6, 1 / 3, 1 / 3, 1 / 6), peer="torchdiffeq 'rk4'",
+                     reference=f"Kutta 1901; {_HNW}, Table II.1.2")
+RK4_38 = ButcherTableau("rk4_38", 4, (0.0, 1 / 3, 2 / 3, 1.0), ((), (1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)),
+                        (1 / 8, 3 / 8, 3 / 8, 1 / 8), peer="torchdiffeq 'rk4' (its default fourth-order method)",
+                        reference=f"Kutta 1901 (the 3/8 rule); {_HNW}, Table II.1.2")
+BOSH3 = ButcherTableau(
+    "bosh3", 3, (0.0, 0.5, 0.75, 1.0), ((), (0.5,), (0.0, 0.75), (2 / 9, 1 / 3, 4 / 9)), (2 / 9, 1 / 3, 4 / 9, 0.0),
+    error=(-5 / 72, 1 / 12, 1 / 9, -1 / 8), error_order=2, fsal=True,
+    dense=((1.0, -4 / 3, 5 / 9), (0.0, 1.0, -2 / 3), (0.0, 4 / 3, -8 / 9), (0.0, -1.0, 1.0)),
+    peer="torchdiffeq 'bosh3', scipy RK23, diffrax Bosh3",
+    reference="Bogacki & Shampine 1989, A 3(2) pair of Runge–Kutta formulas, Appl. Math. Lett. 2(4)")
+_DOPRI5_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
+DOPRI5 = ButcherTableau(
+    "dopri5", 5, (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
+    ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+     (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+     (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656), _DOPRI5_B[:6]),
+    _DOPRI5_B, error=(71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40), error_order=4,
+    fsal=True,
+    # Shampine (1986), Some practical Runge-Kutta formulas, Math. Comp. 46: the quartic extension
+    dense=((1.0, -8048581381 / 2820520608, 8663915743 / 2820520608, -12715105075 / 11282082432),
+           (0.0, 0.0, 0.0, 0.0),
+           (0.0, 131558114200 / 32700410799, -68118460800 / 10900136933, 87487479700 / 32700410799),
+           (0.0, -1754552775 / 470086768, 14199869525 / 1410260304, -10690763975 / 1880347072),
+           (0.0, 127303824393 / 49829197408, -318862633887 / 49829197408, 701980252875 / 199316789632),
+           (0.0, -282668133 / 205662961, 2019193451 / 616988883, -1453857185 / 822651844),
+           (0.0, 40617522 / 29380423, -110615467 / 29380423, 69997945 / 29380423)),
+    peer="torchdiffeq 'dopri5', scipy RK45, diffrax Dopri5",
+    reference=f"Dormand & Prince 1980, A family of embedded Runge–Kutta formulae, J. Comp. Appl. Math. 6, "
+              f"Table 2; {_HNW}, Table II.5.2")
+_TSIT5_B = (0.09646076681806523, 0.01, 0.4798896504144996, 1.379008574103742, -3.290069515436081,
+            2.324710524099774, 0.0)
+TSIT5 = ButcherTableau(
+    "tsit5", 5, (0.0, 0.161, 0.327, 0.9, 0.9800255409045097, 1.0, 1.0),
+    ((), (0.161,), (-0.008480655492356989, 0.335480655492357),
+     (2.897153057105493, -6.359448489975075, 4.3622954328695815),
+     (5.325864828439257, -11.748883564062828, 7.4955393428898365, -0.09249506636175525),
+     (5.86145544294642, -12.92096931784711, 8.159367898576159, -0.071584973281401, -0.028269050394068383),
+     _TSIT5_B[:6]),
+    _TSIT5_B,
+    error=(0.0017800110522257773, 0.0008164344596567463, -0.007880878010261994, 0.14471100717326298,
+           -0.5823571654525552, 0.45808210592918685, -1 / 66),
+    error_order=4, fsal=True, peer="diffrax Tsit5 (OrdinaryDiffEq.jl Tsit5)",
+    reference="Tsitouras 2011, Runge–Kutta pairs of order 5(4) satisfying only the first column simplifying "
+              "assumption, Comput. Math. Appl. 62, Table 1")
+_DOP853_A = (
+    {0: 0.05260015195876773},
+    {0: 0.0197250569845379, 1: 0.0591751709536137},
+    {0: 0.02958758547680685, 2: 0.08876275643042054},
+    {0: 0.2413651341592667, 2: -0.8845494793282861, 3: 0.924834003261792},
+    {0: 0.037037037037037035, 3: 0.17082860872947386, 4: 0.12546768756682242},
+    {0: 0.037109375, 3: 0.17025221101954405, 4: 0.06021653898045596, 5: -0.017578125},
+    {0: 0.03709200011850479, 3: 0.17038392571223998, 4: 0.10726203044637328, 5: -0.015319437748624402,
+     6: 0.008273789163814023},
+    {0: 0.6241109587160757, 3: -3.3608926294469414, 4: -0.868219346841726, 5: 27.59209969944671,
+     6: 20.154067550477894, 7: -43.48988418106996},
+    {0: 0.47766253643826434, 3: -2.4881146199716677, 4: -0.590290826836843, 5: 21.230051448181193,
+     6: 15.279233632882423, 7: -33.28821096898486, 8: -0.020331201708508627},
+    {0: -0.9371424300859873, 3: 5.186372428844064, 4: 1.0914373489967295, 5: -8.149787010746927,
+     6: -18.52006565999696, 7: 22.739487099350505, 8: 2.4936055526796523, 9: -3.0467644718982196},
+    {0: 2.273310147516538, 3: -10.53449546673725, 4: -2.0008720582248625, 5: -17.9589318631188,
+     6: 27.94888452941996, 7: -2.8589982771350235, 8: -8.87285693353063, 9: 12.360567175794303,
+     10: 0.6433927460157636},
+    {0: 0.054293734116568765, 5: 4.450312892752409, 6: 1.8915178993145003, 7: -5.801203960010585,
+     8: 0.3111643669578199, 9: -0.1521609496625161, 10: 0.20136540080403034, 11: 0.04471061572777259},
+)
+DOP853 = ButcherTableau(
+    "dop853", 8,
+    (0.0, 0.05260015195876773, 0.0789002279381516, 0.1183503419072274, 0.2816496580927726, 1 / 3, 0.25,
+     0.3076923076923077, 0.6512820512820513, 0.6, 0.8571428571428571, 1.0, 1.0),
+    _lower(_DOP853_A), _padded(_DOP853_A[-1], 13),
+    error=_padded({0: 0.01312004499419488, 5: -1.2251564463762044, 6: -0.4957589496572502, 7: 1.6643771824549864,
+                   8: -0.35032884874997366, 9: 0.3341791187130175, 10: 0.08192320648511571,
+                   11: -0.022355307863886294}, 13),
+    error_order=7,
+    error3=_padded({0: -0.18980075407240762, 5: 4.450312892752409, 6: 1.8915178993145003, 7: -5.801203960010585,
+                    8: -0.4226823213237919, 9: -0.1521609496625161, 10: 0.20136540080403034,
+                    11: 0.02265179219836082}, 13),
+    fsal=True, peer="scipy DOP853, torchdiffeq 'dopri8' (a different 8(7) pair)",
+    reference=f"Prince & Dormand 1981, High order embedded Runge–Kutta formulae, J. Comp. Appl. Math. 7; "
+              f"{_HNW}, §II.10 (DOP853, with the 5th/3rd-order error estimate of Hairer's code)")
+
+TABLEAUX = {t.name: t for t in (EULER, MIDPOINT, HEUN, RALSTON, RK4, RK4_38, BOSH3, TSIT5, DOPRI5, DOP853)}
