@@ -5,7 +5,9 @@ solvers on them; ``bench`` (``genflow.bench``) runs the benchmarks; ``train`` an
 (``genflow.train.commands``) train any family on a data set and sample a trained run; ``table2``
 (``genflow.train.table2``, also via ``commands``) reproduces seed 003's Table 2. Each subcommand's module provides its
 argument definitions and a ``run(args) -> int``; ``genflow.bench`` is imported only when
-``genflow bench`` runs.
+``genflow bench`` runs. Bad options, unusable files and run directories exit with status 2 and a
+message naming the option or file (no traceback); a run that cannot go on (a run directory in
+use, a non-finite loss, a failed write) exits with status 1 and a message.
 """
 import argparse
 import importlib
@@ -52,11 +54,17 @@ def main(argv=None) -> int:
     if args.command in ("train", "sample", "table2"):
         from genflow.train import commands
 
+        from genflow.solvers.base import NonFiniteError
+        from genflow.train.checkpoint import RunLockedError
+
         run = {"train": commands.run_train, "sample": commands.run_sample, "table2": commands.run_table2}[args.command]
         try:
             return run(args)
-        except ValueError as error:
+        except (ValueError, TypeError) as error:  # an option, file or run directory that cannot be used
             parser.error(str(error))
+        except (RunLockedError, NonFiniteError, OSError) as error:  # the run could not go on
+            print(f"genflow {args.command}: error: {error}", file=sys.stderr)
+            return 1
     from genflow import demo
 
     try:

@@ -12,6 +12,11 @@ file renamed into place (``os.replace``, atomic on POSIX and Windows). A crash a
 leaves either the new file or the previous good one as ``.prev``; :func:`load_latest` falls back
 to it with a warning when the newest file is truncated or corrupted.
 
+:func:`run_lock` keeps two trainers out of one run directory: the first holds a lock file
+``train.lock`` created with ``O_CREAT | O_EXCL`` and holding its process id; a second trainer is
+refused with :class:`RunLockedError` naming the directory, and the lock of a process that no
+longer exists (a trainer killed with SIGKILL) is taken over.
+
 :func:`save_loop_state` / :func:`resume_loop_state` store and restore the state of a plain
 training loop (a network, its optimizer, a ``torch.Generator``, the step and the loss history)
 in such a file: ``genflow.train_cnf`` and ``genflow.train_sd_generator`` resume through them.
@@ -22,23 +27,107 @@ import os
 import pickle
 import random
 import tempfile
+import time
 import warnings
 import zipfile
-from typing import List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["CHECKPOINT_NAME", "CheckpointError", "FORMAT", "VERSION", "get_rng_states", "load_checkpoint",
-           "load_latest", "resume_loop_state", "save_checkpoint", "save_loop_state", "set_rng_states"]
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "FORMAT", "LOCK_NAME", "RunLockedError", "VERSION", "get_rng_states",
+           "load_checkpoint", "load_latest", "resume_loop_state", "run_lock", "save_checkpoint", "save_loop_state",
+           "set_rng_states"]
 
 FORMAT = "genflow.train.checkpoint"
 VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+LOCK_NAME = "train.lock"
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: missing, truncated, corrupted, unsafe or of another version."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live process trains in this run directory (its ``train.lock`` names the process)."""
+
+
+_HELD: Dict[str, int] = {}  # run directories whose lock this process holds -> nesting depth
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _lock_owner(path: str) -> Optional[int]:
+    """The process id in the lock file, or None when it is empty or unreadable (being written)."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _acquire(directory: str, path: str) -> None:
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(path)
+            if owner is None:  # just created by another trainer that has not written its pid yet
+                time.sleep(0.05)
+                owner = _lock_owner(path)
+            if owner is None:
+                raise RunLockedError(f"run directory {directory!r} is locked by {path!r}, which names no process; "
+                                     f"remove that file if no trainer is running there") from None
+            if owner != os.getpid() and _pid_alive(owner):
+                raise RunLockedError(f"run directory {directory!r} is in use by another trainer (process {owner}, "
+                                     f"lock file {path!r}); wait for it to finish or use another directory") from None
+            try:  # a stale lock (its process is gone): take it over
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    raise RunLockedError(f"could not take the lock {path!r} of run directory {directory!r}: other processes keep "
+                         f"replacing it")
+
+
+@contextmanager
+def run_lock(directory: str):
+    """Hold the lock file ``directory/train.lock`` for the block (re-entrant within a process).
+
+    Raises:
+        RunLockedError: naming the directory, when a live process holds the lock.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if directory in _HELD:
+        _HELD[directory] += 1
+        try:
+            yield
+        finally:
+            _HELD[directory] -= 1
+        return
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, LOCK_NAME)
+    _acquire(directory, path)
+    _HELD[directory] = 1
+    try:
+        yield
+    finally:
+        del _HELD[directory]
+        if _lock_owner(path) == os.getpid():
+            os.remove(path)
 
 
 def save_checkpoint(path: str, state: dict) -> None:

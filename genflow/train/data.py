@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import difflib
 import math
-import numbers
 import os
 from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
 
+from genflow._checks import check_int
 from genflow.mixtures import GaussianMixture
 
 __all__ = ["Dataset", "TOY_SETS", "available_datasets", "load_dataset", "toy_sample"]
@@ -53,6 +53,11 @@ class Dataset:
                              f"{type(data).__name__} {getattr(data, 'dtype', '')} {tuple(getattr(data, 'shape', ()))}")
         if data.shape[0] < 1:
             raise ValueError("data must hold at least one sample, got N = 0")
+        bad = ~torch.isfinite(data.reshape(data.shape[0], -1)).all(1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"data set {name!r} has non-finite values (NaN/Inf) in {int(bad.sum())} of "
+                             f"{data.shape[0]} rows; the first is row {row}: {data[row].flatten()[:8].tolist()}")
         if labels is not None:
             labels = torch.as_tensor(labels)
             if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != data.shape[:1]:
@@ -98,7 +103,7 @@ class Dataset:
         Fresh samples from the sampler when ``fresh`` (default: ``self.infinite``) and there is
         one; otherwise ``n`` rows of ``data`` drawn uniformly with replacement.
         """
-        _check_count("n", n)
+        n = check_int("n", n, low=0)
         fresh = self.infinite if fresh is None else fresh
         if fresh and self.sampler is not None:
             x, labels = self.sampler(int(n), generator)
@@ -107,9 +112,6 @@ class Dataset:
         return self.data[idx], None if self.labels is None else self.labels[idx]
 
 
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 def _normal(n: int, d: int, g) -> torch.Tensor:
@@ -236,7 +238,7 @@ def available_datasets() -> Tuple[str, ...]:
 def toy_sample(name: str, n: int, *, generator: Optional[torch.Generator] = None,
                dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``n`` points (Tensor[n, 2]) and labels (Tensor[n] or None) of the toy set ``name``."""
-    _check_count("n", n)
+    n = check_int("n", n, low=0)
     sampler = TOY_SETS[_canonical(name)][0]
     x, labels = sampler(int(n), generator)
     return x.to(dtype), labels
@@ -303,12 +305,8 @@ def load_dataset(source, *, n: Optional[int] = None, seed: int = 0, labels=None,
     Raises:
         ValueError: unknown names (with a did-you-mean suggestion), bad shapes or sizes.
     """
-    if n is not None:
-        _check_count("n", n)
-        if n == 0:
-            raise ValueError("n must be >= 1, got 0")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    n = None if n is None else check_int("n", n, low=1)
+    seed = check_int("seed", seed)
     g = torch.Generator().manual_seed(int(seed))
     if isinstance(source, Dataset):
         return source

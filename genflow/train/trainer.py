@@ -33,18 +33,29 @@ import torch
 from torch import distributed as dist
 from tqdm.auto import tqdm
 
+from genflow._checks import check_bool, check_choice, check_int, check_real
 from genflow.noise import _mix
-from genflow.train.checkpoint import (CHECKPOINT_NAME, get_rng_states, load_latest, save_checkpoint,
-                                      set_rng_states)
+from genflow.solvers.base import NonFiniteError
+from genflow.train.checkpoint import (CHECKPOINT_NAME, CheckpointError, get_rng_states, load_latest, run_lock,
+                                      save_checkpoint, set_rng_states)
 from genflow.train.data import Dataset, load_dataset
 
-__all__ = ["EMA", "DECAYS", "TrainConfig", "TrainResult", "learning_rate", "plot_samples", "sample_plotter",
+__all__ = ["EMA", "DECAYS", "NONFINITE_POLICIES", "TrainConfig", "TrainResult", "learning_rate", "plot_samples", "sample_plotter",
            "sample_seeds", "train"]
 
 DECAYS = ("cosine", "constant", "linear")
+NONFINITE_POLICIES = ("raise", "skip")
 LOG_NAME = "metrics.jsonl"
 # settings a resumed run may change; any other difference from the checkpoint is an error
-_RESUMABLE = ("steps", "eval_every", "checkpoint_every", "log_every")
+_RESUMABLE = ("steps", "eval_every", "checkpoint_every", "log_every", "on_nonfinite")
+
+
+def _unit_interval(name: str, value) -> float:
+    """``value`` as a float in [0, 1), else a ValueError/TypeError naming ``name``."""
+    value = check_real(name, value, low=0.0)
+    if value >= 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
 
 
 @dataclass
@@ -61,6 +72,11 @@ class TrainConfig:
         seed: seeds the data order and every per-sample seed.
         eval_every, checkpoint_every, log_every: periods in steps (0: never; a final checkpoint
             is always written when a checkpoint directory is given).
+        on_nonfinite: what a non-finite loss or gradient norm does: ``"raise"`` (default) stops
+            with ``gf.NonFiniteError`` naming the step and keeps the last checkpoint;
+            ``"skip"`` drops that step's update for the phase (its loss is recorded as is).
+
+    Integers and reals may be Python, NumPy or 0-d tensor numbers.
     """
 
     steps: int
@@ -77,30 +93,25 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 0
     log_every: int = 50
+    on_nonfinite: str = "raise"
 
     def __post_init__(self):
-        def integer(name, minimum):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-                raise ValueError(f"TrainConfig.{name} must be an int >= {minimum}, got {value!r}")
-        integer("steps", 1)
-        integer("batch_size", 1)
-        for name in ("warmup", "seed", "eval_every", "checkpoint_every", "log_every"):
-            integer(name, 0)
-        if not (isinstance(self.lr, numbers.Real) and self.lr > 0):
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, numbers.Real) and self.weight_decay >= 0):
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
-        betas = tuple(self.betas)
-        if len(betas) != 2 or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in betas):
+        for name, low in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("seed", 0), ("eval_every", 0),
+                          ("checkpoint_every", 0), ("log_every", 0)):
+            setattr(self, name, check_int(f"TrainConfig.{name}", getattr(self, name), low=low))
+        self.lr = check_real("TrainConfig.lr", self.lr, low=0.0, low_open=True)
+        self.weight_decay = check_real("TrainConfig.weight_decay", self.weight_decay, low=0.0)
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
+        if len(betas) != 2:
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
-        self.betas = (float(betas[0]), float(betas[1]))
-        if self.decay not in DECAYS:
-            raise ValueError(f"TrainConfig.decay must be one of {DECAYS}, got {self.decay!r}")
-        if self.grad_clip is not None and not (isinstance(self.grad_clip, numbers.Real) and self.grad_clip > 0):
-            raise ValueError(f"TrainConfig.grad_clip must be None or > 0, got {self.grad_clip!r}")
-        if self.ema is not None and not (isinstance(self.ema, numbers.Real) and 0 <= self.ema < 1):
-            raise ValueError(f"TrainConfig.ema must be None or in [0, 1), got {self.ema!r}")
+        self.betas = tuple(_unit_interval(f"TrainConfig.betas[{i}]", b) for i, b in enumerate(betas))
+        check_choice("TrainConfig.decay", self.decay, DECAYS)
+        check_choice("TrainConfig.on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        if self.grad_clip is not None:
+            self.grad_clip = check_real("TrainConfig.grad_clip", self.grad_clip, low=0.0, low_open=True)
+        if self.ema is not None:
+            self.ema = _unit_interval("TrainConfig.ema", self.ema)
+        self.bf16 = check_bool("TrainConfig.bf16", self.bf16)
 
     def to_dict(self) -> dict:
         """Plain dict (lists for tuples), as stored in checkpoints."""
@@ -266,6 +277,170 @@ def _truncate_log(path: str, step: int) -> None:
         f.writelines(kept)
 
 
+def _family_name(family) -> str:
+    return str(getattr(family, "name", type(family).__name__))
+
+
+def _checkpoint_to_resume(checkpoint_dir: str, family, resume: bool) -> Tuple[Optional[dict], Optional[str]]:
+    """``(state, path)`` of the checkpoint to resume from, ``(None, None)`` to start afresh.
+
+    A run directory belongs to one family: its checkpoint of another family is refused, also
+    with ``resume=False`` (which only restarts the same family).
+    """
+    try:
+        state, path = load_latest(checkpoint_dir)
+    except CheckpointError:
+        if resume:
+            raise
+        return None, None  # starting afresh over unreadable files
+    if state is None:
+        return None, None
+    saved = state.get("family_name")
+    if saved is not None and saved != _family_name(family):
+        raise CheckpointError(f"run directory {checkpoint_dir!r} holds a checkpoint of family {saved!r} ({path!r}); "
+                              f"this run trains family {_family_name(family)!r}: use another directory")
+    return (state, path) if resume else (None, None)
+
+
+def _first_nonfinite(**values) -> Optional[Tuple[str, float]]:
+    """``(name, value)`` of the first value that is not None and not finite."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            return name.replace("_", " "), value
+    return None
+
+
+class _Run:
+    """The state of one :func:`train` call: optimisers, EMA, data order, curves; one step at a time."""
+
+    def __init__(self, family, data: Dataset, config: TrainConfig, checkpoint_dir: Optional[str]):
+        self.family, self.data, self.config = family, data, config
+        self.world, self.rank = _world()
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the number of processes "
+                             f"({self.world})")
+        local = config.batch_size // self.world
+        self.lo, self.hi = self.rank * local, (self.rank + 1) * local
+        first = next(family.modules.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.phases = tuple(family.phases)
+        self.conditional = getattr(family, "num_classes", None) is not None
+        self.optimizers = {}
+        for phase in self.phases:
+            params = list(family.parameters(phase))
+            if not params:
+                raise ValueError(f"family.parameters({phase!r}) is empty: nothing to train in this phase")
+            self.optimizers[phase] = torch.optim.AdamW(params, lr=config.lr, betas=config.betas,
+                                                       weight_decay=config.weight_decay)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.losses = {phase: torch.zeros(config.steps, dtype=torch.float64) for phase in self.phases}
+        self.metrics: List[dict] = []
+        self.ema: Optional[EMA] = None
+        self.checkpoint_dir = checkpoint_dir
+        self.ckpt_path = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if checkpoint_dir is not None else None
+        self.last_ckpt = 0
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if config.bf16 \
+            else nullcontext
+
+    def restore(self, state: dict, path: str) -> int:
+        """Continue from checkpoint ``state`` (read from ``path``); returns its step."""
+        saved = state["config"]
+        changed = [k for k, v in self.config.to_dict().items() if k not in _RESUMABLE and saved.get(k) != v]
+        if changed:
+            raise ValueError(f"cannot resume from {path!r}: settings {changed} differ from the checkpoint's "
+                             f"({ {k: saved.get(k) for k in changed} })")
+        try:
+            self.family.load_state_dict(state["family"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+            raise CheckpointError(f"cannot resume from {path!r}: its weights do not fit this family's networks "
+                                  f"(built with other options, e.g. another width?): {' '.join(lines[:2])}") from None
+        start = int(state["step"])
+        for phase in self.phases:
+            self.optimizers[phase].load_state_dict(state["optimizers"][phase])
+            done = state["losses"][phase][:min(start, self.config.steps)]
+            self.losses[phase][:done.numel()] = done
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.generator.set_state(state["data_generator"])
+        set_rng_states(state["rng"])
+        self.metrics = [dict(m) for m in state["metrics"]]
+        self.last_ckpt = start
+        return start
+
+    def check_weights(self, step: int) -> None:
+        """NonFiniteError when a weight is NaN/Inf (they are then neither saved nor returned)."""
+        shadow = self.ema.shadow.items() if self.ema is not None else ()
+        for name, p in [*self.family.modules.named_parameters(), *((f"EMA of {n}", t) for n, t in shadow)]:
+            if not bool(torch.isfinite(p).all()):
+                raise NonFiniteError(f"training stopped after step {step}: parameter {name!r} is not finite; "
+                                     f"{self._kept()}")
+
+    def _kept(self) -> str:
+        if self.ckpt_path is None:
+            return "no checkpoint directory was given"
+        if self.last_ckpt == 0:
+            return "no checkpoint was written"
+        return f"the last finite checkpoint (step {self.last_ckpt}) is kept in {self.checkpoint_dir!r}"
+
+    def save(self, step: int) -> None:
+        self.check_weights(step)
+        self.last_ckpt = step
+        if self.ckpt_path is None or self.rank != 0:
+            return
+        save_checkpoint(self.ckpt_path, {
+            "step": step, "config": self.config.to_dict(), "family": self.family.state_dict(),
+            "family_name": _family_name(self.family),
+            "optimizers": {phase: opt.state_dict() for phase, opt in self.optimizers.items()},
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "data_generator": self.generator.get_state(), "rng": get_rng_states(),
+            "losses": {phase: curve[:step].clone() for phase, curve in self.losses.items()},
+            "metrics": self.metrics,
+        })
+
+    def step(self, step: int, lr: float) -> Dict[str, float]:
+        """One optimiser step of every phase; returns the gradient norms (with clipping)."""
+        config = self.config
+        x, labels = self.data.batch(config.batch_size, generator=self.generator)
+        x = x[self.lo:self.hi].to(self.device)
+        labels = labels[self.lo:self.hi].to(self.device) if labels is not None and self.conditional else None
+        grad_norms = {}
+        for index, phase in enumerate(self.phases):
+            opt = self.optimizers[phase]
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            seeds = sample_seeds(config.seed, step, index, self.lo, self.hi, self.device)
+            with self.autocast():
+                loss = self.family.loss(phase, x, labels=labels, seeds=seeds)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ValueError(f"family.loss({phase!r}) must return a scalar tensor, got "
+                                 f"{getattr(loss, 'shape', type(loss).__name__)}")
+            loss.backward()
+            params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            value = loss.detach().float().reshape(1)
+            if self.world > 1:
+                _average_gradients(params, self.world)
+                dist.all_reduce(value, op=dist.ReduceOp.SUM)
+                value /= self.world
+            self.losses[phase][step] = float(value)
+            norm = None
+            if config.grad_clip is not None:
+                norm = grad_norms[phase] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+            bad = _first_nonfinite(loss=float(value), gradient_norm=norm)
+            if bad is not None:
+                if config.on_nonfinite == "raise":
+                    raise NonFiniteError(f"training stopped at step {step + 1} of {config.steps}: the {bad[0]} of "
+                                         f"phase {phase!r} is {bad[1]} (TrainConfig.on_nonfinite='skip' drops such "
+                                         f"updates); nothing of this step was saved, {self._kept()}")
+                opt.zero_grad(set_to_none=True)
+                continue
+            opt.step()
+        if self.ema is not None:
+            self.ema.update(self.family.modules)
+        return grad_norms
+
+
 def train(family, data, config: TrainConfig, *, checkpoint_dir: Optional[str] = None, resume: bool = True,
           evaluate: Optional[Callable] = None, progress: bool = True) -> TrainResult:
     """Train ``family`` on ``data`` with ``config``; see the module docstring for the step.
@@ -275,14 +450,23 @@ def train(family, data, config: TrainConfig, *, checkpoint_dir: Optional[str] = 
         data: a :class:`~genflow.train.data.Dataset`, or anything :func:`load_dataset` accepts.
         config (TrainConfig): hyper-parameters.
         checkpoint_dir (str, optional): where ``checkpoint.pt`` (+ ``.prev``) and ``metrics.jsonl``
-            go (rank 0 writes).
+            go (rank 0 writes). While training, rank 0 holds the directory's lock file
+            ``train.lock``: a second trainer on the same directory gets
+            :class:`~genflow.train.checkpoint.RunLockedError` (the lock of a dead process is taken over).
         resume (bool): continue from the newest good checkpoint in ``checkpoint_dir``, if any
             (a broken newest file falls back to ``.prev`` with a warning). Settings other than
-            ``steps`` and the periods must match the checkpoint's.
+            ``steps``, the periods and ``on_nonfinite`` must match the checkpoint's, and its
+            weights must fit the family's networks. ``resume=False`` starts afresh, but only
+            for the same family: a directory holding another family's checkpoint is refused.
         evaluate (callable, optional): ``evaluate(family, step) -> dict of numbers``, called every
             ``eval_every`` steps with the EMA weights in place (see :func:`sample_plotter`), on
             every process (so it may use collectives); rank 0 logs the results.
         progress (bool): a tqdm bar with the loss and throughput (rank 0).
+
+    A NaN/Inf loss or gradient norm stops training with ``gf.NonFiniteError`` naming the step
+    (or is skipped, ``config.on_nonfinite="skip"``); weights are checked before every
+    checkpoint and before returning, so non-finite weights are never saved or returned and the
+    last finite checkpoint stays in place.
 
     The data's labels are passed to ``family.loss`` when the family is class-conditional
     (``family.num_classes`` set), otherwise ``labels=None``.
@@ -295,145 +479,75 @@ def train(family, data, config: TrainConfig, *, checkpoint_dir: Optional[str] = 
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     _check_family(family)
+    resume = check_bool("resume", resume)
     data = data if isinstance(data, Dataset) else load_dataset(data)
-    world, rank = _world()
-    if config.batch_size % world:
-        raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the number of processes ({world})")
-    local = config.batch_size // world
-    lo, hi = rank * local, (rank + 1) * local
-    modules = family.modules
-    first = next(modules.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
-    phases = tuple(family.phases)
-    conditional = getattr(family, "num_classes", None) is not None
-    optimizers = {}
-    for phase in phases:
-        params = list(family.parameters(phase))
-        if not params:
-            raise ValueError(f"family.parameters({phase!r}) is empty: nothing to train in this phase")
-        optimizers[phase] = torch.optim.AdamW(params, lr=config.lr, betas=config.betas,
-                                              weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    losses = {phase: torch.zeros(config.steps, dtype=torch.float64) for phase in phases}
-    metrics: List[dict] = []
-    start = 0
-    log_path = os.path.join(checkpoint_dir, LOG_NAME) if checkpoint_dir is not None and rank == 0 else None
-    ckpt_path = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if checkpoint_dir is not None else None
+    locked = checkpoint_dir is not None and _world()[1] == 0
+    with run_lock(checkpoint_dir) if locked else nullcontext():
+        return _train(_Run(family, data, config, checkpoint_dir), resume, evaluate, progress)
 
-    state = load_latest(checkpoint_dir)[0] if checkpoint_dir is not None and resume else None
-    if state is None and world > 1:
+
+def _train(run: _Run, resume: bool, evaluate: Optional[Callable], progress: bool) -> TrainResult:
+    config, family, phases = run.config, run.family, run.phases
+    checkpoint_dir = run.checkpoint_dir
+    log_path = os.path.join(checkpoint_dir, LOG_NAME) if checkpoint_dir is not None and run.rank == 0 else None
+    state, state_path = _checkpoint_to_resume(checkpoint_dir, family, resume) if checkpoint_dir is not None \
+        else (None, None)
+    if state is None and run.world > 1:
         with torch.no_grad():
-            for tensor in modules.state_dict().values():
+            for tensor in family.modules.state_dict().values():
                 dist.broadcast(tensor, src=0)
-    ema = EMA(modules, config.ema) if config.ema is not None else None
+    run.ema = EMA(family.modules, config.ema) if config.ema is not None else None
+    start = 0
     if state is not None:
-        saved = state["config"]
-        changed = [k for k, v in config.to_dict().items() if k not in _RESUMABLE and saved.get(k) != v]
-        if changed:
-            raise ValueError(f"cannot resume from {ckpt_path!r}: settings {changed} differ from the checkpoint's "
-                             f"({ {k: saved.get(k) for k in changed} })")
-        start = int(state["step"])
-        family.load_state_dict(state["family"])
-        for phase in phases:
-            optimizers[phase].load_state_dict(state["optimizers"][phase])
-            done = state["losses"][phase][:min(start, config.steps)]
-            losses[phase][:done.numel()] = done
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        generator.set_state(state["data_generator"])
-        set_rng_states(state["rng"])
-        metrics = [dict(m) for m in state["metrics"]]
+        start = run.restore(state, state_path)
         if log_path is not None:
             _truncate_log(log_path, start)
     elif log_path is not None and os.path.exists(log_path):
         os.remove(log_path)
-
-    def checkpoint(step: int) -> None:
-        if ckpt_path is None or rank != 0:
-            return
-        save_checkpoint(ckpt_path, {
-            "step": step, "config": config.to_dict(), "family": family.state_dict(),
-            "family_name": str(getattr(family, "name", type(family).__name__)),
-            "optimizers": {phase: opt.state_dict() for phase, opt in optimizers.items()},
-            "ema": ema.state_dict() if ema is not None else None,
-            "data_generator": generator.get_state(), "rng": get_rng_states(),
-            "losses": {phase: curve[:step].clone() for phase, curve in losses.items()},
-            "metrics": metrics,
-        })
-
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if config.bf16 else nullcontext
     if log_path is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
         for stale in glob.glob(os.path.join(glob.escape(checkpoint_dir), CHECKPOINT_NAME + ".*.tmp")):
             os.remove(stale)  # left by a writer that was killed mid-save
     log_file = open(log_path, "a") if log_path is not None else None
     bar = tqdm(total=config.steps, initial=min(start, config.steps), desc=f"training {getattr(family, 'name', '')}",
-               disable=not progress or rank != 0, leave=False)
-    t0, last_ckpt = time.perf_counter(), start
+               disable=not progress or run.rank != 0, leave=False)
+    t0 = time.perf_counter()
     try:
         for step in range(start, config.steps):
-            x, labels = data.batch(config.batch_size, generator=generator)
-            x = x[lo:hi].to(device)
-            labels = labels[lo:hi].to(device) if labels is not None and conditional else None
             lr = learning_rate(config, step)
-            grad_norms = {}
-            for index, phase in enumerate(phases):
-                opt = optimizers[phase]
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                opt.zero_grad(set_to_none=True)
-                seeds = sample_seeds(config.seed, step, index, lo, hi, device)
-                with autocast():
-                    loss = family.loss(phase, x, labels=labels, seeds=seeds)
-                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                    raise ValueError(f"family.loss({phase!r}) must return a scalar tensor, got "
-                                     f"{getattr(loss, 'shape', type(loss).__name__)}")
-                loss.backward()
-                params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-                value = loss.detach().float().reshape(1)
-                if world > 1:
-                    _average_gradients(params, world)
-                    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-                    value /= world
-                if config.grad_clip is not None:
-                    grad_norms[phase] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-                opt.step()
-                losses[phase][step] = float(value)
-            if ema is not None:
-                ema.update(modules)
+            grad_norms = run.step(step, lr)
             done = step + 1
             bar.update(1)
             if done % max(config.log_every, 1) == 0 or done == config.steps:
-                elapsed = time.perf_counter() - t0
-                rate = (done - start) / max(elapsed, 1e-9)
+                rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
                 record = {"step": done, "lr": lr, "steps_per_s": rate, "samples_per_s": rate * config.batch_size,
-                          **{f"loss/{p}": float(losses[p][step]) for p in phases},
+                          **{f"loss/{p}": float(run.losses[p][step]) for p in phases},
                           **{f"grad_norm/{p}": g for p, g in grad_norms.items()}}
-                bar.set_postfix(loss=f"{float(losses[phases[-1]][step]):.4g}",
+                bar.set_postfix(loss=f"{float(run.losses[phases[-1]][step]):.4g}",
                                 samples_s=f"{rate * config.batch_size:.3g}")
                 if log_file is not None and config.log_every:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
             if evaluate is not None and config.eval_every and done % config.eval_every == 0:
-                with ema.applied(modules) if ema is not None else nullcontext():
+                with run.ema.applied(family.modules) if run.ema is not None else nullcontext():
                     result = _plain_metrics(evaluate(family, done), done)
-                metrics.append(result)
+                run.metrics.append(result)
                 if log_file is not None:
                     log_file.write(json.dumps({"eval": True, **result}) + "\n")
                     log_file.flush()
             if config.checkpoint_every and done % config.checkpoint_every == 0:
-                checkpoint(done)
-                last_ckpt = done
-        if last_ckpt != max(start, config.steps):
-            checkpoint(config.steps)
+                run.save(done)
+        if run.last_ckpt != max(start, config.steps):
+            run.save(config.steps)
     finally:
         bar.close()
         if log_file is not None:
             log_file.close()
     elapsed = time.perf_counter() - t0
     ran = max(config.steps - start, 0)
-    return TrainResult(family=family, step=max(start, config.steps), losses=losses, metrics=metrics, ema=ema,
-                       checkpoint=ckpt_path, log=log_path, seconds=elapsed, steps_per_s=ran / max(elapsed, 1e-9))
+    return TrainResult(family=family, step=max(start, config.steps), losses=run.losses, metrics=run.metrics,
+                       ema=run.ema, checkpoint=run.ckpt_path, log=log_path, seconds=elapsed,
+                       steps_per_s=ran / max(elapsed, 1e-9))
 
 
 def plot_samples(x: torch.Tensor, path: str, *, title: str = "", max_images: int = 64) -> str:
