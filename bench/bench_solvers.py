@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import genflow as gf
-from genflow._peers import k_diffusion_sampling
+from genflow.peers import k_diffusion_sampling
 from timing import best_ms
 
 SHAPES = [(1, 2), (65536, 2), (16, 3, 64, 64), (64, 3, 128, 128)]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import genflow as gf
-from genflow import _peers
+from genflow import peers
 from genflow.metrics import MMD, kl_to_density
 
 __all__ = ["Row", "TimeMLP", "VelocityNet", "add_arguments", "resolve", "run"]
@@ -401,10 +401,10 @@ def _run(args) -> int:
     fresh = mixture.sample(args.n, generator=torch.Generator().manual_seed(args.seed + 2))
     to_data = MMD(data)
     floor = (to_data(fresh), kl_to_density(fresh, mixture.log_prob))
-    k_sampling = _peers.k_diffusion_sampling()
+    k_sampling = peers.k_diffusion_sampling()
     print(f"genflow demo: 8-Gaussian ring, {args.n} samples per run, seed {args.seed}; fused kernels: "
           f"{'C++' if gf.HAS_EXTENSION else 'not built (PyTorch reference)'}; k-diffusion: "
-          f"{'installed' if k_sampling is not None else 'not installed (' + _peers.K_DIFFUSION_INSTALL + ')'}")
+          f"{'installed' if k_sampling is not None else 'not installed (' + peers.K_DIFFUSION_INSTALL + ')'}")
     models = _exact_models(mixture, args) if args.no_train else _trained_models(mixture, args)
     results = {}
     with torch.no_grad():

@@ -1,15 +1,15 @@
 """Access to the peer libraries used as test oracles: each helper skips the test when the peer
-is missing (genflow/_peers.py does the loading)."""
+is missing (genflow/peers.py does the loading)."""
 import pytest
 
-from genflow import _peers
+from genflow import peers
 
 
 def k_diffusion_sampling():
     """The module ``k_diffusion.sampling`` (the test is skipped if k-diffusion is not installed)."""
-    module = _peers.k_diffusion_sampling()
+    module = peers.k_diffusion_sampling()
     if module is None:
-        pytest.skip(f"k-diffusion is not installed ({_peers.K_DIFFUSION_INSTALL})")
+        pytest.skip(f"k-diffusion is not installed ({peers.K_DIFFUSION_INSTALL})")
     return module
 
 

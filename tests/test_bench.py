@@ -206,8 +206,8 @@ def test_likelihood_rows_check_equal_work():
 
 
 def test_likelihood_without_flow_matching_is_a_skipped_row(monkeypatch):
-    from genflow import _peers
-    monkeypatch.setattr(_peers, "optional", lambda name: None)
+    from genflow import peers
+    monkeypatch.setattr(peers, "optional", lambda name: None)
     case = _first_case("likelihood")
     fm = case.baselines[1]
     assert fm.fn is None and fm.status == "skipped: flow_matching not installed"

@@ -3,7 +3,7 @@ peer loops on the same draws), run at --tiny size, and torchcfm stays optional."
 import pytest
 import torch
 
-from genflow import _peers, bench
+from genflow import bench, peers
 from genflow.bench import Context
 
 TINY = Context(tiny=True, rounds=1, round_s=0.001, compile=False)
@@ -34,7 +34,7 @@ def test_train_check_detects_different_work(monkeypatch):
 
 
 def test_train_without_torchcfm_is_a_skipped_row(monkeypatch):
-    monkeypatch.setattr(_peers, "optional", lambda name: None)
+    monkeypatch.setattr(peers, "optional", lambda name: None)
     fm_case, dsm_case = bench.GROUPS["train"].build(TINY)
     (peer,) = fm_case.baselines
     assert peer.fn is None and peer.status == "skipped: torchcfm not installed"

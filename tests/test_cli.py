@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-from genflow import _peers
+from genflow import peers
 from genflow.cli import main
 from genflow.demo import K_DIFFUSION, QUICK, SOLVERS
 
@@ -44,7 +44,7 @@ def test_quick_demo_trains_both_models_and_saves_the_figure(tmp_path, capsys):
     assert rows["flow", "heun", "10"]["mmd2"] < 0.4
     assert rows["edm", "dpmpp_2m", "10"]["mmd2"] < 0.4
     # k-diffusion runs only on the EDM model (LinearPath has alpha(T) = 0) and only where it has the solver
-    installed = _peers.k_diffusion_sampling() is not None
+    installed = peers.k_diffusion_sampling() is not None
     for (model, solver, _), row in rows.items():
         has_peer = installed and model == "edm" and solver in K_DIFFUSION
         assert (row["speed"] != "—") == has_peer
@@ -65,7 +65,7 @@ def test_quick_demo_without_training_samples_the_exact_mixture(process, tmp_path
     assert min(r["mmd2"] for r in rows.values()) < 0.01
     assert min(r["kl"] for r in rows.values()) < 0.4
     assert rows[f"exact-{process}", "rk45", "adaptive"]["mmd2"] < 0.03
-    if _peers.k_diffusion_sampling() is not None:
+    if peers.k_diffusion_sampling() is not None:
         assert (rows[f"exact-{process}", "euler", "5"]["speed"] == "—") == (process == "linear")
 
 

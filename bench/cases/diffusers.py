@@ -15,9 +15,9 @@ def _diffusers(ctx: Context) -> Iterator[Case]:
     sigmas as an EDM problem in diffusers' variables ``(y, s)`` (k-diffusion's view of a DDPM
     network). Both sides call the same network once per step; float32."""
     import genflow as gf
-    from genflow import _peers
+    from genflow import peers
 
-    D = _peers.optional("diffusers")
+    D = peers.optional("diffusers")
     steps = 10 if ctx.tiny else 20
     for model_name in MODELS:
         for shape in solve_shapes(ctx, model_name):

@@ -11,9 +11,9 @@ def _k_diffusion(ctx: Context) -> Iterator[Case]:
     """genflow and k-diffusion integrate the same EDM problem on k-diffusion's own Karras grid (the
     same sigmas tensor, ending at 0) with the same denoiser ``net(x, sigma) -> x0``; float32."""
     import genflow as gf
-    from genflow import _peers
+    from genflow import peers
 
-    K = _peers.k_diffusion_sampling()
+    K = peers.k_diffusion_sampling()
     steps = 10 if ctx.tiny else 20
     solvers = [("euler", "sample_euler", {}), ("heun", "sample_heun", {}),
                ("dpmpp_2m", "sample_dpmpp_2m", {"lower_order_final": False})]

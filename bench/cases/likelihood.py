@@ -77,11 +77,11 @@ def _likelihood(ctx: Context) -> Iterator[Case]:
     against one forward pass (a bound: ratio = forward ms / estimate ms, so 1/ratio is the
     estimate's cost in forward passes; the issue's GPU target is <= 2.5 forwards, ratio >= 0.4)."""
     import genflow as gf
-    from genflow import _peers
+    from genflow import peers
     from genflow.likelihood import _Drift
     from genflow.ops import hutchinson
 
-    fm = _peers.optional("flow_matching")
+    fm = peers.optional("flow_matching")
     if fm is not None:
         from flow_matching.solver import ODESolver
     tol = 1e-5

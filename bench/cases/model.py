@@ -15,9 +15,9 @@ def _model_bound(ctx: Context) -> Iterator[Case]:
     overhead left). On CUDA a second genflow case replays the solve as a CUDA graph
     (``cuda_graph=True``)."""
     import genflow as gf
-    from genflow import _peers
+    from genflow import peers
 
-    K = _peers.k_diffusion_sampling()
+    K = peers.k_diffusion_sampling()
     steps = 5 if ctx.tiny else 20
     if ctx.tiny:
         cases = [("mlp256", DeepMLP(), (1, 2)), ("conv", ConvNet(), (1, 4, 8, 8))]

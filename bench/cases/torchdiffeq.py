@@ -28,9 +28,9 @@ def _torchdiffeq(ctx: Context) -> Iterator[Case]:
     dopri5 solution at rtol = atol = 1e-9. dopri5 gets ``step_t`` = the end points: without it,
     torchdiffeq steps past t_min and interpolates back, evaluating the model at t < 0."""
     import genflow as gf
-    from genflow import _peers
+    from genflow import peers
 
-    tde = _peers.optional("torchdiffeq")
+    tde = peers.optional("torchdiffeq")
     steps = 10 if ctx.tiny else 20
     tol = 1e-5
     for model_name in MODELS:

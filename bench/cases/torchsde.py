@@ -62,9 +62,9 @@ def _torchsde(ctx: Context) -> Iterator[Case]:
     same Brownian increments fed to both. torchsde evaluates the drift once more than it steps
     (its shape check at the start)."""
     import genflow as gf
-    from genflow import _peers
+    from genflow import peers
 
-    tsde = _peers.optional("torchsde")
+    tsde = peers.optional("torchsde")
     steps = 10 if ctx.tiny else (50 if ctx.quick else 100)
     for model_name in MODELS:
         for shape in solve_shapes(ctx, model_name):

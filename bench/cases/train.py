@@ -46,7 +46,7 @@ def _train(ctx: Context) -> Iterator[Case]:
     steadiest on a busy machine). Per step, genflow's per-sample draws cost about 0.5 ms more than
     ``torch.rand``/``randn_like`` at batch 4096 (measured on a 2-core CPU), against ~150-400 ms for
     the network's forward and backward."""
-    from genflow import _peers
+    from genflow import peers
     from genflow.train import families, make_family, objectives
     from genflow.train.nets import MLP as TrainMLP
     from genflow.train.trainer import sample_seeds
@@ -96,7 +96,7 @@ def _train(ctx: Context) -> Iterator[Case]:
 
     # (1) flow matching vs torchcfm
     fm_family, fm_net = twins("flow-matching")
-    cfm = _peers.optional("torchcfm.conditional_flow_matching")
+    cfm = peers.optional("torchcfm.conditional_flow_matching")
     if cfm is None:
         peer = Baseline("torchcfm ConditionalFlowMatcher loop", None, status="skipped: torchcfm not installed")
     else:

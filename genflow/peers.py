@@ -1,4 +1,4 @@
-"""Optional access to the peer libraries (k-diffusion, diffusers, torchdiffeq, torchsde).
+"""Optional access to the peer libraries (k-diffusion, diffusers, torchdiffeq, torchsde, torchode, ...).
 
 genflow never needs them; the demo, ``genflow bench`` and the tests use them to compare. k-diffusion's
 package ``__init__`` imports torchvision and training tools that do not install beside a CPU torch,
@@ -10,7 +10,7 @@ import importlib.util
 import sys
 import types
 
-__all__ = ["k_diffusion_sampling", "optional"]
+__all__ = ["K_DIFFUSION_INSTALL", "k_diffusion_sampling", "optional"]
 
 K_DIFFUSION_INSTALL = ("pip install --no-deps k-diffusion==0.1.1.post1 torchsde==0.2.6 trampoline==0.1.2 "
                        "torchdiffeq==0.2.5")
