@@ -111,7 +111,7 @@ CASES = [  # sampler, options
     ("sample_euler", {}), ("sample_euler", {"s_churn": 1.0, "s_tmin": 0.1, "s_tmax": 10.0, "s_noise": 1.007}),
     ("sample_heun", {}), ("sample_heun", {"s_churn": 2.0}),
     ("sample_dpm_2", {}), ("sample_dpm_2", {"s_churn": 0.5, "s_tmax": 30.0}),
-    ("sample_lms", {}), ("sample_lms", {"order": 2}), ("sample_lms", {"order": 6}),
+    ("sample_lms", {}), ("sample_lms", {"order": 2}), ("sample_lms", {"order": 3}),
     ("sample_euler_ancestral", {}), ("sample_euler_ancestral", {"eta": 0.5, "s_noise": 0.9}),
     ("sample_euler_ancestral", {"eta": 1.5}),
     ("sample_dpm_2_ancestral", {}), ("sample_dpm_2_ancestral", {"eta": 0.0}), ("sample_dpm_2_ancestral", {"eta": 3.0}),
@@ -147,12 +147,13 @@ def test_float64_equals_k_diffusion(name, options, explicit_noise, net_name):
 
 @pytest.mark.parametrize("name, options", CASES[::2], ids=[_case_id(c) for c in CASES[::2]])
 def test_float32_sigmas_float64_state(name, options):
-    """float32 sigmas (as get_sigmas_karras returns them): the step scalars are float32, as in
-    k-diffusion. LMS integrates its coefficients exactly (k-diffusion: quad on a float32 integrand)."""
+    """float32 sigmas (as get_sigmas_karras returns them) with a float64 state: k-diffusion rounds
+    its step scalars to float32, genflow's native solvers compute them in float64 from the same
+    float32 sigmas, so the two agree to float32 coefficient rounding (measured <= 3e-7)."""
     net, shape = NETS["toy"]
     x = _x(shape, torch.float64)
     k_out, g_out, _, _ = _run_both(name, net, x, _sigmas(dtype=torch.float32), options, explicit_noise=False)
-    _assert_rel(g_out, k_out, 1e-6 if name == "sample_lms" else F64_RTOL)
+    _assert_rel(g_out, k_out, 1e-6)
 
 
 @pytest.mark.parametrize("net_name", ["mixture", "toy"])
@@ -298,10 +299,10 @@ def test_brownian_tree_noise_sampler_equals_k_diffusion(seed):
 def test_brownian_tree_fallback_without_torchsde(monkeypatch):
     """Without torchsde the default SDE noise is genflow's Philox Brownian tree: standard normal
     increments of one path, reproducible under the same torch seed."""
-    from genflow import _peers
+    from genflow import peers
 
-    real = _peers.optional
-    monkeypatch.setattr(_peers, "optional", lambda name: None if name == "torchsde" else real(name))
+    real = peers.optional
+    monkeypatch.setattr(peers, "optional", lambda name: None if name == "torchsde" else real(name))
     x = torch.zeros(4096, 2, dtype=torch.float64)
     sampler = C.BrownianTreeNoiseSampler(x, 0.03, 80.0, seed=3)
     assert sampler.tree is not None
@@ -335,7 +336,7 @@ def test_errors_name_the_argument():
         C.sample_dpmpp_2m(toy_denoiser, x.numpy(), sigmas)
     with pytest.raises(ValueError, match="eta must be >= 0"):
         C.sample_dpmpp_2m_sde(toy_denoiser, x, sigmas, eta=-0.5)
-    with pytest.raises(ValueError, match="solver_type must be 'heun' or 'midpoint'"):
+    with pytest.raises(ValueError, match=r"solver_type must be one of \('heun', 'midpoint'\)"):
         C.sample_dpmpp_2m_sde(toy_denoiser, x, sigmas, solver_type="euler")
     with pytest.raises(ValueError, match="s_churn must be >= 0"):
         C.sample_euler(toy_denoiser, x, sigmas, s_churn=-1.0)
@@ -343,11 +344,13 @@ def test_errors_name_the_argument():
         C.sample_dpm_adaptive(toy_denoiser, x, 0.03, 80.0, order=4)
     with pytest.raises(ValueError, match="sigma_min and sigma_max must be > 0"):
         C.sample_dpm_fast(toy_denoiser, x, 0.0, 80.0, 10)
-    with pytest.raises(ValueError, match="order must be an integer >= 1"):
+    with pytest.raises(ValueError, match="order must be >= 1"):
         C.sample_lms(toy_denoiser, x, sigmas, order=0)
+    with pytest.raises(ValueError, match="order must be <= 4"):  # the native lms keeps up to 4 nodes
+        C.sample_lms(toy_denoiser, x, sigmas, order=6)
     with pytest.raises(ValueError, match="model must return a tensor of x's shape"):
         C.sample_euler(lambda x, s: x[:1], x, sigmas)
     with pytest.raises(TypeError, match="extra_args must be None or a dict"):
         C.sample_euler(toy_denoiser, x, sigmas, extra_args=[1])
-    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+    with pytest.raises(ValueError, match="n must be >= 1"):
         C.get_sigmas_karras(0, 0.1, 10.0)
