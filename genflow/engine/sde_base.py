@@ -62,8 +62,9 @@ class SDESolver:
         if not isinstance(term, SDE):
             raise TypeError(f"solver {self.name!r} integrates a gf.SDE, got term={type(term).__name__}")
         if term.noise not in self.noise_types:
-            raise ValueError(f"solver {self.name!r} takes noise in {self.noise_types}, got gf.SDE(noise={term.noise!r})")
-        if term.sde_type not in self.sde_types:
+            raise ValueError(f"solver {self.name!r} takes noise in {self.noise_types}, "
+                             f"got gf.SDE(noise={term.noise!r})")
+        if term.sde_type not in self.sde_types and term.noise != "additive":  # additive: Itô = Stratonovich
             raise ValueError(f"solver {self.name!r} integrates {' or '.join(self.sde_types)} SDEs, got "
                              f"gf.SDE(sde_type={term.sde_type!r}); convert the drift or pick another solver")
         if self.needs_area and not getattr(brownian, "has_area", False):
@@ -165,6 +166,10 @@ class SDESolver:
         if g.dim() <= 1:  # g I, one value per sample
             return rows(g, v) * v
         return g * v
+
+    def target(self, i: int, y: torch.Tensor):
+        """Where step ``i`` writes: ``y`` itself, except at the first step (the caller's ``y0``)."""
+        return y if i > 0 else None
 
     def full(self, g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``g`` expanded to ``y``'s shape where it is one value per sample (``g I``)."""
