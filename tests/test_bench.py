@@ -1,6 +1,7 @@
 """``genflow bench``: the runner on tiny cases, its table, JSON and RESULTS.md block, the CUDA
 error, and the equal-work checks of real genflow-vs-peer rows (fast: tiny sizes, one round)."""
 import argparse
+import importlib.util
 import itertools
 import json
 import time
@@ -230,3 +231,21 @@ def test_agreement_and_timer():
     assert not Agreement(1.0, 1.0, 0.5).ok
     ms = bench.time_interleaved({"a": lambda: None, "b": lambda: time.sleep(0.002)}, TINY)
     assert ms["a"] < ms["b"] and ms["b"] >= 2.0
+
+
+def test_solve_rows_check_equal_work():
+    """The solve group at tiny size: every installed peer (torchdiffeq, torchsde; torchode and
+    diffrax when present) agrees with gf.solve on the same problem (the same Brownian path for
+    SDEs); missing peers are skipped rows, never errors."""
+    checked = set()
+    for case in itertools.islice(bench.GROUPS["solve"].build(TINY), 6):
+        assert case.genflow().shape in ((1, 2), (64, 2))
+        for peer in case.baselines:
+            if peer.fn is None:
+                assert peer.status.startswith("skipped: "), peer.status
+                continue
+            a = peer.check()
+            assert a.ok, (case.name, peer.name, a.max_err, a.scale, a.tol)
+            checked.add(peer.name.split()[0])
+    installed = {name for name in ("torchdiffeq", "torchsde") if importlib.util.find_spec(name) is not None}
+    assert installed <= checked
