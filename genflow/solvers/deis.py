@@ -8,7 +8,7 @@ import torch
 
 from genflow.solvers.base import Solver, exp, expm1, point
 
-__all__ = ["DEIS", "ExponentialMultistep", "solve"]
+__all__ = ["DEIS", "ExponentialMultistep", "deis_coefficients", "solve"]
 
 WARMUPS = ("multistep", "singlestep")
 
@@ -183,6 +183,16 @@ def _lagrange_integrals(moments, d):
             (i2 - d1 * i1) / (d2 * (d2 - d1))]
 
 
+def deis_coefficients(h, nodes):
+    """``c_j = int_0^{-h} L_j(v) e^v dv`` (floats or per-sample tensors): the weights of DEIS's
+    update ``x' = (alpha'/alpha) x + alpha' (sigma/alpha) sum_j c_j eps_j`` for the Lagrange basis
+    in ``v = lambda - lambda(t)`` on the nodes ``0, nodes[0], ..`` (``nodes[j-1] = lambda - lambda_{-j}``,
+    at most 2), ``h = lambda' - lambda``. Zhang & Chen (2023), §4, in log-rho time."""
+    if len(nodes) > 2:
+        raise ValueError(f"nodes must hold at most 2 past nodes (order <= 3), got {len(nodes)}")
+    return _lagrange_integrals(_moments(h, len(nodes) + 1), list(nodes))
+
+
 class DEIS(ExponentialMultistep):
     """DEIS, the multistep exponential integrator of Zhang & Chen (2023), in log-rho.
 
@@ -225,7 +235,7 @@ class DEIS(ExponentialMultistep):
         if kind == "singlestep":
             x = self.singlestep(x, eps, p, q, k, out_buffer=x)
         else:  # eps_0 is folded as a1 x + b1 term; the older eps_j are materialised
-            c = _lagrange_integrals(_moments(q.lam - p.lam, k), [p.lam - self.grid[i - j].lam for j in range(1, k)])
+            c = deis_coefficients(q.lam - p.lam, [p.lam - self.grid[i - j].lam for j in range(1, k)])
             scale = q.alpha * p.sigma / p.alpha
             term, _, (a1, b1) = view
             past = [self.history[i - j] for j in range(1, k)]

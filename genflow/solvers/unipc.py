@@ -2,9 +2,47 @@
 from genflow.solvers.base import expm1
 from genflow.solvers.deis import ExponentialMultistep, solve
 
-__all__ = ["UniPC"]
+__all__ = ["UniPC", "unipc_coefficients"]
 
 VARIANTS = ("bh1", "bh2")
+
+
+def unipc_coefficients(h, r_past, ratio, mult, *, corrector: bool, variant: str = "bh2", data_prediction: bool = True):
+    """Coefficients of one UniP-k (predictor) or UniC-k (corrector) step, ``k = len(r_past) + 1``.
+
+    Zhao et al. (2023), Algorithms 1-3 (B(h) form); floats or per-sample tensors. With
+    ``hh = -h`` (data prediction) or ``h`` (noise), ``(R, M) = (ratio, mult)`` (``sigma'/sigma, alpha'``
+    or ``alpha'/alpha, sigma'``), ``r_past[j] = (lambda_{-j-1} - lambda)/h`` and
+    ``B(h) = hh`` (``"bh1"``) or ``expm1(hh)`` (``"bh2"``), the step is
+    ``x' = R x - M expm1(hh) m - M B(h) sum_j rho_j D_j``, ``D_j = (m_j - m)/r_j``, with ``rho`` solving
+    ``sum_j rho_j r_j^(n-1) = phi_{n+1}(hh) n! / B(h)`` over the past nodes (predictor, ``rho = 1/2``
+    for ``k = 2``) or the past nodes and ``r = 1`` for the new output ``m_t`` (corrector, ``rho = 1/2``
+    for ``k = 1``).
+
+    Returns:
+        ``[c_x, c_m, c_{m,-1}, .., c_{m,-(k-1)}]``, then ``c_{m_t}`` with ``corrector``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    k = len(r_past) + 1
+    hh = -h if data_prediction else h
+    h_phi_1 = expm1(hh)
+    b_h = hh if variant == "bh1" else h_phi_1
+    r = list(r_past) + [1.0]
+    b, h_phi_k, factorial = [], h_phi_1 / hh - 1, 1
+    for n in range(1, k + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= n + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    n = k if corrector else k - 1
+    if n == 0:
+        rhos = []
+    elif n == 1:
+        rhos = [0.5]
+    else:
+        rhos = solve([[rj ** e for rj in r[:n]] for e in range(n)], b[:n])
+    past = [-mult * b_h * rho / rj for rho, rj in zip(rhos, r)]  # r = 1 pairs with m_t
+    return [ratio, -mult * h_phi_1 - sum(past)] + past
 
 
 class UniPC(ExponentialMultistep):
@@ -75,25 +113,8 @@ class UniPC(ExponentialMultistep):
         """Coefficients of ``[x, m, m_{-1}, .., m_{-(k-1)}]``, then ``m_t`` for the corrector,
         for a UniP-k / UniC-k step from grid point ``i`` (at ``p``) to ``q``."""
         h = q.lam - p.lam
-        hh = -h if self.data_prediction else h
-        ratio, mult = self.ratio_mult(p, q)
-        h_phi_1 = expm1(hh)
-        b_h = hh if self.variant == "bh1" else h_phi_1
-        r = [(self.grid[i - j].lam - p.lam) / h for j in range(1, k)] + [1.0]
-        b, h_phi_k, factorial = [], h_phi_1 / hh - 1, 1
-        for n in range(1, k + 1):
-            b.append(h_phi_k * factorial / b_h)
-            factorial *= n + 1
-            h_phi_k = h_phi_k / hh - 1 / factorial
-        n = k if corrector else k - 1
-        if n == 0:
-            rhos = []
-        elif n == 1:
-            rhos = [0.5]
-        else:
-            rhos = solve([[rj ** e for rj in r[:n]] for e in range(n)], b[:n])
-        past = [-mult * b_h * rho / rj for rho, rj in zip(rhos, r)]  # r = 1 pairs with m_t
-        return [ratio, -mult * h_phi_1 - sum(past)] + past
+        return unipc_coefficients(h, [(self.grid[i - j].lam - p.lam) / h for j in range(1, k)], *self.ratio_mult(p, q),
+                                  corrector=corrector, variant=self.variant, data_prediction=self.data_prediction)
 
     def step(self, i, x):
         p, q = self.grid[i], self.grid[i + 1]

@@ -421,11 +421,11 @@ def test_two_step_loop_with_tuples(name):
 
 def test_each_step_is_one_fused_call(monkeypatch):
     """DPM-Solver++(3M): one fused update per step, plus one that keeps x0 for the later steps."""
-    from genflow.compat.diffusers import dpm_solver
+    from genflow.compat.diffusers import _multistep
 
     calls = []
-    real = dpm_solver.fused
-    monkeypatch.setattr(dpm_solver, "fused", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    real = _multistep.fused
+    monkeypatch.setattr(_multistep, "fused", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     s = compat.DPMSolverMultistepScheduler(solver_order=3)
     s.set_timesteps(6)
     x = torch.randn(SHAPE)
@@ -470,3 +470,68 @@ def test_bad_calls_raise():
         compat.UniPCMultistepScheduler().set_timesteps(sigmas=[0.9, 0.5])
     with pytest.raises(ValueError, match="mu"):
         compat.UniPCMultistepScheduler(use_flow_sigmas=True, use_dynamic_shifting=True).set_timesteps(5)
+
+
+# ---------------------------------------------------------------- the native coefficient functions
+
+def test_dpm_weights_variants_pin_diffusers_sign():
+    """``variant="diffusers"`` differs from the paper's (``"reference"``) only with churn, by
+    ``-alpha'`` in the ``D2`` weight (diffusers' sde-dpmsolver++ third order); ``"taylor"``
+    doubles the reference ``D2`` weight."""
+    from genflow.solvers.dpm_solver import dpm_weights
+
+    args = (0.37, 0.8, 0.6, 0.9, 0.45)
+    ref = dpm_weights(*args, eta=1.0, variant="reference")
+    ours = dpm_weights(*args, eta=1.0, variant="diffusers")
+    assert ours[:4] == ref[:4] and ours[5] == ref[5]
+    assert ours[4] == pytest.approx(ref[4] - args[3], rel=1e-12)
+    assert dpm_weights(*args, variant="diffusers") == dpm_weights(*args, variant="reference")
+    assert dpm_weights(*args, variant="taylor")[4] == pytest.approx(2 * dpm_weights(*args, variant="reference")[4])
+    with pytest.raises(ValueError, match="variant"):
+        dpm_weights(*args, variant="paper")
+    with pytest.raises(ValueError, match="eta"):
+        dpm_weights(*args, data_prediction=False, eta=0.5)
+
+
+@pytest.mark.parametrize("order, eta, solver_type", [(1, 0.0, "midpoint"), (2, 0.0, "heun"), (2, 1.0, "midpoint"),
+                                                     (3, 0.0, "midpoint"), (3, 1.0, "heun")])
+def test_dpm_multistep_coefficients_match_closed_forms(order, eta, solver_type):
+    """Against diffusers' formulas written out for data prediction (Lu et al. 2022b), variant reference."""
+    from genflow.solvers.dpm_solver import dpm_multistep_coefficients
+
+    h, h0, h1 = 0.31, 0.27, 0.22
+    a0, s0, a1, s1 = 0.8, 0.6, 0.9, 0.9 * 0.6 / 0.8 * math.exp(-h)
+    coefs, scale = dpm_multistep_coefficients(h, [h0, h1][:order - 1], a0, s0, a1, s1, eta=eta,
+                                              solver_type=solver_type, variant="reference")
+    H = (1 + eta) * h
+    E = -math.expm1(-H)
+    assert coefs[0] == pytest.approx(s1 / s0 * math.exp(-eta * h), rel=1e-12)
+    assert scale == pytest.approx(s1 * math.sqrt(-math.expm1(-2 * eta * h)), rel=1e-12)
+    phi2 = 1 - E / H
+    w1 = a1 * (E / 2 if solver_type == "midpoint" and order == 2 else phi2)
+    w2 = -a1 * (phi2 / H - 0.5)
+    if order == 1:
+        expected = [a1 * E]
+    elif order == 2:
+        r0 = h0 / h
+        expected = [a1 * E + w1 / r0, -w1 / r0]
+    else:
+        r0, r1 = h0 / h, h1 / h
+        d10, d11 = np.array([1 / r0, -1 / r0, 0]), np.array([0, 1 / r1, -1 / r1])
+        expected = a1 * E * np.eye(3)[0] + w1 * (d10 + r0 / (r0 + r1) * (d10 - d11)) + w2 * (d10 - d11) / (r0 + r1)
+    np.testing.assert_allclose(coefs[1:], expected, rtol=1e-12)
+
+
+def test_unipc_and_deis_coefficient_functions_are_the_natives():
+    """The compat schedulers and the native solvers share one formula each."""
+    from genflow.compat.diffusers import deis as compat_deis, unipc as compat_unipc
+    from genflow.solvers import deis, unipc
+
+    assert compat_unipc.unipc_coefficients is unipc.unipc_coefficients
+    assert compat_deis.deis_coefficients is deis.deis_coefficients
+    c = deis.deis_coefficients(0.0, [0.3, 0.5])  # a zero-length step is the identity
+    assert c == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="nodes"):
+        deis.deis_coefficients(0.1, [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="variant"):
+        unipc.unipc_coefficients(0.1, [], 1.0, 1.0, corrector=False, variant="bh3")

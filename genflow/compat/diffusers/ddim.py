@@ -6,8 +6,9 @@ from typing import Optional
 
 import torch
 
-from ._base import (Scheduler, SchedulerOutput, check_choice, check_prediction_type, dynamic_threshold,
-                    fused, randn_like_diffusers, spaced_timesteps, TIMESTEP_SPACINGS, x0_eps_coefficients)
+from genflow.solvers.base import dynamic_threshold
+
+from ._base import (Scheduler, SchedulerOutput, check_choice, check_prediction_type, fused, randn_like_diffusers, spaced_timesteps, TIMESTEP_SPACINGS, x0_eps_coefficients)
 
 __all__ = ["DDIMScheduler"]
 
@@ -80,7 +81,7 @@ class DDIMScheduler(Scheduler):
 
         x0 = fused(sample, [model_output], [x0_x, x0_out])
         if cfg.thresholding:
-            x0 = dynamic_threshold(x0, ratio=cfg.dynamic_thresholding_ratio, max_value=cfg.sample_max_value)
+            x0 = dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
         elif cfg.clip_sample:
             x0.clamp_(-cfg.clip_sample_range, cfg.clip_sample_range)
 

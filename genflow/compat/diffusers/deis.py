@@ -1,33 +1,20 @@
 """diffusers' ``DEISMultistepScheduler`` on genflow's fused update."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
 import torch
 
+from genflow.solvers.deis import deis_coefficients
+
 from ._base import check_choice
-from .dpm_solver import _SigmaScheduler, flow_sigmas, spaced_timesteps
+from ._multistep import MultistepScheduler, flow_sigmas, multistep_timesteps
 
 __all__ = ["DEISMultistepScheduler"]
 
 
-def _integral2(t, b, c):
-    """``int^t`` of the Lagrange basis polynomial in ``log rho`` through the nodes ``b`` (1) and
-    ``c`` (0), times ``e^{log rho}``: the antiderivative ``t (log t - log c - 1)/(log b - log c)``."""
-    lt, lb, lc = math.log(t), math.log(b), math.log(c)
-    return t * (lt - lc - 1.0) / (lb - lc)
-
-
-def _integral3(t, b, c, d):
-    """The same for the quadratic through ``b`` (1), ``c`` and ``d`` (0):
-    ``t [(log t - log c)(log t - log d) - (2 log t - log c - log d) + 2] / ((log b - log c)(log b - log d))``."""
-    lt, lb, lc, ld = math.log(t), math.log(b), math.log(c), math.log(d)
-    return t * ((lt - lc) * (lt - ld) - (2.0 * lt - lc - ld) + 2.0) / ((lb - lc) * (lb - ld))
-
-
-class DEISMultistepScheduler(_SigmaScheduler):
+class DEISMultistepScheduler(MultistepScheduler):
     """diffusers' ``DEISMultistepScheduler``: multistep DEIS in log-rho (``solver_type="logrho"``).
 
     Zhang & Chen (2023), "Fast Sampling of Diffusion Models with Exponential Integrator" (ICLR),
@@ -70,7 +57,7 @@ class DEISMultistepScheduler(_SigmaScheduler):
         ``flow_shift = exp(mu)`` (``use_dynamic_shifting``)."""
         self._mu_shift(mu)
         c = self.config
-        timesteps = spaced_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset)
+        timesteps = multistep_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset)
         kind = next((k for k, f in (("karras", "use_karras_sigmas"), ("exponential", "use_exponential_sigmas"),
                                     ("beta", "use_beta_sigmas")) if c[f]), None)
         if kind is not None:
@@ -88,22 +75,12 @@ class DEISMultistepScheduler(_SigmaScheduler):
         self._finish(timesteps, np.concatenate([sigmas, [last]]), device)
 
     def _coefficients(self, i: int, order: int):
-        """``(c_x, [c_eps0, c_eps(-1), ..])`` of the order-``order`` DEIS step from grid index ``i``."""
-        a_t, a_s = self._alpha[i + 1], self._alpha[i]
-        if order == 1:
-            return a_t / a_s, [-self._sigma[i + 1] * math.expm1(self._lam[i + 1] - self._lam[i])]
-        rho = [self._sigma[j] / self._alpha[j] for j in range(i + 1, i - order, -1)]  # rho', rho_0, rho_-1, ..
-        t, nodes = rho[0], rho[1:]
-        if t == nodes[0]:  # a zero-length step (the repeated final sigma): x' = x
-            return 1.0, [0.0] * order
-        if order == 2:
-            b, c = nodes
-            coefs = [_integral2(t, b, c) - _integral2(b, b, c), _integral2(t, c, b) - _integral2(b, c, b)]
-        else:
-            b, c, d = nodes
-            coefs = [_integral3(t, b, c, d) - _integral3(b, b, c, d), _integral3(t, c, d, b) - _integral3(b, c, d, b),
-                     _integral3(t, d, b, c) - _integral3(b, d, b, c)]
-        return a_t / a_s, [a_t * k for k in coefs]
+        """``(c_x, [c_eps0, c_eps(-1), ..])`` of the order-``order`` DEIS step from grid index ``i``
+        (genflow's ``deis_coefficients``; a zero-length step is the identity)."""
+        lam, alpha = self._lam, self._alpha
+        c = deis_coefficients(lam[i + 1] - lam[i], [lam[i] - lam[i - j] for j in range(1, order)])
+        scale = alpha[i + 1] * self._sigma[i] / alpha[i]
+        return alpha[i + 1] / alpha[i], [scale * cj for cj in c]
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """One multistep DEIS step from ``timesteps[step_index]`` to the next grid point.

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import torch
 
-from ._base import (SigmaScheduler, SchedulerOutput, TIMESTEP_SPACINGS, check_choice, check_prediction_type,
-                    fused, randn_like_diffusers, sigma_to_t)
+from ._base import SchedulerOutput, TIMESTEP_SPACINGS, check_choice, check_prediction_type, fused, randn_like_diffusers
+from ._sigmas import SigmaScheduler, sigma_to_t
 
 __all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"]
 

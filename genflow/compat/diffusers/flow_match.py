@@ -6,8 +6,8 @@ import math
 import numpy as np
 import torch
 
-from ._base import (Scheduler, SchedulerOutput, beta_sigmas, check_choice, exponential_sigmas, fused,
-                    karras_sigmas, randn_like_diffusers)
+from ._base import Scheduler, SchedulerOutput, check_choice, fused, randn_like_diffusers
+from ._sigmas import beta_sigmas, exponential_sigmas, karras_sigmas
 
 __all__ = ["FlowMatchEulerDiscreteScheduler"]
 

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import torch
 
-from ._base import SigmaScheduler, SchedulerOutput, TIMESTEP_SPACINGS, check_choice, check_prediction_type, fused
+from ._base import SchedulerOutput, TIMESTEP_SPACINGS, check_choice, check_prediction_type, fused
+from ._sigmas import SigmaScheduler
 
 __all__ = ["HeunDiscreteScheduler"]
 

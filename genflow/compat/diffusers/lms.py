@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._base import SigmaScheduler, SchedulerOutput, TIMESTEP_SPACINGS, check_choice, check_prediction_type, fused
+from ._base import SchedulerOutput, TIMESTEP_SPACINGS, check_choice, check_prediction_type, fused
+from ._sigmas import SigmaScheduler
 
 __all__ = ["LMSDiscreteScheduler"]
 

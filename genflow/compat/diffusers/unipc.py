@@ -7,17 +7,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from genflow.solvers.deis import solve
+from genflow.solvers.unipc import VARIANTS, unipc_coefficients
 
 from ._base import check_choice
-from .dpm_solver import _SigmaScheduler, spaced_timesteps
+from ._multistep import MultistepScheduler, multistep_timesteps
 
 __all__ = ["UniPCMultistepScheduler"]
 
-VARIANTS = ("bh1", "bh2")
 
-
-class UniPCMultistepScheduler(_SigmaScheduler):
+class UniPCMultistepScheduler(MultistepScheduler):
     """diffusers' ``UniPCMultistepScheduler``: the UniP-p predictor with the UniC-p corrector.
 
     Zhao et al. (2023), "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
@@ -82,7 +80,7 @@ class UniPCMultistepScheduler(_SigmaScheduler):
                 raise ValueError("sigmas can be passed only with use_flow_sigmas=True")
             sigmas = np.asarray(sigmas, dtype=np.float64)
             num_inference_steps = len(sigmas)
-        timesteps = spaced_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset)
+        timesteps = multistep_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset)
         kind = next((k for k, f in (("karras", "use_karras_sigmas"), ("exponential", "use_exponential_sigmas"),
                                     ("beta", "use_beta_sigmas")) if c[f]), None)
         if kind is not None:
@@ -131,31 +129,17 @@ class UniPCMultistepScheduler(_SigmaScheduler):
         h = lam[p + 1] - lam[p]
         a_t, s_t = self._alpha[p + 1], self._sigma[p + 1]
         if self.predict_x0:
-            ratio, mult, hh = s_t / self._sigma[p], a_t, -h
+            ratio, mult = s_t / self._sigma[p], a_t
         else:
-            ratio, mult, hh = a_t / self._alpha[p], s_t, h
+            ratio, mult = a_t / self._alpha[p], s_t
         if h == 0.0:
             return [1.0] + [0.0] * (order + corrector)
         if math.isinf(h):
             c_m0 = a_t if self.predict_x0 else s_t - a_t * self._sigma[p] / self._alpha[p]
             return [ratio, c_m0] + [0.0] * (order - 1 + corrector)
-        h_phi_1 = math.expm1(hh)
-        b_h = hh if self.config.solver_type == "bh1" else h_phi_1
-        r = [(lam[p - j] - lam[p]) / h for j in range(1, order)] + [1.0]
-        b, h_phi_k, factorial = [], h_phi_1 / hh - 1.0, 1
-        for k in range(1, order + 1):
-            b.append(h_phi_k * factorial / b_h)
-            factorial *= k + 1
-            h_phi_k = h_phi_k / hh - 1.0 / factorial
-        n = order if corrector else order - 1  # unknowns: the past nodes (+ the new one)
-        if n == 0:
-            rhos = []
-        elif n == 1:
-            rhos = [0.5]
-        else:
-            rhos = solve([[rj ** e for rj in r[:n]] for e in range(n)], b[:n])
-        past = [-mult * b_h * rho / rj for rho, rj in zip(rhos, r)]  # r = 1 pairs with m_t
-        return [ratio, -mult * h_phi_1 - sum(past)] + past + [0.0] * (order - 1 + corrector - len(past))
+        return unipc_coefficients(h, [(lam[p - j] - lam[p]) / h for j in range(1, order)], ratio, mult,
+                                  corrector=corrector, variant=self.config.solver_type,
+                                  data_prediction=self.predict_x0)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """Correct the previous step with ``model_output`` (UniC), then predict the next point (UniP).
