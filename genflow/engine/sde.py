@@ -50,7 +50,7 @@ class Milstein(SDESolver):
 
     For diagonal noise (each ``g_i`` depending on ``y_i`` alone) ``g g'`` is ``g_i dg_i/dy_i``,
     computed as torchsde does: the vector-Jacobian product ``(dg/dy)^T (g v)`` by autograd; for
-    scalar noise the Jacobian-vector product ``(dg/dy) g`` (``torch.func.jvp``); zero for additive
+    scalar noise the Jacobian-vector product ``(dg/dy) g`` (double backward); zero for additive
     noise. ``derivative_free=True`` uses ``g g' v ~ (g(y + [f dt] + g sqrt(h)) - g(y)) v / (2
     sqrt(h))`` instead (Kloeden & Platen §11.1, eq. (1.3); torchsde's ``grad_free``). Strong and
     weak order 1.0; 2 evaluations per step (plus one autograd pass, or 3 derivative-free).
@@ -76,14 +76,16 @@ class Milstein(SDESolver):
             shifted = self.combine(y, drift + [g], [1.0] + ([dt] if drift else []) + [root])
             return (self.g(i, 0, shifted) - g).mul_(rows(0.5 * reciprocal(root), g)) * (
                 v if self.term.noise != "scalar" else rows(v, g))
-        if self.term.noise == "scalar":
-            _, jvp = torch.func.jvp(lambda z: self.term.diffusion(self.time(i, 0, z), z), (y,), (g,))
-            return jvp * rows(0.5 * v, g)
+        create_graph = torch.is_grad_enabled() and y.requires_grad
         with torch.enable_grad():
             z = y if y.requires_grad else y.detach().requires_grad_(True)
             gz = self.full(self.check_diffusion(self.term.diffusion(self.time(i, 0, z), z), z), z)
-            vjp, = torch.autograd.grad(gz, z, gz * (0.5 * v), create_graph=torch.is_grad_enabled() and y.requires_grad,
-                                       allow_unused=True)
+            if self.term.noise == "scalar":  # (dg/dy) g by double backward: d/du of u^T (dg/dy) at g
+                u = torch.zeros_like(gz, requires_grad=True)
+                vjp, = torch.autograd.grad(gz, z, u, create_graph=True, allow_unused=True)
+                jvp = None if vjp is None else torch.autograd.grad(vjp, u, g, create_graph=create_graph)[0]
+                return torch.zeros_like(y) if jvp is None else jvp * rows(0.5 * v, g)
+            vjp, = torch.autograd.grad(gz, z, gz * (0.5 * v), create_graph=create_graph, allow_unused=True)
         return torch.zeros_like(y) if vjp is None else vjp
 
     def step(self, i, y):
