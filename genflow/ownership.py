@@ -1,0 +1,110 @@
+"""Who owns a tensor during a solve: the engine owns its state and history, the model its outputs.
+
+A solver updates its state in place and keeps earlier model outputs (multistep history, Runge–Kutta
+stages). That is only correct while no model output shares memory with the state or with an
+output the solver still holds. Networks that break this are common: one that returns its input
+(``lambda x, t: x``), one that writes every result into one preallocated buffer (CUDA-graph
+captured models, ``torch.compile(mode="reduce-overhead")``, TensorRT-style engines), one that
+modifies its input in place. ``OutputOwnership`` makes the solve correct on purpose for the first
+two and ``check_input_unchanged`` turns the third into a clear error, at the cost of a few
+pointer comparisons per model call when nothing aliases:
+
+* an output sharing storage with the evaluated state is copied;
+* the first output of a solve is copied, and a later output in the same storage (one static
+  buffer) switches the solve to copying every output, so nothing held is ever overwritten;
+* an output in the storage of another recent output (a pool of rotating buffers, where an
+  output the solver holds may already be overwritten) raises ``OutputAliasError``: pass
+  ``model_reuses_buffers=True``, which copies every output from the start.
+
+The outputs of the last ``RECENT`` evaluations are kept alive, so a fresh allocation can never
+reuse their memory and a shared storage always means the model reused it.
+"""
+from collections import deque
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["RECENT", "InputMutationError", "OutputAliasError", "OutputOwnership", "check_input_unchanged",
+           "own_output", "shares_storage", "storage_id"]
+
+RECENT = 4  # outputs a solver holds across later model calls: at most 3 (RK4 stages, 3rd-order history)
+
+
+class InputMutationError(RuntimeError):
+    """The model modified its input tensor in place (the solver's state) during a call."""
+
+
+class OutputAliasError(RuntimeError):
+    """The model returned memory of an earlier output that the solver may still hold."""
+
+
+def storage_id(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage: tensors (views included) share memory only when equal."""
+    return t.untyped_storage().data_ptr()
+
+
+def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` live in the same (non-empty) storage."""
+    ptr = storage_id(a)
+    return ptr != 0 and ptr == storage_id(b)
+
+
+def own_output(out: torch.Tensor, held) -> torch.Tensor:
+    """``out``, or a contiguous copy of it when it shares storage with any tensor in ``held``."""
+    ptr = storage_id(out)
+    if ptr != 0 and any(storage_id(h) == ptr for h in held if h is not None):
+        return out.clone(memory_format=torch.contiguous_format)
+    return out
+
+
+def check_input_unchanged(x: torch.Tensor, version: int, where: str) -> None:
+    """Raise ``InputMutationError`` when ``x._version`` moved past ``version`` (read before the
+    model call): the model wrote into its input, the solver's state, so the solve would be
+    silently wrong. ``where`` names the call (solver and step)."""
+    if x._version != version:
+        raise InputMutationError(
+            f"{where}: the model modified its input tensor in place (e.g. x.mul_(...), x += ...), which is "
+            f"the solver's state; compute into a new tensor instead (x = x * ...), or clone the input first")
+
+
+class OutputOwnership:
+    """Per-solve ownership of model outputs (see the module docstring).
+
+    Args:
+        reuses_buffers: the model returns memory it reuses on later calls (a static output
+            buffer or a pool of them): copy every output.
+    """
+
+    def __init__(self, reuses_buffers: bool = False):
+        self.copy_all = bool(reuses_buffers)
+        self.first: Optional[int] = None  # storage of the first (copied) output
+        self.recent = deque(maxlen=RECENT)  # the last RECENT outputs (the first one included), kept alive
+        self.recent_ids = deque(maxlen=RECENT)
+
+    def own(self, out: torch.Tensor, x: torch.Tensor, where: Callable[[], str]) -> torch.Tensor:
+        """The output a solver may hold: ``out`` itself or a copy (``x``: the evaluated state;
+        ``where()`` names the call in the error message)."""
+        if self.copy_all:
+            return out.clone(memory_format=torch.contiguous_format)
+        ptr = storage_id(out)
+        if ptr == 0:  # empty output: nothing to share
+            return out
+        if ptr == storage_id(x):  # the model returned (a view of) its input
+            return out.clone(memory_format=torch.contiguous_format)
+        if ptr in self.recent_ids:
+            if ptr == self.first and len(self.recent_ids) == 1:  # one static buffer: copy from now on
+                self.copy_all = True
+                self.recent.clear()
+                self.recent_ids.clear()
+                return out.clone(memory_format=torch.contiguous_format)
+            raise OutputAliasError(
+                f"{where()}: the model returned memory of an earlier output (a pool of reused output buffers), "
+                f"which the solver may still hold; pass model_reuses_buffers=True to copy every output")
+        if self.first is None:
+            self.first = ptr
+            self.recent.append(out)
+            self.recent_ids.append(ptr)
+            return out.clone(memory_format=torch.contiguous_format)
+        self.recent.append(out)
+        self.recent_ids.append(ptr)
+        return out
