@@ -23,6 +23,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from genflow._cache import value_key
+from genflow._checks import check_int, check_real
+
 __all__ = ["Process", "VP", "SubVP", "VE", "CosineVP", "EDM", "LinearPath", "DiscreteVP"]
 
 _F64 = torch.float64
@@ -35,15 +38,9 @@ _TINY = 1e-300
 
 
 def _real(name: str, value) -> float:
-    """``value`` as a finite Python float, else ``ValueError`` naming ``name``."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return value
+    """``value`` (a Python, NumPy or 0-d tensor real number) as a finite Python float; a
+    ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    return check_real(name, value)
 
 
 def _check_times(T: float, t_min: float, *, T_max: float = math.inf) -> None:
@@ -86,8 +83,22 @@ def _fmt(v: float) -> str:
 # base class
 
 
-class Process(abc.ABC):
+class _Frozen(abc.ABCMeta):
+    """Freezes every process once its ``__init__`` has run (see ``Process.__setattr__``)."""
+
+    def __call__(cls, *args, **kwargs):
+        process = super().__call__(*args, **kwargs)
+        object.__setattr__(process, "_frozen", True)
+        return process
+
+
+class Process(abc.ABC, metaclass=_Frozen):
     """Base class of processes with marginal ``x_t = alpha(t) x_0 + sigma(t) eps``.
+
+    Processes are immutable: their parameters are fixed at construction (assigning one raises
+    ``AttributeError``; build a new process instead), and caches of grids and step plans are
+    keyed on their values (``cache_key``), so a result computed for one process is never
+    returned for another.
 
     Subclasses implement the float64 tensor primitives ``_alpha``, ``_sigma``, ``_log_snr``,
     ``_t_from_log_snr``, ``_f``, ``_g2`` and ``_dsigma`` (and ``_dalpha`` when ``f * alpha``
@@ -100,6 +111,22 @@ class Process(abc.ABC):
 
     T: float = 1.0
     t_min: float = 0.0
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_frozen", False):
+            raise AttributeError(f"{type(self).__name__} is immutable: cannot set {name!r} after construction; "
+                                 f"build a new process instead (e.g. {type(self).__name__}({name}=...))")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot delete {name!r}")
+
+    def cache_key(self) -> tuple:
+        """The process's type and parameter values: equal keys mean equal processes (the key
+        of every cache that depends on a process, ``genflow._cache``)."""
+        params = tuple((name, value_key(value)) for name, value in sorted(vars(self).items())
+                       if name != "_frozen" and not isinstance(value, dict))
+        return (type(self),) + params
 
     # -- primitives (float64 tensor in, float64 tensor out) ----------------------------------
     @abc.abstractmethod
@@ -601,7 +628,7 @@ class DiscreteVP(Process):
     def __init__(self, alphas_cumprod, *, t_min: Optional[float] = None):
         abar = _table("alphas_cumprod", alphas_cumprod)
         n = abar.shape[0]
-        self.alphas_cumprod = abar
+        self._alphas_cumprod = abar
         self.num_train_timesteps = n
         self.T = 1.0
         self.t_min = 1.0 / n if t_min is None else _real("t_min", t_min)
@@ -611,6 +638,11 @@ class DiscreteVP(Process):
             raise ValueError("alphas_cumprod must give a strictly decreasing log-SNR "
                              "(values too close to 0 or 1 to resolve in float64)")
         self._lam_cache = {}
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The table (float64 [N]), a copy: the process itself cannot be changed through it."""
+        return self._alphas_cumprod.clone()
 
     # -- table constructors ------------------------------------------------------------------
     @classmethod
@@ -752,9 +784,7 @@ def _table(name: str, value) -> torch.Tensor:
 
 
 def _num_steps(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
-        raise ValueError(f"num_train_timesteps must be an integer >= 2, got {n!r}")
-    return int(n)
+    return check_int("num_train_timesteps", n, low=2)
 
 
 def _check_beta_range(b0: float, b1: float) -> None:

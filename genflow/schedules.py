@@ -7,9 +7,11 @@ per-sample endpoints (length-B tensors, e.g. SDEdit-style partial denoising) it 
 import math
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 
-from genflow._checks import did_you_mean
+from genflow._cache import LRU
+from genflow._checks import check_choice, check_int, check_real
 
 __all__ = ["SCHEDULES", "time_grid", "validate_grid"]
 
@@ -25,7 +27,7 @@ def _finite_log_snr(process, t: torch.Tensor, toward: torch.Tensor) -> torch.Ten
     return torch.where(torch.isfinite(lam), lam, process.log_snr(nudged))
 
 
-_GRIDS = {}  # (id(process), steps, schedule, t_start, t_end, rho) -> (process, grid, grid._version)
+_GRIDS = LRU(64)  # (process values, steps, schedule, t_start, t_end, rho) -> (grid, grid._version)
 
 
 def time_grid(process, steps: int, schedule: str = "logsnr", t_start=None, t_end=None, *,
@@ -42,30 +44,46 @@ def time_grid(process, steps: int, schedule: str = "logsnr", t_start=None, t_end
       * ``cosine``:    the log-SNR spacing of the cosine schedule (Nichol & Dhariwal 2021),
         ``lambda = -2 log tan(pi w / 2)`` uniform in ``w``, for any process.
     The endpoints are exact. ``t_start`` defaults to ``process.T``, ``t_end`` to ``process.t_min``.
-    Grids with scalar endpoints are cached and shared between calls: clone before modifying.
+    ``steps`` is a Python, NumPy or 0-d tensor integer; ``t_start``, ``t_end`` and ``rho`` real
+    numbers of any of these types (the times also length-B per-sample tensors or sequences).
+    Grids with scalar endpoints are cached by value (the process's parameters included) and
+    shared between calls: clone before modifying.
     """
-    scalar = all(v is None or type(v) in (int, float) for v in (t_start, t_end))
-    key = (id(process), steps, schedule, t_start, t_end, rho) if scalar else None
-    hit = _GRIDS.get(key)
-    if hit is not None and hit[0] is process and hit[1]._version == hit[2]:
-        return hit[1]
+    steps = check_int("steps", steps, low=1)
+    rho = check_real("rho", rho, low=0.0, low_open=True)
+    check_choice("schedule", schedule, SCHEDULES)
+    t_start, t_end = _time_arg("t_start", t_start), _time_arg("t_end", t_end)
+    scalar = not isinstance(t_start, torch.Tensor) and not isinstance(t_end, torch.Tensor)
+    key = (process.cache_key(), steps, schedule, t_start, t_end, rho) if scalar else None
+    hit = _GRIDS.get(key) if scalar else None
+    if hit is not None and hit[0]._version == hit[1]:
+        return hit[0]
     ts = _time_grid(process, steps, schedule, t_start, t_end, rho)
-    if key is not None:
-        if len(_GRIDS) >= 64:
-            _GRIDS.clear()
-        _GRIDS[key] = (process, ts, ts._version)
+    if scalar:
+        _GRIDS.put(key, (ts, ts._version))
     return ts
 
 
+def _time_arg(name: str, value):
+    """``None``, a Python float (from a Python, NumPy or 0-d tensor number) or a float64 1-D
+    per-sample tensor; anything else (strings included) a ``TypeError`` naming ``name``."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a number or a 1-D tensor of per-sample times, got the string {value!r}")
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 1:
+        return torch.as_tensor(value).detach().to("cpu", torch.float64)
+    if isinstance(value, (list, tuple)):
+        try:
+            return torch.tensor([check_real(f"{name}[{i}]", v) for i, v in enumerate(value)], dtype=torch.float64)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"{name} must be a number or a 1-D sequence of per-sample times: {error}") from None
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim > 1:
+        raise ValueError(f"{name} must be a scalar or a 1-D per-sample tensor, got shape {tuple(value.shape)}")
+    return check_real(name, value)
+
+
 def _time_grid(process, steps, schedule, t_start, t_end, rho):
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}{did_you_mean(str(schedule), SCHEDULES)}")
-    if not (rho > 0 and math.isfinite(rho)):
-        raise ValueError(f"rho must be a positive finite number, got {rho}")
     t0 = torch.as_tensor(process.T if t_start is None else t_start, dtype=torch.float64)
     t1 = torch.as_tensor(process.t_min if t_end is None else t_end, dtype=torch.float64)
     if t0.dim() > 1 or t1.dim() > 1:
@@ -115,8 +133,14 @@ def _time_grid(process, steps, schedule, t_start, t_end, rho):
 
 
 def validate_grid(ts: Union[torch.Tensor, Sequence[float]], process) -> torch.Tensor:
-    """Check a user-given grid (``[N+1]`` or ``[N+1, B]``) is strictly decreasing within [0, T]."""
-    ts = torch.as_tensor(ts, dtype=torch.float64)
+    """Check a user-given grid (``[N+1]`` or ``[N+1, B]``: a tensor, array or sequence of
+    numbers) is strictly decreasing within [0, T]; returns it as a float64 host tensor."""
+    if isinstance(ts, (str, bytes)):
+        raise TypeError(f"schedule must be a schedule name from {SCHEDULES} or a time grid, got the string {ts!r}")
+    try:
+        ts = torch.as_tensor(ts, dtype=torch.float64) if not isinstance(ts, torch.Tensor) else ts.detach().to(torch.float64)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"a time grid must be a tensor or a sequence of numbers, got {type(ts).__name__}: {error}") from None
     if ts.dim() not in (1, 2) or ts.shape[0] < 2:
         raise ValueError(f"a time grid must have shape [steps+1] or [steps+1, B] with steps >= 1, got {tuple(ts.shape)}")
     if not torch.isfinite(ts).all():

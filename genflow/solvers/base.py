@@ -11,11 +11,14 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from genflow._cache import LRU, tensor_key
+from genflow._checks import check_bool, check_real
+from genflow.ownership import OutputOwnership, check_input_unchanged
 from genflow.models import conversion
-from genflow.ops.fused_update import _host_tensor, fused_update_packed, fused_update_unchecked, seed_tensor, use_kernel
+from genflow.ops.fused_update import host_tensor, fused_update_packed, fused_update_unchecked, seed_tensor, use_kernel
 
-__all__ = ["NonFiniteError", "Solver", "Point", "diverged_rows", "dynamic_threshold", "point", "sqrt", "exp",
-           "expm1", "where"]
+__all__ = ["NonFiniteError", "Solver", "Grid", "Point", "diverged_rows", "dynamic_threshold", "point", "sqrt", "exp",
+           "expm1", "table", "where"]
 
 
 class NonFiniteError(RuntimeError, FloatingPointError):
@@ -65,24 +68,30 @@ def where(cond, a, b):
     return a if cond else b
 
 
-_TABLES = {}  # (id(process), id(ts)) -> (process, ts, ts._version, points): grids are reused
+class Grid(list):
+    """The ``Point``s of a time grid, with ``key``: the values they were computed from (the
+    process's ``cache_key`` and the grid's times), which the step-plan cache is keyed on."""
+
+    key: tuple = ()
 
 
-def _table(process, ts: torch.Tensor) -> list:
-    """Per-grid-point ``Point``s computed in one vectorised pass over the grid (cached for a
-    grid tensor seen before and not modified since, as the cached ``time_grid`` returns)."""
-    key = (id(process), id(ts))
-    hit = _TABLES.get(key)
-    if hit is not None and hit[0] is process and hit[1] is ts and hit[2] == ts._version:
-        return hit[3]
-    points = _compute_table(process, ts)
-    if len(_TABLES) >= 64:
-        _TABLES.clear()
-    _TABLES[key] = (process, ts, ts._version, points)
+_TABLES = LRU(64)  # (process values, grid values) -> Grid
+
+
+def table(process, ts: torch.Tensor) -> Grid:
+    """Per-grid-point ``Point``s computed in one vectorised pass over the grid (cached by the
+    process's parameters and the grid's values, so a changed process or grid never hits)."""
+    key = (process.cache_key(), tensor_key(ts))
+    points = _TABLES.get(key)
+    if points is None:
+        points = _TABLES.put(key, _compute_table(process, ts, key))
     return points
 
 
-def _compute_table(process, ts: torch.Tensor) -> list:
+_table = table  # the name the solver modules import
+
+
+def _compute_table(process, ts: torch.Tensor, key: tuple) -> Grid:
     with torch.no_grad():
         cols = [ts, process.alpha(ts), process.sigma(ts), process.log_snr(ts), process.f(ts),
                 process.g2(ts), process.dalpha(ts), process.dsigma(ts)]
@@ -91,12 +100,14 @@ def _compute_table(process, ts: torch.Tensor) -> list:
         rows = zip(*(c.tolist() for c in cols))
     else:
         rows = zip(*(c.unbind(0) for c in cols))
-    return [Point(*row) for row in rows]
+    grid = Grid(Point(*row) for row in rows)
+    grid.key = key
+    return grid
 
 
 def point(process, t) -> Point:
     """``Point`` at an arbitrary (off-grid) time."""
-    return _table(process, torch.as_tensor(t, dtype=torch.float64).unsqueeze(0))[0]
+    return table(process, torch.as_tensor(t, dtype=torch.float64).unsqueeze(0))[0]
 
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
@@ -112,7 +123,10 @@ def _is_zero(c):
     return not isinstance(c, torch.Tensor) and c == 0.0
 
 
-_STEP_PLANS = {}  # (id(grid), solver class, prediction, options, step) -> (grid, packed coefficients)
+_STEP_PLANS = LRU(4096)  # (grid values, solver class, prediction, options, step) -> packed coefficients
+
+
+_NO_PLAN = object()
 
 
 class Solver(abc.ABC):
@@ -139,16 +153,20 @@ class Solver(abc.ABC):
 
     def __init__(self, model, ts: torch.Tensor, *, noise=None, eta=None, backend="auto",
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0):
+                 sample_max_value: float = 1.0, model_reuses_buffers: bool = False,
+                 model_dtype: Optional[torch.dtype] = None):
         if eta is not None and self.default_eta is None:
             raise ValueError(f"solver {self.name!r} is deterministic and takes no eta, got eta={eta}")
-        self.eta = self.default_eta if eta is None else float(eta)
-        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        self.eta = self.default_eta if eta is None else check_real("eta", eta, low=0.0, high=1.0)
         self.model = model
         self.process = model.process
         self.ts = ts
-        self.grid = _table(model.process, ts)
+        self.grid = table(model.process, ts)
+        # the solver owns its state and history: outputs that share memory are copied (genflow/ownership.py)
+        self.ownership = OutputOwnership(check_bool("model_reuses_buffers", model_reuses_buffers))
+        if model_dtype is not None and not (isinstance(model_dtype, torch.dtype) and model_dtype.is_floating_point):
+            raise TypeError(f"model_dtype must be None or a floating torch.dtype, got {model_dtype!r}")
+        self.model_dtype = model_dtype  # the dtype the model runs in when the state is kept in another
         self.noise = noise
         self.backend = backend
         self.evaluations = 0
@@ -158,11 +176,9 @@ class Solver(abc.ABC):
         # every fused update lowers to step_index when it writes a NaN/Inf; None: no check.
         self.nonfinite: Optional[torch.Tensor] = None
         self.step_index = 0
-        if not 0.0 < dynamic_thresholding_ratio <= 1.0:
-            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
-        if not sample_max_value >= 1.0:
-            raise ValueError(f"sample_max_value must be >= 1, got {sample_max_value}")
-        self.threshold = (dynamic_thresholding_ratio, sample_max_value) if thresholding else None
+        ratio = check_real("dynamic_thresholding_ratio", dynamic_thresholding_ratio, low=0.0, high=1.0, low_open=True)
+        max_value = check_real("sample_max_value", sample_max_value, low=1.0)
+        self.threshold = (ratio, max_value) if check_bool("thresholding", thresholding) else None
 
     @classmethod
     def expected_order(cls, **options) -> int:
@@ -175,9 +191,26 @@ class Solver(abc.ABC):
         return cls.nfe_per_step * steps
 
     def evaluate(self, x: torch.Tensor, p: Point) -> torch.Tensor:
-        """One model evaluation: the network's raw output at ``(x, p.t)``."""
+        """One model evaluation: the network's raw output at ``(x, p.t)``, owned by the solver.
+
+        The model runs in ``model_dtype`` when one is set (the state is cast to it and the
+        output back to the state's dtype). An output sharing memory with the state or with an
+        output the solver may still hold is copied, and a model that writes into its input
+        raises ``InputMutationError`` (``genflow.ownership``)."""
         self.evaluations += 1
-        return self.model.call(x, self.model.prepare_time(p.t, x))
+        arg = x if self.model_dtype is None or x.dtype == self.model_dtype else x.to(self.model_dtype)
+        version = arg._version
+        out = self.model.call(arg, self.model.prepare_time(p.t, arg))
+        if arg._version != version:
+            check_input_unchanged(arg, version, self.where(p))
+        if out.dtype != x.dtype:
+            return out.to(x.dtype)  # a new tensor, owned by the solver
+        return self.ownership.own(out, x, self.where)
+
+    def where(self, p: Optional[Point] = None) -> str:
+        """Names the current model call in error messages: solver, step and evaluation."""
+        at = "" if p is None or isinstance(p.t, torch.Tensor) else f", t={p.t:.4g}"
+        return f"solver {self.name!r}, step {self.step_index + 1}{at} (model call {self.evaluations})"
 
     def coef(self, kind: str, p: Point):
         """``(a, b)`` with ``kind = a x + b raw_output`` at ``p``."""
@@ -256,7 +289,7 @@ class Solver(abc.ABC):
             return None
         kept = tuple(c != 0.0 for c in coefs[1:])
         values = [coefs[0]] + [c for c in coefs[1:] if c != 0.0] + [0.0]
-        return kept, _host_tensor(values, torch.float64, "d")
+        return kept, host_tensor(values, torch.float64, "d")
 
     def step_plan(self, i: int, options, coefficients):
         """The packed noise-free coefficients of step ``i`` (see ``pack``), computed once by
@@ -265,14 +298,10 @@ class Solver(abc.ABC):
         the same grid; None when they cannot be reused (per-sample grid, thresholding, noise)."""
         if self.threshold is not None or type(self.grid[i].t) is not float:
             return None
-        key = (id(self.grid), type(self), self.model.prediction, options, i)
-        hit = _STEP_PLANS.get(key)
-        if hit is not None and hit[0] is self.grid:
-            return hit[1]
-        packed = self.pack(*coefficients())
-        if len(_STEP_PLANS) >= 4096:
-            _STEP_PLANS.clear()
-        _STEP_PLANS[key] = (self.grid, packed)
+        key = (self.grid.key, type(self), self.model.prediction, options, i)
+        packed = _STEP_PLANS.get(key, _NO_PLAN)
+        if packed is _NO_PLAN:
+            packed = _STEP_PLANS.put(key, self.pack(*coefficients()))
         return packed
 
     def update_packed(self, x, terms, packed, *, out):

@@ -4,11 +4,11 @@
 Both read the model as a score, ``score = a x + b out`` (through ``x0_view`` when dynamic
 thresholding is on), and run every Langevin step as one fused op.
 """
-import math
 import numbers
 
 import torch
 
+from genflow._checks import check_int, check_real
 from genflow.ops import langevin_update
 from genflow.solvers.base import Solver, exp, expm1, sqrt, where
 
@@ -23,15 +23,21 @@ def _scalar_zero(v) -> bool:
 
 
 def _count(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    """A Python, NumPy or 0-d tensor integer ``>= minimum``; a ``TypeError`` for non-numbers."""
+    try:
+        return check_int(name, value, low=minimum)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, TypeError) and not isinstance(value, numbers.Real):
+            raise
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
 
 
 def _positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < value < math.inf):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+    """A Python, NumPy or 0-d tensor real number in ``(0, inf)``; a ``TypeError`` for non-numbers."""
+    try:
+        return check_real(name, value, low=0.0, low_open=True)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}") from None
 
 
 class _ScoreSolver(Solver):
@@ -80,10 +86,11 @@ class PredictorCorrector(_ScoreSolver):
     dimensions) and ``x <- x + eps score + sqrt(2 eps) z``; ``alpha_i = exp(2 f(t') T / 1000)``,
     Song et al.'s ``1 - beta_i`` at their N = 1000 for VP/sub-VP (to O(N^-2)) and 1 for VE/EDM.
     ``snr`` defaults to 0.16 (Song et al.'s CIFAR-10 setting). The corrector is skipped where
-    ``sigma(t') = 0``. ``norm="batch"`` (default, as Song et al.'s code) uses the batch-mean
-    norms; ``norm="sample"`` (the paper's algorithms) keeps each sample independent of its
-    batch but in low dimensions samples ``p(x) |score(x)|^2`` instead of ``p`` (pinned in
-    tests/solvers/test_langevin.py), so use it only for high-dimensional data.
+    ``sigma(t') = 0``. ``norm="sample"`` (default, the paper's algorithms) takes each sample's
+    own norms, so a sample never depends on its batch (the per-sample seed promise); in low
+    dimensions it samples ``p(x) |score(x)|^2`` instead of ``p`` (pinned in
+    tests/solvers/test_langevin.py). ``norm="batch"`` (Song et al.'s code) uses the batch-mean
+    norms: better in low dimensions, but every sample then depends on the rest of its batch.
 
     Weak order 1; ``1 + n_corrector`` NFE per step. Options: ``predictor``, ``corrector``
     (``"langevin"`` | ``"none"``), ``snr`` (> 0), ``n_corrector`` (>= 1), ``norm``.
@@ -95,7 +102,7 @@ class PredictorCorrector(_ScoreSolver):
     CORRECTORS = ("langevin", "none")
 
     def __init__(self, model, ts, *, predictor="reverse_diffusion", corrector="langevin", snr=0.16,
-                 n_corrector=1, norm="batch", **kwargs):
+                 n_corrector=1, norm="sample", **kwargs):
         if predictor not in self.PREDICTORS:
             raise ValueError(f"predictor must be one of {self.PREDICTORS}, got {predictor!r}")
         if corrector not in self.CORRECTORS:
