@@ -13,10 +13,9 @@ import math
 from typing import Callable, Sequence, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from genflow.ops.kernel_mean import kernel_weighted_mean
-from genflow.sdflow import (check_flag, check_int, check_particles, check_points, check_positive, make_generator,
+from genflow.sdflow import (check_flag, check_int, check_points, check_positive, make_generator, particle_flow,
                             per_step)
 from genflow.solvers.base import NonFiniteError
 
@@ -91,18 +90,16 @@ def mmd_flow(source: torch.Tensor, target: torch.Tensor, *, sigma: float, steps:
     betas = per_step("noise_level", noise_level, steps, allow_zero=True)
     rng = make_generator(generator, source.device)
 
-    y, target = source.detach().clone(), target.detach()
-    trajectory = [y] if return_trajectory else None
-    for k in tqdm(range(steps), desc="MMD flow", disable=not progress, leave=False):
+    target = target.detach()
+
+    def velocity(k, y):
         z = y
         if betas[k] > 0:
             z = y + betas[k] * torch.randn(y.shape, generator=rng, dtype=y.dtype, device=y.device)
-        y = y + sizes[k] * mmd_velocity(z, y, target, sigma=sigma, precision=precision, backend=backend)
-        if check_finite:
-            check_particles(y, "mmd_flow", k, steps, f"step_size = {sizes[k]:g}; lower step_size")
-        if return_trajectory:
-            trajectory.append(y)
-    return (y, torch.stack(trajectory)) if return_trajectory else y
+        return mmd_velocity(z, y, target, sigma=sigma, precision=precision, backend=backend)
+
+    return particle_flow(velocity, source, sizes, method="mmd_flow", check_finite=check_finite, progress=progress,
+                         return_trajectory=return_trajectory, hint=lambda k: f"step_size = {sizes[k]:g}; lower step_size")
 
 
 # -------------------------------------------------------------------------- SVGD
@@ -222,9 +219,7 @@ def svgd(particles: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor],
         bandwidth = check_positive("bandwidth", bandwidth)
     rng = make_generator(generator, particles.device)
 
-    y = particles.detach().clone()
-    trajectory = [y] if return_trajectory else None
-    for k in tqdm(range(steps), desc="SVGD", disable=not progress, leave=False):
+    def direction(k, y):
         h = median_bandwidth(y, max_pairs=max_pairs, generator=rng) if bandwidth == "median" else bandwidth
         if not math.isfinite(h):
             raise NonFiniteError(f"svgd diverged at step {k} (of {steps}): the median bandwidth is {h} (the "
@@ -233,10 +228,7 @@ def svgd(particles: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor],
         if not isinstance(s, torch.Tensor) or s.shape != y.shape:
             raise ValueError(f"score must return a tensor of the particles' shape {list(y.shape)}, "
                              f"got {list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__}")
-        y = y + sizes[k] * svgd_direction(y, s.detach().to(y.dtype), bandwidth=h, precision=precision,
-                                          backend=backend)
-        if check_finite:
-            check_particles(y, "svgd", k, steps, f"step_size = {sizes[k]:g}; lower step_size")
-        if return_trajectory:
-            trajectory.append(y)
-    return (y, torch.stack(trajectory)) if return_trajectory else y
+        return svgd_direction(y, s.detach().to(y.dtype), bandwidth=h, precision=precision, backend=backend)
+
+    return particle_flow(direction, particles, sizes, method="svgd", check_finite=check_finite, progress=progress,
+                         return_trajectory=return_trajectory, hint=lambda k: f"step_size = {sizes[k]:g}; lower step_size")

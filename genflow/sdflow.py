@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from genflow._checks import did_you_mean
 from genflow.train.checkpoint import resume_loop_state, save_loop_state
 from genflow.distributed import kernel_weighted_mean as sharded_mean
+from genflow.engine.solve import solve
+from genflow.engine.terms import ODE
 from genflow.ops.kernel_mean import kernel_weighted_mean
 from genflow.solvers.base import NonFiniteError, diverged_rows
 
@@ -109,6 +111,34 @@ def check_particles(y: torch.Tensor, method: str, step: int, steps: int, hint: s
         bad = int(diverged_rows(y).sum())
         raise NonFiniteError(f"{method} diverged at step {step} (of {steps}): {bad} of {y.shape[0]} particles are "
                              f"NaN/Inf; {hint} (pass check_finite=False to skip this check)")
+
+
+def particle_flow(velocity: Callable[[int, torch.Tensor], torch.Tensor], source: torch.Tensor,
+                  step_sizes: Sequence[float], *, method: str, check_finite: bool, progress: bool,
+                  return_trajectory: bool, hint: Callable[[int], str]):
+    """``y_{k+1} = y_k + h_k velocity(k, y_k)`` for ``k < len(step_sizes)``, run by the engine's
+    one time loop: forward Euler (``gf.solve(..., solver="euler")``) on the ODE
+    ``dy/dt = h_[t] velocity([t], y)`` in step-index time ``t = 0, 1, ..., steps``, so the
+    particle flows share its progress bar and callback. ``source`` is not modified; with
+    ``check_finite`` every step's particles are checked (``check_particles``, naming ``method``
+    and ``hint(k)``). Returns the particles, or ``(y, trajectory [steps + 1, N, d])``."""
+    steps = len(step_sizes)
+
+    def drift(t, y):
+        k = int(round(float(t)))
+        return step_sizes[k] * velocity(k, y)
+
+    states = [source.detach()] if return_trajectory else None
+
+    def after_step(info):
+        if check_finite:
+            check_particles(info["x"], method, info["i"], steps, hint(info["i"]))
+        if states is not None:
+            states.append(info["x"].clone())
+
+    y = solve(ODE(drift), source.detach(), 0.0, float(steps), solver="euler", steps=steps, callback=after_step,
+              progress=progress, check_finite=False)
+    return (y, torch.stack(states)) if return_trajectory else y
 
 
 def check_flag(value) -> bool:
@@ -254,20 +284,19 @@ def sd_flow(source: torch.Tensor, target: torch.Tensor, *, sigma: float, steps: 
     subset_rng = torch.Generator(device=source.device)
     subset_rng.manual_seed(int(torch.randint(0, 1 << 62, (1,), generator=rng, device=source.device)))
 
-    y, target = source.detach().clone(), target.detach()
-    trajectory = [y] if return_trajectory else None
-    for k in tqdm(range(steps), desc="SD flow", disable=not progress, leave=False):
-        s, h = sigmas[k], sizes[k]
+    target = target.detach()
+
+    def velocity(k, y):
+        s = sigmas[k]
         z = y + s * torch.randn(y.shape, generator=rng, dtype=y.dtype, device=y.device)
         d_p = _target_mean(z, target, s, subset_rng, target_batch, group, precision, backend)
         d_q = y if denoiser_q == "identity" else kernel_weighted_mean(z, y, sigma=s, precision=precision,
                                                                       backend=backend)
-        y = y + (h / (s * s)) * (d_p - d_q)
-        if check_finite:
-            check_particles(y, "sd_flow", k, steps, f"sigma_k = {s:g}, step_size = {h:g}; lower step_size")
-        if return_trajectory:
-            trajectory.append(y)
-    return (y, torch.stack(trajectory)) if return_trajectory else y
+        return (d_p - d_q) / (s * s)
+
+    return particle_flow(velocity, source, sizes, method="sd_flow", check_finite=check_finite, progress=progress,
+                         return_trajectory=return_trajectory,
+                         hint=lambda k: f"sigma_k = {sigmas[k]:g}, step_size = {sizes[k]:g}; lower step_size")
 
 
 # -------------------------------------------------------------------------- SD-flow generator training

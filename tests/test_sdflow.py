@@ -301,7 +301,7 @@ def test_divergence_names_the_step():
     with pytest.raises(FloatingPointError, match=r"sd_flow diverged at step \d"):
         sd_flow(x, t, sigma=0.5, steps=5, step_size=1e30, denoiser_q="identity", generator=0)
     with pytest.raises(FloatingPointError, match=r"mmd_flow diverged at step \d"):
-        mmd_flow(x, t, sigma=0.5, steps=5, step_size=1e38)
+        mmd_flow(x, t, sigma=0.5, steps=5, step_size=1e39)  # overflows float32 at the first step
     with pytest.raises(FloatingPointError, match=r"svgd diverged at step \d"):
         svgd(x, lambda y: -y, steps=5, step_size=1e38)
 
