@@ -275,7 +275,7 @@ def test_errors():
         km(q, k, sigma=0.0)
     with pytest.raises(ValueError, match=r"sigma must be a finite number > 0, got inf"):
         km(q, k, sigma=math.inf)
-    with pytest.raises(TypeError, match=r"sigma must be a positive float, got str"):
+    with pytest.raises(TypeError, match=r"sigma must be a real number, got str"):
         km(q, k, sigma="1")
     with pytest.raises(ValueError, match=r"precision must be one of \('highest', 'tf32', 'bf16'\), got 'tf23' "
                                          r"\(did you mean 'tf32'\?\)"):
@@ -308,6 +308,142 @@ def test_op_errors():
         torch.ops.genflow.kernel_weighted_mean_backward(q, k, v, lw, out, lse[:3], out, 1.0, [True, True, True])
     with pytest.raises(RuntimeError, match=r"grad_out must have shape \[N, dv\] = \[4, 2\], got \[4, 3\]"):
         torch.ops.genflow.kernel_weighted_mean_backward(q, k, v, lw, out, lse, q, 1.0, [True, True, True])
+
+
+# ---------------------------------------------------------------- extreme sigma and +inf log-weights
+
+def _dense_limit_nearest(q, k, v, lw=None):
+    """float64 oracle of the sigma -> 0 limit: softmax(lw) over each query's nearest live keys."""
+    dist = ((q.double()[:, None, :] - k.double()[None, :, :]) ** 2).sum(-1)
+    live = torch.ones(k.shape[0], dtype=torch.bool) if lw is None else lw > -math.inf
+    dist = dist.masked_fill(~live, math.inf)
+    nearest = dist == dist.amin(1, keepdim=True)
+    s = torch.zeros_like(dist) if lw is None else lw.double().expand_as(dist).clone()
+    w = torch.softmax(s.masked_fill(~nearest, -math.inf), 1)
+    return w @ (k if v is None else v).double(), w
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sigma", [1e160, 1e300])
+def test_huge_sigma_gives_softmax_of_the_log_weights(backend, dtype, sigma):
+    """scale = 1 / (2 sigma^2) underflows to 0 (it used to overflow in sigma ** 2): every query
+    gets the weights softmax(lw), uniform without log-weights; lse = logsumexp(lw)."""
+    q, k, v, lw = _inputs(13, 37, 3, 2, dtype, seed=40)
+    out, lse = kernel_weighted_mean(q, k, v, sigma=sigma, log_weights=lw, return_lse=True, backend=backend)
+    w = torch.softmax(lw.double(), 0)
+    torch.testing.assert_close(out.double(), (w @ v.double()).expand(13, 2), rtol=RTOL[dtype], atol=0)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(lw.double(), 0).expand(13), rtol=RTOL[dtype], atol=0)
+    out = kernel_weighted_mean(q, k, v, sigma=sigma, backend=backend)
+    torch.testing.assert_close(out.double(), v.double().mean(0).expand(13, 2), rtol=RTOL[dtype], atol=0)
+    # continuous with a large sigma on the ordinary path
+    near = kernel_weighted_mean(q, k, v, sigma=1e6, backend=backend)
+    torch.testing.assert_close(near, out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, sigma", [(torch.float64, 1e-200), (torch.float32, 1e-25), (torch.float32, 1e-18),
+                                          (torch.float64, 1e-153)])
+def test_tiny_sigma_gives_the_nearest_key(backend, dtype, sigma):
+    """sigma so small that scale overflows the dtype (1e-200, float32 1e-25) or that every score of
+    a row overflows to -inf (float32 1e-18 and float64 1e-153 at distances ~1e3): the nearest live
+    key's value, no NaN, no division by zero; lse = -scale dmin, -inf where that overflows."""
+    q, k, v, lw = _inputs(21, 45, 3, 2, dtype, seed=41)
+    q, k = q * 30, k * 30
+    ref, _ = _dense_limit_nearest(q, k, v)
+    out, lse = kernel_weighted_mean(q, k, v, sigma=sigma, return_lse=True, backend=backend)
+    assert torch.equal(out.double(), ref)
+    dmin = torch.cdist(q.double(), k.double()).amin(1) ** 2
+    ref_lse = -(0.5 / sigma / sigma) * dmin  # -inf where it overflows float64
+    ref_lse[ref_lse < -torch.finfo(dtype).max] = -math.inf  # and where it overflows the dtype
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=0)
+    lw[torch.cdist(q[:1].double(), k.double()).argmin()] = -math.inf  # query 0's nearest key has weight 0
+    ref, _ = _dense_limit_nearest(q, k, v, lw)
+    assert torch.equal(kernel_weighted_mean(q, k, v, sigma=sigma, log_weights=lw, backend=backend).double(), ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_sigma_ties_and_exact_hits(backend):
+    """A query equidistant from two keys gets softmax(lw) of the two; a query on a key gets its
+    value and lse = lw of that key (the kernel is 1 there)."""
+    q = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    k = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [5.0, 5.0]], dtype=torch.float64)
+    v = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+    lw = torch.tensor([0.0, math.log(3.0), 0.0], dtype=torch.float64)
+    out, lse = kernel_weighted_mean(q, k, v, sigma=1e-200, log_weights=lw, return_lse=True, backend=backend)
+    torch.testing.assert_close(out, torch.tensor([[0.25 * 1 + 0.75 * 2], [2.0]], dtype=torch.float64))
+    assert lse[0] == -math.inf and lse[1] == pytest.approx(math.log(3.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_that_overflow_among_rows_that_do_not(backend):
+    """float32, sigma = 1e-18: queries near a key stay on the kernel path, far ones take the
+    limit; the gradients of both kinds of rows are finite (values: the selection weights)."""
+    q, k, v, _ = _inputs(9, 30, 2, 3, torch.float32, seed=42)
+    q = q.clone()
+    q[:4] = k[:4] + 1e-19  # within a few sigma of key j: scores finite
+    q[4:] *= 100
+    sigma = 1e-18
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = kernel_weighted_mean(qg, kg, vg, sigma=sigma, backend=backend)
+    ref_far, w_far = _dense_limit_nearest(q[4:], k, v)
+    assert torch.equal(out[4:].detach().double(), ref_far)
+    dense_near = dense(q[:4], k, v, sigma)[0]
+    torch.testing.assert_close(out[:4].detach().double(), dense_near, rtol=1e-5, atol=1e-6)
+    g = torch.randn(9, 3, generator=torch.Generator().manual_seed(0))
+    out.backward(g)
+    assert all(bool(torch.isfinite(t.grad).all()) for t in (qg, kg, vg))
+    assert torch.equal(qg.grad[4:], torch.zeros_like(qg.grad[4:]))
+    w_near = dense(q[:4], k, v, sigma)[2]
+    expect_dv = w_far.T @ g[4:].double() + w_near.T @ g[:4].double()
+    torch.testing.assert_close(vg.grad.double(), expect_dv, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plus_inf_log_weights_select_their_keys(backend, dtype):
+    """lw_j = +inf: the kernel-weighted mean over those keys only (the limit lw_j -> inf), lse = +inf,
+    gradients equal the selected problem's; the same on every backend."""
+    q, k, v, lw = _inputs(11, 40, 3, 2, dtype, seed=43)
+    lw[[3, 17, 31]] = math.inf
+    qg = q.clone().requires_grad_(True)
+    out, lse = kernel_weighted_mean(qg, k, v, sigma=0.7, log_weights=lw, return_lse=True, backend=backend)
+    chosen = torch.full_like(lw, -math.inf)
+    chosen[[3, 17, 31]] = 0.0
+    ref, _, _, _ = dense(q, k, v, 0.7, chosen)
+    torch.testing.assert_close(out.double(), ref, rtol=RTOL[dtype] * 10, atol=RTOL[dtype])
+    assert bool((lse == math.inf).all())
+    out.sum().backward()
+    q2 = q.clone().requires_grad_(True)
+    kernel_weighted_mean(q2, k, v, sigma=0.7, log_weights=chosen, backend=backend).sum().backward()
+    torch.testing.assert_close(qg.grad, q2.grad)
+    plain = kernel_weighted_mean(q, k, v, sigma=0.7, log_weights=lw.nan_to_num(posinf=0.0), backend=backend)
+    assert torch.isfinite(plain).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigma_of_every_numeric_type(backend):
+    import numpy as np
+
+    q, k, v, lw = _inputs(6, 10, 2, 2, torch.float64, seed=44)
+    ref = kernel_weighted_mean(q, k, v, sigma=0.5, log_weights=lw, backend=backend)
+    for sigma in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64),
+                  np.int64(1) / 2):
+        assert torch.equal(kernel_weighted_mean(q, k, v, sigma=sigma, log_weights=lw, backend=backend), ref)
+    assert torch.equal(kernel_weighted_mean(q, k, v, sigma=np.int64(2), backend=backend),
+                       kernel_weighted_mean(q, k, v, sigma=2.0, backend=backend))
+
+
+def test_sigma_errors_name_sigma():
+    import numpy as np
+
+    q, k, _, _ = _inputs(4, 6, 3, None, torch.float32, seed=45)
+    for bad in (0.0, -1.0, math.nan, math.inf, -math.inf, np.float64(0.0), torch.tensor(-2.0)):
+        with pytest.raises(ValueError, match=r"sigma must be a finite number > 0, got"):
+            kernel_weighted_mean(q, k, sigma=bad)
+    for bad in ("1", None, [1.0], True, torch.ones(2), np.ones(3)):
+        with pytest.raises(TypeError, match=r"sigma must be a real number"):
+            kernel_weighted_mean(q, k, sigma=bad)
 
 
 # ---------------------------------------------------------------- memory at 100k x 100k
