@@ -4,11 +4,13 @@ raise, don't assert; name the argument, what was expected and what was received)
 import difflib
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy
+import torch
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_real", "did_you_mean"]
+__all__ = ["check_bool", "check_choice", "check_int", "check_points", "check_real", "did_you_mean", "make_generator",
+           "per_step"]
 
 
 def did_you_mean(value, options: Sequence[str], n: int = 1) -> str:
@@ -71,3 +73,50 @@ def check_bool(name: str, value) -> bool:
     if isinstance(value, (bool, numpy.bool_)):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def check_points(name: str, x, dim: Optional[int] = None, like: Optional[torch.Tensor] = None,
+                 min_rows: int = 1) -> None:
+    """Raise unless ``x`` is a finite float32/float64 Tensor[N, d] (N >= min_rows, d = dim, dtype
+    and device of ``like``)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [N, d], got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape [N, d], got {list(x.shape)}")
+    if x.shape[0] < min_rows:
+        raise ValueError(f"{name} must have at least {min_rows} rows, got shape {list(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} must have d = {dim} columns (like source), got shape {list(x.shape)}")
+    if like is not None and (x.dtype != like.dtype or x.device != like.device):
+        raise ValueError(f"{name} must have source's dtype and device ({like.dtype}, {like.device}), "
+                         f"got ({x.dtype}, {x.device})")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x).all(dim=1)).sum())
+        raise ValueError(f"{name} must be finite: {bad} of its {x.shape[0]} rows hold NaN or Inf")
+
+
+def per_step(name: str, value, steps: int, *, allow_zero: bool = False) -> List[float]:
+    """A per-step list of ``steps`` floats from a number or a sequence of ``steps`` numbers
+    (each > 0, or >= 0 with ``allow_zero``)."""
+    values = list(value) if isinstance(value, (Sequence, torch.Tensor, numpy.ndarray)) else [value] * steps
+    if len(values) != steps:
+        raise ValueError(f"{name} must be a number or a sequence of steps = {steps} numbers, got {len(values)}")
+    return [check_real(name, v, low=0.0, low_open=not allow_zero) for v in values]
+
+
+def make_generator(generator, device: torch.device) -> torch.Generator:
+    """A torch.Generator on ``device`` from None (fresh seed), an int seed or a Generator."""
+    if isinstance(generator, torch.Generator):
+        if generator.device.type != torch.device(device).type:
+            raise ValueError(f"generator must be on the particles' device {device}, got {generator.device}")
+        return generator
+    rng = torch.Generator(device=device)
+    if generator is None:
+        rng.seed()
+    elif isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
+        rng.manual_seed(int(generator))
+    else:
+        raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
+    return rng

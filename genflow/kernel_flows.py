@@ -15,8 +15,8 @@ from typing import Callable, Sequence, Union
 import torch
 
 from genflow.ops.kernel_mean import kernel_weighted_mean
-from genflow.sdflow import (check_flag, check_int, check_points, check_positive, make_generator, particle_flow,
-                            per_step)
+from genflow._checks import check_bool, check_int, check_points, check_real, make_generator, per_step
+from genflow.sdflow import particle_flow
 from genflow.solvers.base import NonFiniteError
 
 __all__ = ["median_bandwidth", "mmd_flow", "mmd_velocity", "score_from_log_prob", "svgd", "svgd_direction"]
@@ -83,9 +83,9 @@ def mmd_flow(source: torch.Tensor, target: torch.Tensor, *, sigma: float, steps:
     """
     check_points("source", source)
     check_points("target", target, dim=source.shape[1], like=source)
-    sigma = check_positive("sigma", sigma)
-    steps = check_int("steps", steps)
-    check_finite = check_flag(check_finite)
+    sigma = check_real("sigma", sigma, low=0.0, low_open=True)
+    steps = check_int("steps", steps, low=1)
+    check_finite = check_bool("check_finite", check_finite)
     sizes = per_step("step_size", step_size, steps)
     betas = per_step("noise_level", noise_level, steps, allow_zero=True)
     rng = make_generator(generator, source.device)
@@ -122,7 +122,7 @@ def median_bandwidth(particles: torch.Tensor, *, max_pairs: int = 10_000, genera
         float ``h > 0``.
     """
     check_points("particles", particles, min_rows=2)
-    max_pairs = check_int("max_pairs", max_pairs)
+    max_pairs = check_int("max_pairs", max_pairs, low=1)
     n = particles.shape[0]
     y = particles.detach()
     if n * (n - 1) // 2 <= max_pairs:
@@ -159,7 +159,7 @@ def svgd_direction(particles: torch.Tensor, score: torch.Tensor, *, bandwidth: f
     Returns:
         Tensor[n, d].
     """
-    h = check_positive("bandwidth", bandwidth)
+    h = check_real("bandwidth", bandwidth, low=0.0, low_open=True)
     sigma = math.sqrt(h / 2)
     d = particles.shape[1]
     mean, lse = kernel_weighted_mean(particles, particles, torch.cat([score, particles], 1), sigma=sigma,
@@ -208,15 +208,15 @@ def svgd(particles: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor],
     check_points("particles", particles)
     if not callable(score):
         raise TypeError(f"score must be a callable y -> grad log p(y), got {type(score).__name__}")
-    steps = check_int("steps", steps)
-    check_finite = check_flag(check_finite)
+    steps = check_int("steps", steps, low=1)
+    check_finite = check_bool("check_finite", check_finite)
     sizes = per_step("step_size", step_size, steps)
     if isinstance(bandwidth, str):
         if bandwidth != "median":
             raise ValueError(f"bandwidth must be 'median' or a float > 0, got {bandwidth!r}")
         check_points("particles", particles, min_rows=2)
     else:
-        bandwidth = check_positive("bandwidth", bandwidth)
+        bandwidth = check_real("bandwidth", bandwidth, low=0.0, low_open=True)
     rng = make_generator(generator, particles.device)
 
     def direction(k, y):

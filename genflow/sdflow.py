@@ -13,7 +13,6 @@ The move computed at the proxy ``z = y + sigma eps`` is applied to the clean par
 engine (MMD flow, SVGD) live in ``genflow.kernel_flows``.
 """
 import math
-import numbers
 import os
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -22,7 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from genflow._checks import did_you_mean
+from genflow._checks import (check_bool, check_int, check_points, check_real, did_you_mean, make_generator,
+                             per_step)
 from genflow.train.checkpoint import resume_loop_state, save_loop_state
 from genflow.distributed import kernel_weighted_mean as sharded_mean
 from genflow.engine.solve import solve
@@ -36,72 +36,6 @@ SIGMA_SCHEDULES = ("constant", "linear", "geometric", "cosine")
 DENOISERS_Q = ("kernel", "identity")
 
 # -------------------------------------------------------------------------- shared argument checks
-
-
-def check_points(name: str, x, dim: Optional[int] = None, like: Optional[torch.Tensor] = None,
-                 min_rows: int = 1) -> None:
-    """Raise unless ``x`` is a finite float32/float64 Tensor[N, d] (N >= min_rows, d = dim, dtype
-    and device of ``like``)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [N, d], got {type(x).__name__}")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must have shape [N, d], got {list(x.shape)}")
-    if x.shape[0] < min_rows:
-        raise ValueError(f"{name} must have at least {min_rows} rows, got shape {list(x.shape)}")
-    if dim is not None and x.shape[1] != dim:
-        raise ValueError(f"{name} must have d = {dim} columns (like source), got shape {list(x.shape)}")
-    if like is not None and (x.dtype != like.dtype or x.device != like.device):
-        raise ValueError(f"{name} must have source's dtype and device ({like.dtype}, {like.device}), "
-                         f"got ({x.dtype}, {x.device})")
-    if not bool(torch.isfinite(x).all()):
-        bad = int(diverged_rows(x).sum())
-        raise ValueError(f"{name} must be finite: {bad} of its {x.shape[0]} rows hold NaN or Inf")
-
-
-def check_int(name: str, value, low: int = 1) -> int:
-    """``value`` as an int, or a ``ValueError`` naming ``name`` unless it is an integer >= low."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
-    """``value`` as a float, or an error naming ``name`` unless it is a finite number > 0 (>= 0
-    with ``allow_zero``)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and (value > 0 or allow_zero and value == 0)):
-        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
-    return float(value)
-
-
-def per_step(name: str, value, steps: int, *, allow_zero: bool = False) -> List[float]:
-    """A per-step list of ``steps`` floats from a number or a sequence of ``steps`` numbers
-    (each > 0, or >= 0 with ``allow_zero``)."""
-    values = list(value) if isinstance(value, (Sequence, torch.Tensor, np.ndarray)) else [value] * steps
-    if len(values) != steps:
-        raise ValueError(f"{name} must be a number or a sequence of steps = {steps} numbers, got {len(values)}")
-    return [check_positive(name, v, allow_zero=allow_zero) for v in values]
-
-
-def make_generator(generator, device: torch.device) -> torch.Generator:
-    """A torch.Generator on ``device`` from None (fresh seed), an int seed or a Generator."""
-    if isinstance(generator, torch.Generator):
-        if generator.device.type != torch.device(device).type:
-            raise ValueError(f"generator must be on the particles' device {device}, got {generator.device}")
-        return generator
-    rng = torch.Generator(device=device)
-    if generator is None:
-        rng.seed()
-    elif isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
-        rng.manual_seed(int(generator))
-    else:
-        raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
-    return rng
 
 
 def check_particles(y: torch.Tensor, method: str, step: int, steps: int, hint: str) -> None:
@@ -141,12 +75,6 @@ def particle_flow(velocity: Callable[[int, torch.Tensor], torch.Tensor], source:
     return (y, torch.stack(states)) if return_trajectory else y
 
 
-def check_flag(value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"check_finite must be a bool, got {type(value).__name__}")
-    return value
-
-
 # -------------------------------------------------------------------------- sigma schedules
 
 
@@ -164,8 +92,8 @@ def sigma_sequence(schedule: Union[str, Sequence[float], Callable[[int], float]]
     Returns:
         list of ``steps`` floats > 0.
     """
-    sigma = check_positive("sigma", sigma)
-    steps = check_int("steps", steps)
+    sigma = check_real("sigma", sigma, low=0.0, low_open=True)
+    steps = check_int("steps", steps, low=1)
     if isinstance(schedule, str):
         if schedule not in SIGMA_SCHEDULES:
             hint = did_you_mean(schedule, SIGMA_SCHEDULES)
@@ -175,7 +103,7 @@ def sigma_sequence(schedule: Union[str, Sequence[float], Callable[[int], float]]
             return [sigma] * steps
         if sigma_min is None:
             raise ValueError(f"sigma_schedule={schedule!r} needs sigma_min (the last step's bandwidth)")
-        sigma_min = check_positive("sigma_min", sigma_min)
+        sigma_min = check_real("sigma_min", sigma_min, low=0.0, low_open=True)
         if sigma_min > sigma:
             raise ValueError(f"sigma_min must be <= sigma = {sigma}, got {sigma_min}")
         ratios = [k / (steps - 1) if steps > 1 else 0.0 for k in range(steps)]
@@ -271,15 +199,15 @@ def sd_flow(source: torch.Tensor, target: torch.Tensor, *, sigma: float, steps: 
     """
     check_points("source", source)
     check_points("target", target, dim=source.shape[1], like=source, min_rows=0 if group is not None else 1)
-    steps = check_int("steps", steps)
-    check_finite = check_flag(check_finite)
+    steps = check_int("steps", steps, low=1)
+    check_finite = check_bool("check_finite", check_finite)
     sigmas = sigma_sequence(sigma_schedule, sigma=sigma, steps=steps, sigma_min=sigma_min)
     sizes = per_step("step_size", step_size, steps)
     if denoiser_q not in DENOISERS_Q:
         hint = did_you_mean(str(denoiser_q), DENOISERS_Q)
         raise ValueError(f"denoiser_q must be one of {DENOISERS_Q}, got {denoiser_q!r}{hint}")
     if target_batch is not None:
-        target_batch = check_int("target_batch", target_batch)
+        target_batch = check_int("target_batch", target_batch, low=1)
     rng = make_generator(generator, source.device)
     subset_rng = torch.Generator(device=source.device)
     subset_rng.manual_seed(int(torch.randint(0, 1 << 62, (1,), generator=rng, device=source.device)))
@@ -308,12 +236,12 @@ class MLPGenerator(nn.Module):
 
     def __init__(self, latent_dim: int, out_dim: int, *, hidden: int = 128, depth: int = 3):
         super().__init__()
-        self.latent_dim = check_int("latent_dim", latent_dim)
+        self.latent_dim = check_int("latent_dim", latent_dim, low=1)
         layers, width = [], self.latent_dim
-        for _ in range(check_int("depth", depth)):
-            layers += [nn.Linear(width, check_int("hidden", hidden)), nn.SiLU()]
+        for _ in range(check_int("depth", depth, low=1)):
+            layers += [nn.Linear(width, check_int("hidden", hidden, low=1)), nn.SiLU()]
             width = hidden
-        layers.append(nn.Linear(width, check_int("out_dim", out_dim)))
+        layers.append(nn.Linear(width, check_int("out_dim", out_dim, low=1)))
         self.net = nn.Sequential(*layers)
 
     def forward(self, eps: torch.Tensor) -> torch.Tensor:
@@ -360,18 +288,18 @@ def train_sd_generator(generator_net: nn.Module, target: torch.Tensor, *, sigma:
     if not isinstance(generator_net, nn.Module):
         raise TypeError(f"generator_net must be a torch.nn.Module, got {type(generator_net).__name__}")
     check_points("target", target)
-    sigma = check_positive("sigma", sigma)
-    steps, batch_size = check_int("steps", steps), check_int("batch_size", batch_size)
-    inner_steps = check_int("inner_steps", inner_steps)
-    checkpoint_every = check_int("checkpoint_every", checkpoint_every)
-    check_finite = check_flag(check_finite)
-    lr = check_positive("lr", lr)
-    step_size = sigma * sigma if step_size is None else check_positive("step_size", step_size)
+    sigma = check_real("sigma", sigma, low=0.0, low_open=True)
+    steps, batch_size = check_int("steps", steps, low=1), check_int("batch_size", batch_size, low=1)
+    inner_steps = check_int("inner_steps", inner_steps, low=1)
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every, low=1)
+    check_finite = check_bool("check_finite", check_finite)
+    lr = check_real("lr", lr, low=0.0, low_open=True)
+    step_size = sigma * sigma if step_size is None else check_real("step_size", step_size, low=0.0, low_open=True)
     if latent_dim is None:
         latent_dim = getattr(generator_net, "latent_dim", None)
         if latent_dim is None:
             raise ValueError("latent_dim is required when generator_net has no latent_dim attribute")
-    latent_dim = check_int("latent_dim", latent_dim)
+    latent_dim = check_int("latent_dim", latent_dim, low=1)
     rng = make_generator(generator, torch.device("cpu"))
 
     optimizer = torch.optim.Adam(generator_net.parameters(), lr=lr)

@@ -264,11 +264,11 @@ def test_bad_inputs():
         sd_flow(x, t.double(), **ok)
     with pytest.raises(TypeError, match="float32 or float64"):
         sd_flow(x.long(), t, **ok)
-    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
+    with pytest.raises(ValueError, match="sigma must be > 0"):
         sd_flow(x, t, sigma=0.0, steps=2, step_size=0.1)
-    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+    with pytest.raises(ValueError, match="steps must be >= 1"):
         sd_flow(x, t, sigma=0.5, steps=0, step_size=0.1)
-    with pytest.raises(ValueError, match="step_size must be a finite number > 0"):
+    with pytest.raises(ValueError, match="step_size must be > 0"):
         sd_flow(x, t, sigma=0.5, steps=2, step_size=-1.0)
     with pytest.raises(ValueError, match="sequence of steps = 2"):
         sd_flow(x, t, sigma=0.5, steps=2, step_size=[0.1])
@@ -280,11 +280,11 @@ def test_bad_inputs():
         sd_flow(x, t, sigma_schedule="linear", sigma_min=2.0, **ok)
     with pytest.raises(ValueError, match="did you mean 'identity'"):
         sd_flow(x, t, denoiser_q="identiy", **ok)
-    with pytest.raises(ValueError, match="target_batch must be an integer >= 1"):
+    with pytest.raises(ValueError, match="target_batch must be >= 1"):
         sd_flow(x, t, target_batch=0, **ok)
     with pytest.raises(TypeError, match="generator must be None, an int seed"):
         sd_flow(x, t, generator="seed", **ok)
-    with pytest.raises(ValueError, match="noise_level must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="noise_level must be >= 0"):
         mmd_flow(x, t, noise_level=-0.1, **ok)
     with pytest.raises(ValueError, match="bandwidth must be 'median'"):
         svgd(x, lambda y: -y, steps=2, step_size=0.1, bandwidth="mean")
