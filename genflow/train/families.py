@@ -21,6 +21,8 @@ from torch import nn
 import genflow.processes as processes
 from genflow import cnf  # the module, not names: genflow.cnf imports genflow.train
 from genflow._checks import check_choice, did_you_mean
+from genflow.engine.solve import solve
+from genflow.engine.terms import SDE
 from genflow.likelihood import log_likelihood as _log_likelihood
 from genflow.models import Model, guided
 from genflow.noise import _seed
@@ -488,7 +490,9 @@ class SlicedScoreFamily(_ODEFamily):
         """Annealed Langevin / PF-ODE sampling (noise-conditional), or Langevin at the single level.
 
         Single level: ``x <- x + (eta/2) s(x) + sqrt(eta) z`` for ``steps`` steps with
-        ``eta = langevin_step sigma^2``, from ``x ~ N(0, I)`` (Song & Ermon 2019, eq. 4).
+        ``eta = langevin_step sigma^2``, from ``x ~ N(0, I)`` (Song & Ermon 2019, eq. 4): the
+        unadjusted Langevin algorithm, i.e. Euler–Maruyama on ``dx = s(x)/2 dt + dW`` with step
+        ``eta`` (``gf.solve``, per-sample Philox noise).
         """
         if self.single is None:
             return super().sample(n, generator=generator, labels=labels, guidance_scale=guidance_scale,
@@ -498,13 +502,16 @@ class SlicedScoreFamily(_ODEFamily):
         seed = _seed(generator, n)
         shape = (n,) + self.data_shape
         eta = self.langevin_step * self.single ** 2
+        steps = steps or self.steps
         x = randn(shape, seed=seed, offset=0, device=self.device)
-        t = torch.ones(n, device=self.device)
+        level, one = torch.ones(n, device=self.device), torch.ones((), device=self.device)
+
+        def half_score(t, x):  # the net predicts -sigma * score at the single level sigma
+            return self.modules["net"](x, level, **cond) * (-0.5 / self.single)
+
         with torch.no_grad():
-            for k in range(steps or self.steps):
-                score = -self.modules["net"](x, t, **cond) / self.single
-                x = x + 0.5 * eta * score + math.sqrt(eta) * randn(shape, seed=seed, offset=k + 1, device=self.device)
-        return x
+            return solve(SDE(half_score, lambda t, x: one, noise="additive"), x, 0.0, eta * steps,
+                         solver="euler_maruyama", steps=steps, generator=seed)
 
 
 FAMILIES = {
