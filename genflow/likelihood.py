@@ -66,6 +66,23 @@ class _Drift:
         self.nfe += 1
         return self.evaluate(x, t)
 
+    def check_differentiable(self, x, t: float) -> None:
+        """Raise ``ValueError`` naming the model when its network's output does not depend on
+        ``x`` through autograd (a ``.detach()``, ``torch.no_grad`` or a non-torch computation
+        inside): its divergence, exact or Hutchinson, would be a confident wrong number. One
+        forward and one backward pass on the first sample."""
+        with torch.enable_grad():
+            xg = x[:1].detach().requires_grad_(True)
+            out = self.model.raw(xg, t)
+            grad = None
+            if out.requires_grad:
+                (grad,) = torch.autograd.grad(out.sum(), xg, allow_unused=True)
+        if grad is None:
+            raise ValueError(
+                f"log_likelihood: the output of {self.model!r} does not depend on x through autograd (a .detach(), "
+                f"torch.no_grad() or a non-torch computation inside the network), so the divergence of its drift "
+                f"cannot be computed (method={self.method!r}); make the network differentiable in x")
+
     def evaluate(self, x, t):
         """``(v, div)`` without counting (the body a CUDA graph captures)."""
         if self.method == "exact":
@@ -651,6 +668,7 @@ def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes
                for k in range(int(probes))]
         used_mode = "vjp" if mode == "auto" else mode
     drift = _Drift(model, method, eps, "compile" if compile else used_mode)
+    drift.check_differentiable(y, float(t_end))
     t0 = torch.full((batch,), float(t_end), dtype=torch.float64, device=device)
     if cuda_graph:
         drift = _graphed(drift, y, t0)
