@@ -39,7 +39,8 @@ class EulerMaruyama(SDESolver):
         f, g = self.f(i, 0, y), self.g(i, 0, y)
         if self.brownian.in_kernel and self.isotropic(g, y):
             seed, offset, scale = self.brownian.kernel_noise(t, t_next, y)
-            scale = g.to(torch.float64).reshape(-1).expand(y.shape[0]) * torch.as_tensor(scale).to(g.device)
+            scale = g.to(torch.float64).reshape(-1).expand(y.shape[0]) * torch.as_tensor(scale, dtype=torch.float64,
+                                                                                         device=g.device)
             return self.combine(y, [f], [1.0, dt], scale, seed=seed, offset=offset, out=self.target(i, y))
         dw = self.brownian.increment(t, t_next, y)
         return self.combine(y, [f, self.prod(g, dw)], [1.0, dt, 1.0], out=self.target(i, y))
@@ -179,7 +180,7 @@ class SRI(SDESolver):
         H0_s = y + sum_j A0_sj f_j dt + B0_sj g_j I_(1,0)/dt
         H1_s = y + sum_j A1_sj f_j dt + B1_sj g_j sqrt(h)
         y'   = y + sum_s alpha_s f_s dt + g_s (beta1_s dW + beta2_s I_(1,1)/sqrt(h)
-                                              + beta3_s I_(1,0)/dt + beta4_s I_(1,1,1)/dt)
+                                              + beta3_s I_(1,0)/dt + beta4_s I_(1,1,1)/h)
 
     with ``I_(1,1) = (dW^2 - h)/2`` and ``I_(1,1,1) = (dW^3 - 3 h dW)/6`` (Rößler 2010, eq. (6.1)).
     Strong order 1.5 where each ``g_i`` depends on ``y_i`` alone (1.0 otherwise), weak order
@@ -213,7 +214,7 @@ class SRI(SDESolver):
         h = rows(root * root, dw)
         i11 = (dw * dw - h).mul_(0.5)
         i111 = (dw * dw - 3 * h).mul_(dw).div_(6.0)
-        rdt, rroot = reciprocal(dt), reciprocal(root)
+        rdt, rroot, rh = reciprocal(dt), reciprocal(root), reciprocal(root * root)
         fs, gs, g_area = [], [], []
         terms, coefs = [], [1.0]
         for s in range(4):
@@ -226,7 +227,7 @@ class SRI(SDESolver):
             gs.append(self.g(i, self.C1[s], h1))
             g_area.append(self.prod(gs[s], area) if any(self.B0[k][s] for k in range(s + 1, 4)) else None)
             weight = self.combine(dw, [i11, area, i111], [self.beta1[s], _coef(self.beta2[s], rroot),
-                                                          _coef(self.beta3[s], rdt), _coef(self.beta4[s], rdt)])
+                                                          _coef(self.beta3[s], rdt), _coef(self.beta4[s], rh)])
             terms += [fs[s], self.prod(gs[s], weight)]
             coefs += [_coef(self.alpha[s], dt), 1.0]
         return self.combine(y, terms, coefs, out=self.target(i, y))

@@ -28,12 +28,17 @@ class SDEAdaptive(SDESolver):
 
     per sample (``error_norm="batch"``: one norm for the batch); where ``E <= 1`` the step is
     accepted (``y <- y''`` with ``extrapolate``, else ``y'``; ``y'_prev <- y'``) and ``h <- safety
-    h E^(-exponent)`` either way. ``y''`` is the Stratonovich Heun step, so ``extrapolate``
-    (default) needs additive noise (Itô = Stratonovich) or ``sde_type="stratonovich"``; an Itô SDE
-    with state-dependent noise takes ``extrapolate=False`` (the default there): the Euler–Maruyama
-    solution with the Heun step as its error estimate. Strong order 0.5 (1.0 additive), weak order
-    1.0; 4 evaluations per attempted step. Defaults are the paper's (``rtol=0.05``,
-    ``atol=0.0078``, ``safety=0.9``, ``exponent=0.9``, ``h_init`` 1% of the interval).
+    h E^(-exponent)`` either way. 4 evaluations per attempted step; strong order 1.0 for additive
+    noise. Defaults are the paper's (``rtol=0.05``, ``atol=0.0078``, ``safety=0.9``,
+    ``exponent=0.9``, ``h_init`` 1% of the interval).
+
+    The step sizes depend on the increments they are tried with, so they are not adapted to the
+    Brownian filtration: an Itô scheme with state-dependent noise then converges to the wrong
+    limit (Gaines & Lyons 1997, "Variable step size control in the numerical solution of SDEs",
+    SIAM J. Appl. Math. 57, §1; on ``dy = 0.3 y dt + 0.5 y dW`` the error grows as the tolerance
+    falls). The Heun step ``y''`` is a Stratonovich scheme, which does converge under such step
+    control for commutative noise, so the solver takes additive noise (Itô = Stratonovich) or
+    Stratonovich SDEs with diagonal or scalar noise (``extrapolate=True`` there).
 
     Runs on the Brownian tree by default (``default_brownian``): a rejected step is retried on
     the same path. A user Brownian motion (one time per query) needs ``error_norm="batch"``.
@@ -41,13 +46,15 @@ class SDEAdaptive(SDESolver):
 
     name = "sde_adaptive"
     adaptive = True
-    strong_order = 0.5
+    strong_order = 1.0
+    weak_order = 1.0
     nfe_per_step = 4
-    sde_types = ("ito", "stratonovich")
+    noise_types = ("diagonal", "scalar", "additive")
+    sde_types = ("stratonovich",)
     default_brownian = "brownian_tree"  # what gf.solve's brownian=None resolves to
 
     def __init__(self, term, ts, *, rtol: float = 0.05, atol: float = 0.0078, safety: float = 0.9,
-                 exponent: float = 0.9, extrapolate=None, h_init=None, max_steps: int = 10_000,
+                 exponent: float = 0.9, extrapolate: bool = True, h_init=None, max_steps: int = 10_000,
                  error_norm: str = "sample", **kwargs):
         super().__init__(term, ts, **kwargs)
         self.rtol, self.atol = check_real("rtol", rtol, low=0.0), check_real("atol", atol, low=0.0)
@@ -58,18 +65,12 @@ class SDEAdaptive(SDESolver):
         self.h_init = None if h_init is None else check_real("h_init", h_init, low=0.0, low_open=True)
         self.max_steps = check_int("max_steps", max_steps, low=1)
         self.error_norm = check_choice("error_norm", error_norm, ("sample", "batch"))
-        heun_ok = term.noise == "additive" or term.sde_type == "stratonovich"
-        self.extrapolate = heun_ok if extrapolate is None else check_bool("extrapolate", extrapolate)
-        if self.extrapolate != heun_ok and term.noise != "additive":
-            kind = "Stratonovich" if self.extrapolate else "Itô"
-            raise ValueError(f"extrapolate={self.extrapolate} integrates the {kind} SDE, but the term is "
-                             f"gf.SDE(sde_type={term.sde_type!r}) with {term.noise} noise; leave extrapolate=None")
+        self.extrapolate = check_bool("extrapolate", extrapolate)
+        if not self.extrapolate and term.noise != "additive":
+            raise ValueError("extrapolate=False keeps the Euler–Maruyama (Itô) step, which integrates a "
+                             f"Stratonovich SDE only with additive noise; got noise={term.noise!r}")
         self.check_finite = True  # set by the loop
         self.accepted_steps = self.rejected_steps = None
-
-    @classmethod
-    def strong_order_for(cls, noise):
-        return 1.0 if noise == "additive" else 0.5
 
     @classmethod
     def nfe(cls, steps: int):

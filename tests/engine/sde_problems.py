@@ -11,14 +11,6 @@ SIGMA = torch.tensor([0.6, 0.4], dtype=torch.float64)
 
 def integrate(term, y0, ts, solver, *, brownian=None, generator=None, **options):
     """``gf.solve`` of ``term`` from ``y0`` on the grid ``ts`` ([N+1] or [N+1, B])."""
-    if not hasattr(gf, "solve"):  # TEMPORARY until gf.solve lands: the one loop directly
-        from genflow.engine.brownian import make_brownian
-        from genflow.engine.loop import run
-        from genflow.engine.sde import SDE_SOLVERS
-
-        src = make_brownian(generator, brownian, term, y0, ts[0], ts[-1])
-        stepper = SDE_SOLVERS[solver](term, ts, brownian=src, **options)
-        return run(stepper, y0.clone(), ts=ts, solver=solver, check_finite=True, caller="gf.solve")[0]
     return gf.solve(term, y0, ts[0] if ts.dim() == 2 else float(ts[0]), ts[-1] if ts.dim() == 2 else float(ts[-1]),
                     ts=ts, solver=solver, brownian=brownian, generator=generator, **options)
 
