@@ -10,6 +10,7 @@ Public API (DESIGN.md §3)::
 from genflow import compat, distributed, metrics, ops, schedules, solvers
 from genflow._extension import HAS_EXTENSION, warn_missing_once
 from genflow.cnf import CNFNet, cnf_log_likelihood, train_cnf
+from genflow.engine import ODE, SDE, Solution, solve
 from genflow.kernel_flows import mmd_flow, svgd
 from genflow.likelihood import bits_per_dim, log_likelihood
 from genflow.mixtures import GaussianMixture
@@ -24,9 +25,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CNFNet", "EDM", "HAS_EXTENSION", "KINDS", "VE", "VP", "CosineVP", "DiscreteVP", "GaussianMixture",
-    "LinearPath", "Model", "NonFiniteError", "Process", "SubVP", "bits_per_dim", "cnf_log_likelihood", "compat", "conversion",
+    "LinearPath", "Model", "NonFiniteError", "ODE", "SDE", "Solution", "Process", "SubVP", "bits_per_dim", "cnf_log_likelihood", "compat", "conversion",
     "distributed", "guided", "kernel_weighted_mean", "log_likelihood", "metrics", "mmd_flow", "ops", "sample",
-    "schedules", "sd_flow", "solvers", "svgd", "time_grid", "train_cnf", "train_sd_generator",
+    "schedules", "sd_flow", "solve", "solvers", "svgd", "time_grid", "train_cnf", "train_sd_generator",
 ]
 
 warn_missing_once()

@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from genflow.engine.loop import NO_STEP, grid_steps, raise_diverged
 from genflow.noise import PhiloxNoise, _seed
 
 __all__ = ["clear", "check_capturable", "graphed_solve"]
@@ -75,17 +76,13 @@ def _key(model, solver_cls, ts, shape, dtype, device, seed_shape, eta, backend, 
             eta, backend, final_step, repr(sorted(options.items())), check_finite)
 
 
-_NO_STEP = 2**31 - 1  # the divergence flag while no step has written a NaN/Inf (as in genflow.sample)
-
-
 def _solve(model, solver_cls, ts, x, seed, eta, backend, final_step, options, nonfinite=None):
     """The eager fixed-grid solve (as ``gf.sample`` runs it), from ``x`` with device seeds ``seed``;
     ``nonfinite``: the int32 [1] flag its fused updates lower to the first step writing NaN/Inf."""
     stepper = solver_cls(model, ts, noise=PhiloxNoise(seed), eta=eta, backend=backend, **options)
-    stepper.nonfinite = nonfinite
-    for i in range(ts.shape[0] - 1):
-        stepper.step_index = i
-        x = stepper.step(i, x)
+    stepper.nonfinite = nonfinite  # lowered by the fused updates, read after the replay (no sync inside)
+    for x, _, _ in grid_steps(stepper, ts, x, solver_cls.name, check_finite=False):
+        pass
     if final_step == "x0":
         x = stepper.denoise(x, stepper.grid[-1])
     return x
@@ -107,7 +104,7 @@ def _record(body, device):
 
 def _capture(model, solver_cls, ts, x0, seed, eta, backend, final_step, options, check_finite) -> _Captured:
     static_x, static_seed = x0.clone(), seed.clone()
-    flag = torch.full((1,), _NO_STEP, dtype=torch.int32, device=x0.device) if check_finite else None
+    flag = torch.full((1,), NO_STEP, dtype=torch.int32, device=x0.device) if check_finite else None
 
     def body():  # reads only the static inputs; the clone keeps static_x intact across replays
         return _solve(model, solver_cls, ts, static_x.clone(), static_seed, eta, backend, final_step, options, flag)
@@ -120,10 +117,8 @@ def _checked(solver_cls, ts, x, flag):
     """x, after raising ``NonFiniteError`` if ``flag`` recorded a step that wrote NaN/Inf (a sync)."""
     if flag is not None:
         first = int(flag.item())
-        if first != _NO_STEP:
-            from genflow.sample import _raise_diverged
-
-            _raise_diverged(solver_cls.name, first, ts, x, ts.shape[0] - 1)
+        if first != NO_STEP:
+            raise_diverged(solver_cls.name, first, ts, x, ts.shape[0] - 1)
     return x
 
 
@@ -148,7 +143,7 @@ def graphed_solve(model, solver_cls, ts: torch.Tensor, *, shape, x_T: Optional[t
         x0 = x_T.contiguous()
     key = _key(model, solver_cls, ts, x0.shape, x0.dtype, device, tuple(seed.shape), eta, backend, final_step, options,
                check_finite)
-    flag = torch.full((1,), _NO_STEP, dtype=torch.int32, device=device) if check_finite else None
+    flag = torch.full((1,), NO_STEP, dtype=torch.int32, device=device) if check_finite else None
     if _UNCAPTURABLE.get(key) is model:
         x = _solve(model, solver_cls, ts, x0.clone(), seed, eta, backend, final_step, options, flag)
         return _checked(solver_cls, ts, x, flag)
@@ -171,6 +166,6 @@ def graphed_solve(model, solver_cls, ts: torch.Tensor, *, shape, x_T: Optional[t
     captured.x.copy_(x0)
     captured.seed.copy_(seed)
     if captured.nonfinite is not None:
-        captured.nonfinite.fill_(_NO_STEP)
+        captured.nonfinite.fill_(NO_STEP)
     captured.replay()
     return _checked(solver_cls, ts, captured.out.clone(), captured.nonfinite)

@@ -7,9 +7,10 @@ Fixed-grid solvers are stepped over the time grid; adaptive solvers (class attri
 from typing import Callable, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from genflow._checks import did_you_mean
+from genflow._checks import check_int, did_you_mean
+from genflow._extension import check_device
+from genflow.engine.loop import run
 from genflow.models import Model
 from genflow.noise import NOISE_KINDS, noise_source
 from genflow.schedules import time_grid, validate_grid
@@ -17,30 +18,6 @@ from genflow.solvers import get as get_solver
 from genflow.solvers.base import NonFiniteError, diverged_rows
 
 __all__ = ["NonFiniteError", "sample"]
-
-_NO_STEP = 2**31 - 1  # the divergence flag's value while no step has written a NaN/Inf
-
-
-def _fmt_t(t) -> str:
-    if isinstance(t, torch.Tensor) and t.numel() > 1:
-        return f"{float(t.min()):.4g}..{float(t.max()):.4g}"
-    return f"{float(t):.4g}"
-
-
-def _raise_diverged(solver: str, step: int, ts: torch.Tensor, x: torch.Tensor, done: int) -> None:
-    """Raise ``NonFiniteError`` for a NaN/Inf first recorded at step index ``step``, or return
-    when ``x`` (the state after ``done`` steps) is finite (only an intermediate stage was not)."""
-    bad = int(diverged_rows(x).sum())
-    if bad == 0:
-        return
-    steps = ts.shape[0] - 1
-    after = "" if done == step + 1 else f" (counted after step {done})"
-    raise NonFiniteError(
-        f"gf.sample: solver {solver!r} produced NaN/Inf at step {step + 1} of {steps} (t {_fmt_t(ts[step])} -> "
-        f"{_fmt_t(ts[step + 1])}): {bad} of {x.shape[0]} samples diverged{after}; check the model's output at "
-        f"these times (a NaN/Inf prediction, or a prediction kind that is singular there) and the step count "
-        f"(pass check_finite=False to skip this check)")
-
 
 def _check_x_T(x_T, shape):
     if not isinstance(x_T, torch.Tensor):
@@ -69,32 +46,45 @@ def _check_shape(shape):
     return shape
 
 
-def _grid_steps(stepper, ts, x, solver, check_finite):
-    """The fixed-grid loop: ``(x, None, steps done)`` after every step (the callback's info is
-    built only when there is a callback). With ``check_finite`` the fused updates record the
-    first step that writes a NaN/Inf in a one-element flag, read after every step on the CPU
-    (a host int) and every 8 steps and at the end on a GPU (a sync)."""
-    steps = ts.shape[0] - 1
-    flag = None
-    if check_finite:
-        flag = torch.full((1,), _NO_STEP, dtype=torch.int32, device=x.device)
-        stepper.nonfinite = flag
-        host = flag.numpy() if x.device.type == "cpu" else None
-        every = 1 if host is not None else 8
-    for i in range(steps):
-        stepper.step_index = i
-        x = stepper.step(i, x)
-        if flag is not None and ((i + 1) % every == 0 or i + 1 == steps):
-            first = int(host[0]) if host is not None else int(flag.item())
-            if first != _NO_STEP:
-                _raise_diverged(solver, first, ts, x, i + 1)
-                flag.fill_(_NO_STEP)
-        yield x, None, i + 1
+def _grid(process, steps, schedule, t_start, t_end, rho) -> torch.Tensor:
+    """The time grid: ``time_grid`` for a schedule name (``steps`` default 20, ``rho`` passed
+    through), or an explicit grid, which ``steps`` (when given) must agree with."""
+    if isinstance(schedule, str):
+        options = {} if rho is None else {"rho": rho}
+        return time_grid(process, 20 if steps is None else steps, schedule, t_start, t_end, **options)
+    ts = validate_grid(schedule, process)
+    if steps is not None and check_int("steps", steps, low=1) != ts.shape[0] - 1:
+        raise ValueError(f"steps={steps} conflicts with the explicit grid given as schedule, which has "
+                         f"{ts.shape[0] - 1} steps; pass one or the other")
+    if rho is not None:
+        raise ValueError(f"rho={rho} applies to the 'karras' schedule, not to an explicit grid")
+    return ts
+
+
+def _check_dtype(name: str, dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        raise TypeError(f"{name} must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
+    return dtype
+
+
+def _state_dtype(state_dtype, input_dtype: torch.dtype, cuda_graph: bool) -> torch.dtype:
+    """The solver state's dtype: as asked, else float32 for half-precision inputs (float16,
+    bfloat16) and the input's dtype otherwise (always the input's under ``cuda_graph``)."""
+    if state_dtype is not None:
+        state_dtype = _check_dtype("state_dtype", state_dtype)
+        if cuda_graph and state_dtype != input_dtype:
+            raise ValueError(f"cuda_graph=True keeps the state in the input's dtype {input_dtype}, got "
+                             f"state_dtype={state_dtype}")
+        return state_dtype
+    if input_dtype in (torch.float16, torch.bfloat16) and not cuda_graph:
+        return torch.float32
+    return input_dtype
 
 
 def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str = "dpmpp_2m",
-           steps: int = 20, schedule="logsnr", t_start=None, t_end=None, eta: Optional[float] = None,
-           generator=None, x_T: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
+           steps: Optional[int] = None, schedule="logsnr", t_start=None, t_end=None, rho: Optional[float] = None,
+           eta: Optional[float] = None, generator=None, x_T: Optional[torch.Tensor] = None,
+           dtype: torch.dtype = torch.float32, state_dtype: Optional[torch.dtype] = None,
            device=None, backend: str = "auto", progress: bool = False,
            callback: Optional[Callable] = None, return_trajectory: bool = False,
            noise_sampler: Optional[Callable] = None, noise=None, final_step: Optional[str] = None,
@@ -107,18 +97,22 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
         solver: a name from ``gf.solvers.available()``. Adaptive solvers (``rk45``,
             ``sde_adaptive``) pick their own steps between ``t_start`` and ``t_end``: ``steps``
             and ``schedule`` then only fix those endpoints; pass ``rtol``/``atol`` instead.
-        steps: number of solver steps (``>= 1``).
+        steps: number of solver steps (``>= 1``, default 20; a Python, NumPy or 0-d tensor int).
         schedule: a name from ``gf.schedules.SCHEDULES`` or an explicit decreasing grid
-            (``[steps+1]`` or per-sample ``[steps+1, B]``; ``steps``, ``t_start``, ``t_end``
-            are then ignored).
+            (``[N+1]`` or per-sample ``[N+1, B]``; ``t_start``, ``t_end`` are then ignored, and
+            ``steps``, when given, must equal ``N``).
         t_start, t_end: integration limits (default ``process.T`` and ``process.t_min``);
-            floats or length-B tensors (each sample starts or ends at its own time).
+            numbers or length-B tensors (each sample starts or ends at its own time).
+        rho: the ``karras`` schedule's exponent (default 7, ``gf.time_grid``).
         eta: churn for solvers that take it (None: the solver's default).
         generator: None, an int seed, B per-sample seeds, or a ``torch.Generator``. Noise comes
             from the in-kernel Philox stream; with per-sample seeds a sample does not depend on
             its batch.
         x_T: the starting state (default ``sigma(t_start) * N(0, I)`` from the generator).
         dtype, device: of the sample when ``x_T`` is not given.
+        state_dtype: the dtype of the solver's state and history (default: float32 for float16
+            and bfloat16 inputs, the input's dtype otherwise; float64 on request). The model
+            runs in the input's dtype (``x_T``'s or ``dtype``) and the sample is returned in it.
         backend: ``"auto"``, ``"torch"``, ``"cpu"`` or ``"cuda"`` for the fused update.
         progress: show a tqdm progress bar.
         callback: called after every step with a dict ``i, t, t_next, x, nfe``; ``x`` is the
@@ -150,7 +144,13 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
             every step on the CPU and every 8 steps on a GPU (so a GPU solve stops up to 7 steps
             late, still naming the first bad step). Adaptive solvers check the state and the
             error norms they already compute; CUDA graphs check once after the replay.
-        **solver_options: passed to the solver (e.g. ``variance="large"`` for ``ddpm``).
+        **solver_options: passed to the solver (e.g. ``variance="large"`` for ``ddpm``). Every
+            solver takes ``model_reuses_buffers=True`` for a model that returns memory it
+            reuses (a static output buffer: CUDA graphs, ``torch.compile(mode="reduce-overhead")``):
+            every output is then copied. Without it one static buffer is detected and copied
+            after the first call, a pool of buffers raises ``OutputAliasError``, an output that
+            is the model's input is copied, and a model that modifies its input in place raises
+            ``InputMutationError`` naming the solver and step (``genflow.ownership``).
 
     Returns:
         ``x`` (``[B, *D]``), or ``(x, trajectory)`` with ``return_trajectory=True``.
@@ -164,11 +164,9 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
     solver_cls = get_solver(solver)
     if backend not in ("auto", "torch", "cpu", "cuda"):
         raise ValueError(f"backend must be 'auto', 'torch', 'cpu' or 'cuda', got {backend!r}")
+    device = check_device("device", device)
     process = model.process
-    if isinstance(schedule, str):
-        ts = time_grid(process, steps, schedule, t_start, t_end)
-    else:
-        ts = validate_grid(schedule, process)
+    ts = _grid(process, steps, schedule, t_start, t_end, rho)
     if ts.device.type != "cpu":  # the grid is host data: step coefficients are host float64 math
         ts = ts.cpu()
     if x_T is not None:
@@ -177,6 +175,8 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
     else:
         shape = _check_shape(shape)
         batch = shape[0]
+    input_dtype = x_T.dtype if x_T is not None else _check_dtype("dtype", dtype)
+    state_dtype = _state_dtype(state_dtype, input_dtype, cuda_graph)
     if ts.dim() == 2 and ts.shape[1] != batch:
         raise ValueError(f"per-sample times must have length {batch} (the batch), got {ts.shape[1]}")
     if cuda_graph:
@@ -197,35 +197,19 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
     noise = noise_source(generator, batch, noise_sampler, noise=noise, sigma_max=sigma_max)
     if x_T is None:
         sigma_start = process.sigma(ts[0]).reshape((-1,) + (1,) * (len(shape) - 1))
-        x = noise.prior(shape, dtype, device) * sigma_start.to(dtype=dtype, device=device)
+        x = noise.prior(shape, state_dtype, device) * sigma_start.to(dtype=state_dtype, device=device)
     else:
-        x = x_T.clone(memory_format=torch.contiguous_format)
+        x = x_T.to(state_dtype, memory_format=torch.contiguous_format, copy=True)
+    if state_dtype != input_dtype:  # the model runs in the input's dtype, the state in state_dtype
+        solver_options["model_dtype"] = input_dtype
     stepper = solver_cls(model, ts, noise=noise, eta=eta, backend=backend, **solver_options)
     adaptive = getattr(solver_cls, "adaptive", False)
     if x.numel() == 0:  # an empty batch (or zero-size sample): nothing to integrate
         if return_trajectory:
             return x, x.unsqueeze(0).expand(1 if adaptive else ts.shape[0], *x.shape).clone()
         return x
-    if adaptive:  # the solver picks its steps; progress is the fraction of the interval done
-        stepper.check_finite = check_finite
-        loop, total, bar_format = stepper.solve(x), 1.0, "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}]"
-    else:
-        loop, total, bar_format = _grid_steps(stepper, ts, x, solver, check_finite), ts.shape[0] - 1, None
-    trajectory = [x.clone()] if return_trajectory else None
-    bar = tqdm(total=total, bar_format=bar_format, desc=f"genflow {solver}", leave=False) if progress else None
-    try:
-        for x, info, done in loop:
-            if trajectory is not None and (not adaptive or bool(info["accepted"].any())):
-                trajectory.append(x.clone())
-            if callback is not None:
-                if info is None:
-                    info = {"i": done - 1, "t": ts[done - 1], "t_next": ts[done]}
-                callback({**info, "x": x, "nfe": stepper.evaluations})
-            if bar is not None:
-                bar.update(done - bar.n)
-    finally:
-        if bar is not None:
-            bar.close()
+    x, trajectory = run(stepper, x, ts=None if adaptive else ts, solver=solver, check_finite=check_finite,
+                        callback=callback, progress=progress, trajectory=return_trajectory)
     if final_step == "x0":
         x = stepper.denoise(x, stepper.grid[-1])
         if check_finite and bool(diverged_rows(x).any()):
@@ -235,5 +219,5 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
         if trajectory is not None:
             trajectory[-1] = x.clone()
     if return_trajectory:
-        return x, torch.stack(trajectory)
-    return x
+        return x.to(input_dtype), torch.stack(trajectory).to(input_dtype)
+    return x.to(input_dtype)

@@ -31,68 +31,78 @@ __all__ = ["RungeKutta"]
 class _Combination:
     """The chunks of one linear combination ``c0 y + sum_j w_j k_j`` in a packed coefficient
     matrix: ``chunks`` is a list of ``(refs, row)`` with ``refs`` the terms (``("T", j)`` or
-    ``("Y", j)``, at most ``MAX_TERMS``) and ``row`` the first of its ``len(refs) + 2`` rows."""
+    ``("Y", j)``, at most ``MAX_TERMS``) and ``row`` the first of its ``len(refs) + 2`` rows.
+    ``weights`` holds one weight vector per variant (tableaux sharing the slots); ``m_t``,
+    ``m_y`` are ``[variants, rows, stages]``."""
 
     def __init__(self, weights, c0: float, linear: bool, first_row: int, stages: int):
-        slots = [("T", j, w) for j, w in enumerate(weights) if w != 0.0]
+        weights = np.asarray(weights, dtype=np.float64).reshape(-1, stages)
+        used = (weights != 0.0).any(0)
+        slots = [("T", j) for j in range(stages) if used[j]]
         if linear:
-            slots += [("Y", j, w) for j, w in enumerate(weights) if w != 0.0 and j > 0]
+            slots += [("Y", j) for j in range(1, stages) if used[j]]
         self.chunks, base, m_t, m_y = [], [], [], []
+        zero = np.zeros_like(weights)
         row = first_row
         for s in range(0, max(len(slots), 1), MAX_TERMS):
             part = slots[s:s + MAX_TERMS]
-            self.chunks.append((tuple((kind, j) for kind, j, _ in part), row))
-            c0_row = np.zeros(stages)
-            y_row = np.zeros(stages)
-            if s == 0 and linear and weights[0] != 0.0:
-                y_row[0] = weights[0]  # y is Y_0: its alpha term joins c0
+            self.chunks.append((tuple(part), row))
             base.append(c0 if s == 0 else 1.0)
-            m_t.append(c0_row)
+            m_t.append(zero)
+            y_row = zero.copy()
+            if s == 0 and linear:
+                y_row[:, 0] = weights[:, 0]  # y is Y_0: its alpha term joins c0
             m_y.append(y_row)
-            for kind, j, w in part:
-                t_row, y_row = np.zeros(stages), np.zeros(stages)
-                (t_row if kind == "T" else y_row)[j] = w
+            for kind, j in part:
+                row_w = zero.copy()
+                row_w[:, j] = weights[:, j]
                 base.append(0.0)
-                m_t.append(t_row)
-                m_y.append(y_row)
+                m_t.append(row_w if kind == "T" else zero)
+                m_y.append(row_w if kind == "Y" else zero)
             base.append(0.0)  # the noise scale
-            m_t.append(np.zeros(stages))
-            m_y.append(np.zeros(stages))
+            m_t.append(zero)
+            m_y.append(zero)
             row += len(part) + 2
         self.rows = row - first_row
-        self.base, self.m_t, self.m_y = np.array(base), np.array(m_t), np.array(m_y)
+        self.base, self.m_t, self.m_y = np.array(base), np.stack(m_t, 1), np.stack(m_y, 1)
 
 
 class _Plan:
     """Every static combination of a tableau (stages 1..s-1, the new state unless FSAL, the
-    error estimates) stacked into one coefficient matrix."""
+    error estimates) stacked into one coefficient matrix; ``variants`` are tableaux with the
+    same stage count and FSAL flag whose weights a step may pick per sample."""
 
-    def __init__(self, tableau: ButcherTableau, linear: bool):
-        s = tableau.stages
+    def __init__(self, variants, linear: bool):
+        first = variants[0]
+        s = first.stages
+        if any(v.stages != s or v.fsal != first.fsal for v in variants):
+            raise ValueError("tableau variants must have the same number of stages and FSAL flag")
         self.combos, row = {}, 0
-        named = [(i, tableau.a[i], 1.0) for i in range(1, s)]
-        if not tableau.fsal:
-            named.append(("new", tableau.b, 1.0))
-        if tableau.error is not None:
-            named.append(("error", tableau.error, 0.0))
-        if tableau.error3 is not None:
-            named.append(("error3", tableau.error3, 0.0))
+        named = [(i, [v.a[i] + (0.0,) * (s - i) for v in variants], 1.0) for i in range(1, s)]
+        if not first.fsal:
+            named.append(("new", [v.b for v in variants], 1.0))
+        if first.error is not None:
+            named.append(("error", [v.error for v in variants], 0.0))
+        if first.error3 is not None:
+            named.append(("error3", [v.error3 for v in variants], 0.0))
         for name, weights, c0 in named:
             combo = _Combination(weights, c0, linear, row, s)
             self.combos[name] = combo
             row += combo.rows
         parts = list(self.combos.values())
         self.base = np.concatenate([c.base for c in parts])
-        self.m_t = np.concatenate([c.m_t for c in parts])
-        self.m_y = np.concatenate([c.m_y for c in parts])
-        self.slope = self.m_t.sum(1)  # beta = 1, alpha = 0: pack = base + slope h
+        self.m_t = np.concatenate([c.m_t for c in parts], 1)
+        self.m_y = np.concatenate([c.m_y for c in parts], 1)
+        self.slope = self.m_t.sum(2)  # beta = 1, alpha = 0: pack = base + slope h
+        self.c = np.array([v.c for v in variants])
 
 
-def _as_host(values, like_h):
-    """Stage coefficients as float64 numpy [s] (shared step) or a host tensor [s, B]."""
-    if isinstance(like_h, torch.Tensor):
-        return torch.as_tensor(values, dtype=torch.float64)
-    return np.asarray(values, dtype=np.float64)
+def _as_host(values, times):
+    """Stage coefficients as float64 numpy [s] (shared step) or a host tensor [s, B], the shape
+    of the stage ``times`` (a float broadcasts)."""
+    if isinstance(times, torch.Tensor):
+        return torch.as_tensor(values, dtype=torch.float64).expand(times.shape)
+    return np.broadcast_to(np.asarray(values, dtype=np.float64), np.shape(times))
 
 
 class RungeKutta:
@@ -104,17 +114,22 @@ class RungeKutta:
             host tensor.
         view: ``view(times) -> (alpha, beta)`` vectorised over stage times (float64 numpy [s]
             or a host tensor [s, B]), or None for ``dy/dt = f(y, t)``.
+        linear: the derivative is a linear view (default: when ``view`` is given); without a
+            ``view`` each ``step`` is then given the stage coefficients ``alpha``, ``beta``.
         kernel: ``use_kernel(backend, device)``.
+        alternative: a second tableau with the same stages and FSAL flag that a step may use
+            for some samples (``step(..., use_alternative=mask)``).
 
     After ``step`` the stage outputs ``terms`` and states ``states`` stay available for
     ``combine("error")`` and ``dense(theta)``; ``evaluations`` counts calls of ``f``;
     ``nonfinite`` / ``step_index``: the divergence flag the fused updates lower (see ``genflow.sample``).
     """
 
-    def __init__(self, tableau: ButcherTableau, f: Callable, *, view: Optional[Callable] = None, kernel: bool):
+    def __init__(self, tableau: ButcherTableau, f: Callable, *, view: Optional[Callable] = None,
+                 linear: Optional[bool] = None, kernel: bool, alternative: Optional[ButcherTableau] = None):
         self.tableau, self.f, self.view, self.kernel = tableau, f, view, kernel
-        self.plan = _Plan(tableau, view is not None)
-        self.c = np.array(tableau.c)
+        self.linear = view is not None if linear is None else linear
+        self.plan = _Plan([tableau] if alternative is None else [tableau, alternative], self.linear)
         self.evaluations = 0
         self.nonfinite: Optional[torch.Tensor] = None
         self.step_index = 0
@@ -123,11 +138,17 @@ class RungeKutta:
         self.alpha = self.beta = self.h_alpha = self.h_beta = None
         self._dense = None
 
-    def times(self, t, h):
-        """Stage times ``t + c_i h``: numpy [s] for a shared step, a host tensor [s, B] per sample."""
+    def times(self, t, h, use_alternative=False):
+        """Stage times ``t + c_i h``: numpy [s] for a shared step, a host tensor [s, B] per sample
+        (``use_alternative``: False, True, or a bool [B] host mask of the samples on the alternative)."""
+        c = self.plan.c
+        if isinstance(use_alternative, torch.Tensor):
+            c = torch.where(use_alternative[None, :], torch.from_numpy(c[-1])[:, None], torch.from_numpy(c[0])[:, None])
+            return t[None, :] + c * h[None, :]
+        c = c[-1] if use_alternative else c[0]
         if isinstance(h, torch.Tensor):
-            return t[None, :] + torch.from_numpy(self.c)[:, None] * h[None, :]
-        return t + self.c * h
+            return t[None, :] + torch.from_numpy(c)[:, None] * h[None, :]
+        return t + c * h
 
     def _buffer(self, like, busy):
         for buf in self._pool:
@@ -138,10 +159,18 @@ class RungeKutta:
         self._pool.append(buf)
         return buf
 
-    def _coefficients(self, plan_base, m_t, m_y, slope, h, device):
-        """``base + M_T (h beta) + M_Y (h alpha)`` (rows x B), on the device when per-sample."""
+    def _coefficients(self, plan_base, m_t, m_y, slope, h, device, use_alternative=False):
+        """``base + M_T (h beta) + M_Y (h alpha)`` (rows x B), on the device when per-sample
+        (``m_t``, ``m_y``, ``slope`` per variant, picked by ``use_alternative``)."""
+        if isinstance(use_alternative, torch.Tensor):
+            first = self._coefficients(plan_base, m_t, m_y, slope, h, torch.device("cpu"), False)
+            second = self._coefficients(plan_base, m_t, m_y, slope, h, torch.device("cpu"), True)
+            pack = torch.where(use_alternative[None, :], second, first)
+            return pack.pin_memory().to(device, non_blocking=True) if device.type != "cpu" else pack
+        v = -1 if use_alternative else 0
+        m_t, m_y, slope = m_t[v], m_y[v], slope[v]
         per_sample = isinstance(h, torch.Tensor)
-        if self.view is None:
+        if not self.linear:
             if per_sample:
                 pack = torch.from_numpy(plan_base)[:, None] + torch.from_numpy(slope)[:, None] * h[None, :]
             else:
@@ -157,29 +186,35 @@ class RungeKutta:
             return pack.pin_memory().to(device, non_blocking=True)
         return pack.contiguous()
 
-    def step(self, y: torch.Tensor, t, h, *, first: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``y(t + h)`` (a new tensor or an engine buffer; ``y`` is not modified). ``t``, ``h``:
-        floats, or float64 [B] host tensors (per-sample steps). ``first``: the stage output
-        ``f(y, t)`` when already known (an FSAL method's last stage of the previous step)."""
+    def step(self, y: torch.Tensor, t, h, *, first: Optional[torch.Tensor] = None, alpha=None, beta=None,
+             out: Optional[torch.Tensor] = None, use_alternative=False) -> torch.Tensor:
+        """``y(t + h)`` (written to ``out``, else an engine buffer; ``y`` is not modified). ``t``,
+        ``h``: floats, or float64 [B] host tensors (per-sample steps). ``first``: the stage output
+        ``f(y, t)`` when already known (an FSAL method's last stage of the previous step).
+        ``alpha``, ``beta``: the linear view's stage coefficients ([s] or [s, B]) when the
+        engine has no ``view`` to compute them. ``use_alternative``: run the alternative
+        tableau (True) or, per sample, where a bool [B] host mask is True."""
         tab = self.tableau
-        times = self.times(t, h)
-        if self.view is not None:
-            alpha, beta = self.view(times)
-            self.alpha, self.beta = _as_host(alpha, h), _as_host(beta, h)
+        times = self.times(t, h, use_alternative)
+        if self.linear:
+            if alpha is None:
+                alpha, beta = self.view(times)
+            self.alpha, self.beta = _as_host(alpha, times), _as_host(beta, times)
             self.h_alpha, self.h_beta = self.alpha * h, self.beta * h
         plan = self.plan
-        self.pack = self._coefficients(plan.base, plan.m_t, plan.m_y, plan.slope, h, y.device)
+        self.pack = self._coefficients(plan.base, plan.m_t, plan.m_y, plan.slope, h, y.device, use_alternative)
         if not isinstance(h, torch.Tensor):
             times = times.tolist()
         self.states = [y]
         self.terms = [first if first is not None else self.evaluate(y, times[0])]
         for i in range(1, tab.stages):
-            state = self.combine(i, out=self._buffer(y, self.states))
+            last = tab.fsal and i == tab.stages - 1 and out is not None
+            state = self.combine(i, out=out if last else self._buffer(y, self.states + [out]))
             self.states.append(state)
             self.terms.append(self.evaluate(state, times[i]))
         if tab.fsal:
             return self.states[-1]
-        return self.combine("new", out=self._buffer(y, self.states))
+        return self.combine("new", out=out if out is not None else self._buffer(y, self.states))
 
     def evaluate(self, y, t):
         self.evaluations += 1
@@ -223,7 +258,7 @@ class RungeKutta:
         if self._dense is None:
             weights = hermite_dense(self.tableau)
             used = [1.0 if any(w != 0.0 for w in row) else 0.0 for row in weights]
-            self._dense = (np.array(weights), _Combination(used, 1.0, self.view is not None, 0, self.tableau.stages))
+            self._dense = (np.array(weights), _Combination(used, 1.0, self.linear, 0, self.tableau.stages))
         poly, combo = self._dense
         per_sample = isinstance(h, torch.Tensor)
         powers = np.arange(1, poly.shape[1] + 1)
@@ -233,17 +268,17 @@ class RungeKutta:
             w = w * h[None, :]
         else:
             w = poly @ (float(theta) ** powers) * h
-        h_beta = step[3] if self.view is not None else 1.0
-        h_alpha = step[2] if self.view is not None else 0.0
+        h_beta = step[3] if self.linear else 1.0
+        h_alpha = step[2] if self.linear else 0.0
         if per_sample:
             beta_w = w * h_beta
-            pack = torch.from_numpy(combo.base)[:, None] + torch.from_numpy(combo.m_t) @ beta_w
-            if self.view is not None:
-                pack = pack + torch.from_numpy(combo.m_y) @ (w * h_alpha)
+            pack = torch.from_numpy(combo.base)[:, None] + torch.from_numpy(combo.m_t[0]) @ beta_w
+            if self.linear:
+                pack = pack + torch.from_numpy(combo.m_y[0]) @ (w * h_alpha)
             pack = pack.to(step[0][0].device).contiguous()
         else:
-            pack = combo.base + combo.m_t @ (w * h_beta)
-            if self.view is not None:
-                pack = pack + combo.m_y @ (w * h_alpha)
+            pack = combo.base + combo.m_t[0] @ (w * h_beta)
+            if self.linear:
+                pack = pack + combo.m_y[0] @ (w * h_alpha)
             pack = torch.from_numpy(np.ascontiguousarray(pack))
         return self.combine(None, out=out, combo=combo, pack=pack, step=step)

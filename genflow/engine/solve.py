@@ -60,6 +60,11 @@ def _times(name: str, value, batch: int) -> torch.Tensor:
     return torch.full((batch,), check_real(name, value), dtype=torch.float64)
 
 
+def _shared(t: torch.Tensor) -> bool:
+    """Whether every sample has the same time (and there is at least one sample)."""
+    return t.numel() > 0 and bool((t == t[0]).all())
+
+
 def _grid(ts, steps, t0, t1, batch):
     """The fixed grid ``[N+1]`` (shared times) or ``[N+1, B]`` (per-sample) as host float64."""
     if ts is not None:
@@ -76,7 +81,7 @@ def _grid(ts, steps, t0, t1, batch):
         return ts
     steps = check_int("steps", steps, low=1)
     fractions = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
-    if bool((t0 == t0[0]).all()) and bool((t1 == t1[0]).all()):
+    if _shared(t0) and _shared(t1):
         ts = t0[0] + (t1[0] - t0[0]) * fractions
     else:
         ts = t0[None, :] + (t1 - t0)[None, :] * fractions[:, None]
@@ -94,7 +99,7 @@ def _drift(term, y0: torch.Tensor, shared: bool):
             t = t[0] if shared else t
             t = t.to(device=y.device, dtype=y.dtype)
         else:
-            t = torch.tensor(t, dtype=y.dtype, device=y.device)
+            t = torch.scalar_tensor(t, dtype=y.dtype, device=y.device)
         out = drift(t, y)
         if not checked:
             if not isinstance(out, torch.Tensor) or out.shape != y.shape or out.dtype != y.dtype:
@@ -206,7 +211,7 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
             raise ValueError("rtol and atol must not both be 0")
         if h_init is not None:
             h_init = check_real("h_init", h_init, low=0.0, low_open=True)
-        shared = error_norm == "batch" and bool((t0 == t0[0]).all()) and bool((t1 == t1[0]).all())
+        shared = error_norm == "batch" and _shared(t0) and _shared(t1)
         stepper = AdaptiveRK(tableau, _drift(term, y0, shared), t0, t1, kernel=kernel, rtol=rtol, atol=atol,
                              error_norm=error_norm, h_init=h_init, max_steps=max_steps, saveat=saveat, dense=dense,
                              check_finite=check_finite)
@@ -258,8 +263,7 @@ def _solve_sde(term, y0, t0, t1, solver, steps, ts, rtol, atol, generator, brown
     cls = SDE_SOLVERS[check_choice("solver", solver, tuple(SDE_SOLVERS))]
     adaptive = getattr(cls, "adaptive", False)
     if adaptive:
-        grid = torch.stack([t0, t1]) if not bool(((t0 == t0[0]) & (t1 == t1[0])).all()) else torch.stack(
-            [t0[0], t1[0]])
+        grid = torch.stack([t0[0], t1[0]]) if _shared(t0) and _shared(t1) else torch.stack([t0, t1])
         for name, value in (("rtol", rtol), ("atol", atol), ("h_init", h_init)):
             if value is not None:
                 options[name] = value

@@ -1,0 +1,155 @@
+"""The ODE tableaux of the engine: every registered tableau at its order (registry-driven, as
+tests/solvers/test_order.py), equality with torchdiffeq's fixed-grid methods, dopri5 adaptive
+against torchdiffeq's dopri5 (accuracy and NFE), DOP853 against scipy, the tableaux' own
+consistency conditions, and dense output accuracy."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+import genflow as gf
+from genflow.engine.tableau import TABLEAUX, hermite_dense
+
+torchdiffeq = pytest.importorskip("torchdiffeq")
+
+T_END = 2.0
+# step counts (b, 2b, 4b) per order: past the pre-asymptotic range, above float64 roundoff
+BASE_STEPS = {1: 32, 2: 32, 3: 32, 4: 32, 5: 64, 8: 4}
+
+
+def rhs(t, y):
+    """A rotation at angular speed ``1 + t`` and ``y3' = -2 t y3^2``: closed form in ``exact``."""
+    w = 1 + t
+    return torch.stack([-w * y[:, 1], w * y[:, 0], -2 * t * y[:, 2] ** 2], 1)
+
+
+def exact(y0, t):
+    angle = t + t * t / 2
+    c, s = math.cos(angle), math.sin(angle)
+    return torch.stack([c * y0[:, 0] - s * y0[:, 1], s * y0[:, 0] + c * y0[:, 1], 1 / (t * t + 1 / y0[:, 2])], 1)
+
+
+Y0 = torch.tensor([[1.0, 0.0, 1.0], [0.3, -0.8, 2.0], [-0.5, 0.4, 0.5]], dtype=torch.float64)
+
+
+def counting(fn):
+    calls = []
+
+    def f(t, y):
+        calls.append(1)
+        return fn(t, y)
+
+    return f, calls
+
+
+@pytest.mark.parametrize("name", sorted(TABLEAUX))
+def test_tableau_converges_at_its_order(name):
+    tab = TABLEAUX[name]
+    base = BASE_STEPS[tab.order]
+    steps = [base, 2 * base, 4 * base]
+    reference = exact(Y0, T_END)
+    errors = [(gf.solve(gf.ODE(rhs), Y0, 0.0, T_END, solver=name, steps=n) - reference).abs().max().item()
+              for n in steps]
+    order = float(-np.polyfit(np.log(steps), np.log(errors), 1)[0])
+    last = math.log(errors[-2] / errors[-1]) / math.log(2)
+    message = f"{name}: fitted order {order:.2f}, last slope {last:.2f}, expected {tab.order}, errors {errors}"
+    assert abs(order - tab.order) <= 0.3, message
+    assert abs(last - tab.order) <= 0.3, message
+
+
+@pytest.mark.parametrize("name", sorted(TABLEAUX))
+def test_tableau_is_consistent(name):
+    """Row sums equal c, weights sum to 1, error weights to 0; FSAL's last row is b; the dense
+    output reproduces y' at theta = 1 and has slope k_1 at theta = 0."""
+    tab = TABLEAUX[name]
+    assert len(tab.a) == tab.stages and all(len(row) == i for i, row in enumerate(tab.a))
+    for i, row in enumerate(tab.a):
+        assert sum(row) == pytest.approx(tab.c[i], abs=1e-14)
+    assert sum(tab.b) == pytest.approx(1.0, abs=1e-14)
+    if tab.error is not None:
+        assert sum(tab.error) == pytest.approx(0.0, abs=1e-14)
+        assert tab.fsal
+        dense = np.array(hermite_dense(tab))
+        np.testing.assert_allclose(dense.sum(1), tab.b, atol=1e-12)  # w(1) = b
+        np.testing.assert_allclose(dense[:, 0], np.eye(tab.stages)[0], atol=1e-12)  # w'(0) = e_1
+    if tab.fsal:
+        assert tab.c[-1] == 1.0 and tab.b[-1] == 0.0
+        np.testing.assert_allclose(tab.a[-1], tab.b[:-1], rtol=0, atol=0)
+
+
+def _classic_rk4(f, y, ts):
+    for t, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
+        h = t_next - t
+        k1 = f(t, y)
+        k2 = f(t + h / 2, y + h / 2 * k1)
+        k3 = f(t + h / 2, y + h / 2 * k2)
+        k4 = f(t + h, y + h * k3)
+        y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return y
+
+
+@pytest.mark.parametrize("name, peer", [("euler", "euler"), ("midpoint", "midpoint"), ("rk4_38", "rk4"),
+                                        ("heun", "heun2")])
+def test_fixed_grid_equals_torchdiffeq(name, peer):
+    ts = torch.tensor([0.0, 0.1, 0.35, 0.6, 1.0, 1.3, 2.0], dtype=torch.float64)
+    ours = gf.solve(gf.ODE(rhs), Y0, 0.0, 2.0, solver=name, ts=ts)
+    theirs = torchdiffeq.odeint(lambda t, y: rhs(float(t), y), Y0, ts, method=peer)[-1]
+    assert (ours - theirs).abs().max().item() <= 1e-10
+
+
+def test_rk4_equals_the_classic_formula():
+    ts = torch.linspace(0.0, 2.0, 9, dtype=torch.float64)
+    ours = gf.solve(gf.ODE(rhs), Y0, 0.0, 2.0, solver="rk4", ts=ts)
+    assert (ours - _classic_rk4(rhs, Y0, ts)).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("tol", [1e-5, 1e-8])
+def test_dopri5_meets_torchdiffeq_accuracy_at_no_more_nfe(tol):
+    reference = exact(Y0, T_END)
+    f, calls = counting(lambda t, y: rhs(float(t), y))
+    theirs = torchdiffeq.odeint(f, Y0, torch.tensor([0.0, T_END], dtype=torch.float64), method="dopri5",
+                                rtol=tol, atol=tol)[-1]
+    their_nfe, their_error = len(calls), (theirs - reference).abs().max().item()
+    out = gf.solve(gf.ODE(rhs), Y0, 0.0, T_END, solver="dopri5", rtol=tol, atol=tol, error_norm="batch",
+                   saveat=[T_END])
+    our_error = (out.y - reference).abs().max().item()
+    assert out.stats["nfe"] <= their_nfe, (out.stats["nfe"], their_nfe)
+    assert our_error <= 1.5 * their_error, (our_error, their_error)
+
+
+@pytest.mark.parametrize("name", ["bosh3", "tsit5", "dopri5", "dop853"])
+def test_adaptive_solvers_meet_their_tolerance(name):
+    reference = exact(Y0, T_END)
+    for tol in ((1e-5, 1e-7) if name == "bosh3" else (1e-6, 1e-9)):  # bosh3: third order, many steps
+        y = gf.solve(gf.ODE(rhs), Y0, 0.0, T_END, solver=name, rtol=tol, atol=tol)
+        assert (y - reference).abs().max().item() <= 200 * tol, (name, tol)
+
+
+def test_dop853_adaptive_agrees_with_scipy():
+    """Same pair, same error norm (5th/3rd-order), same plain controller: the step counts
+    of gf.solve (per-sample norms) and scipy's DOP853 on each sample alone agree closely."""
+    def scipy_rhs(t, y):
+        return rhs(t, torch.from_numpy(y)[None])[0].numpy()
+
+    for y0 in Y0:
+        sol = solve_ivp(scipy_rhs, (0.0, T_END), y0.numpy(), method="DOP853", rtol=1e-8, atol=1e-8)
+        out = gf.solve(gf.ODE(rhs), y0[None], 0.0, T_END, solver="dop853", rtol=1e-8, atol=1e-8, saveat=[T_END])
+        assert abs(int(out.stats["accepted_steps"][0]) - (sol.t.size - 1)) <= 2
+        assert np.abs(out.y[0].numpy() - sol.y[:, -1]).max() <= 1e-7
+
+
+@pytest.mark.parametrize("name", ["bosh3", "dopri5", "tsit5", "dop853"])
+def test_dense_output_and_saveat_are_accurate(name):
+    times = torch.linspace(0.0, T_END, 23, dtype=torch.float64)
+    # the interpolant's order: 4 for dopri5's own extension, 3 for bosh3's and the cubic Hermite of tsit5
+    # and dop853 (whose large steps make the Hermite error the largest)
+    tol, bound = {"dopri5": (1e-7, 1e-5), "bosh3": (1e-6, 1e-4), "tsit5": (1e-7, 1e-4), "dop853": (1e-7, 3e-3)}[name]
+    out = gf.solve(gf.ODE(rhs), Y0, 0.0, T_END, solver=name, rtol=tol, atol=tol, saveat=times, dense=True)
+    for j, t in enumerate(times.tolist()):
+        truth = exact(Y0, t)
+        assert (out.ys[j] - truth).abs().max().item() <= bound, (name, t)
+        assert torch.equal(out.evaluate(t), out.ys[j]) or (out.evaluate(t) - out.ys[j]).abs().max() <= 1e-12
+    assert torch.equal(out.ys[0], Y0)
+    assert (out.ys[-1] - out.y).abs().max().item() <= 1e-12

@@ -1,0 +1,188 @@
+"""gf.solve on ODEs: per-sample times, saveat, callback and progress, divergence, backends and
+dtypes, gradients through the solve, and bad arguments (errors name the argument)."""
+import math
+
+import pytest
+import torch
+
+import genflow as gf
+
+from .test_ode import Y0, exact, rhs
+
+
+def linear(t, y):
+    return -0.5 * y + torch.sin(t).reshape(-1, *([1] * (y.dim() - 1))) * y if t.dim() else -0.5 * y + torch.sin(t) * y
+
+
+def linear_exact(y0, t0, t1):
+    """y' = (-1/2 + sin t) y: y(t1) = y0 exp(-(t1 - t0)/2 + cos t0 - cos t1)."""
+    t0, t1 = torch.as_tensor(t0, dtype=torch.float64), torch.as_tensor(t1, dtype=torch.float64)
+    g = torch.exp(-(t1 - t0) / 2 + torch.cos(t0) - torch.cos(t1))
+    return y0 * g.reshape(-1, *([1] * (y0.dim() - 1)))
+
+
+@pytest.mark.parametrize("solver, options", [("rk4", {"steps": 17}), ("dopri5", {"rtol": 1e-9, "atol": 1e-9}),
+                                             ("tsit5", {"rtol": 1e-9, "atol": 1e-9})])
+def test_per_sample_times_equal_solving_each_sample_alone(solver, options):
+    y0 = torch.randn(5, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t0 = torch.tensor([0.0, 0.5, 1.0, 2.0, 0.3], dtype=torch.float64)
+    t1 = torch.tensor([1.0, 0.1, 3.0, 2.5, -1.0], dtype=torch.float64)  # both directions
+    together = gf.solve(gf.ODE(linear), y0, t0, t1, solver=solver, **options)
+    for b in range(5):
+        alone = gf.solve(gf.ODE(linear), y0[b:b + 1], float(t0[b]), float(t1[b]), solver=solver, **options)
+        assert (together[b] - alone[0]).abs().max().item() <= 1e-12
+    assert (together - linear_exact(y0, t0, t1)).abs().max().item() <= 1e-5
+
+
+def test_per_sample_steps_follow_each_sample_and_batch_norm_shares_them():
+    y0 = torch.tensor([[1e-3, 0.0, 0.1], [3.0, -2.0, 2.0]], dtype=torch.float64)
+    out = gf.solve(gf.ODE(rhs), y0, 0.0, 2.0, solver="dopri5", rtol=1e-8, atol=1e-10, saveat=[2.0])
+    steps = out.stats["accepted_steps"]
+    assert steps[0] != steps[1]
+    batch = gf.solve(gf.ODE(rhs), y0, 0.0, 2.0, solver="dopri5", rtol=1e-8, atol=1e-10, saveat=[2.0],
+                     error_norm="batch")
+    assert batch.stats["accepted_steps"][0] == batch.stats["accepted_steps"][1]
+    for result in (out, batch):
+        assert (result.y - exact(y0, 2.0)).abs().max().item() <= 1e-6
+
+
+def test_fixed_grid_saveat_returns_the_grid_states_and_refuses_other_times():
+    ts = torch.linspace(0.0, 2.0, 9, dtype=torch.float64)
+    states = []
+    out = gf.solve(gf.ODE(rhs), Y0, 0.0, 2.0, solver="rk4", ts=ts, saveat=ts[[0, 3, 8]],
+                   callback=lambda info: states.append(info["x"].clone()))
+    assert torch.equal(out.ys[0], Y0) and torch.equal(out.ys[1], states[2]) and torch.equal(out.ys[2], out.y)
+    assert out.stats["nfe"] == 8 * 4 and len(states) == 8
+    with pytest.raises(ValueError, match="saveat time .* is not a node"):
+        gf.solve(gf.ODE(rhs), Y0, 0.0, 2.0, solver="rk4", ts=ts, saveat=[0.3])
+
+
+def test_callback_progress_and_nfe(capsys):
+    infos = []
+    gf.solve(gf.ODE(rhs), Y0, 0.0, 1.0, solver="dopri5", steps=5, progress=True, callback=infos.append)
+    assert [info["i"] for info in infos] == list(range(5))
+    assert infos[-1]["nfe"] == 5 * 6 + 1 and float(infos[-1]["t_next"]) == 1.0  # FSAL: 6 per step + the first
+    infos.clear()
+    gf.solve(gf.ODE(rhs), Y0, 0.0, 1.0, solver="tsit5", callback=infos.append)
+    assert set(infos[0]) >= {"i", "t", "t_next", "h", "accepted", "error", "x", "nfe"}
+    assert bool((infos[-1]["t_next"] == 1.0).all())
+
+
+def test_divergence_raises_naming_the_step():
+    def blows_up(t, y):
+        return y * y * 50.0
+
+    with pytest.raises(gf.NonFiniteError, match="gf.solve: solver 'rk4' produced NaN/Inf at step"):
+        gf.solve(gf.ODE(blows_up), torch.ones(2, 2, dtype=torch.float64), 0.0, 1.0, solver="rk4", steps=10)
+    with pytest.raises(gf.NonFiniteError, match="dopri5"):
+        gf.solve(gf.ODE(lambda t, y: y * float("nan")), torch.ones(2, 2), 0.0, 1.0, solver="dopri5")
+    y = gf.solve(gf.ODE(blows_up), torch.ones(2, 2, dtype=torch.float64), 0.0, 1.0, solver="rk4", steps=10,
+                 check_finite=False)
+    assert not bool(torch.isfinite(y).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backends_agree_and_y0_is_not_modified(dtype):
+    y0 = Y0.to(dtype)
+    keep = y0.clone()
+    fused = gf.solve(gf.ODE(rhs), y0, 0.0, 2.0, solver="tsit5", steps=13, backend="auto")
+    torch_ = gf.solve(gf.ODE(rhs), y0, 0.0, 2.0, solver="tsit5", steps=13, backend="torch")
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert fused.dtype == dtype and (fused - torch_).abs().max().item() <= tol
+    assert torch.equal(y0, keep)
+
+
+def test_empty_batch_and_time_argument():
+    seen = []
+
+    def f(t, y):
+        seen.append((t.dim(), t.dtype))
+        return -y
+
+    assert gf.solve(gf.ODE(f), torch.zeros(0, 3), 0.0, 1.0, solver="rk4", steps=4).shape == (0, 3)
+    gf.solve(gf.ODE(f), torch.ones(3, 2), 0.0, 1.0, solver="rk4", steps=2)
+    gf.solve(gf.ODE(f), torch.ones(3, 2), torch.zeros(3), torch.tensor([1.0, 2.0, 3.0]), solver="rk4", steps=2)
+    assert seen[0] == (0, torch.float32) and seen[-1] == (1, torch.float32)
+
+
+def test_gradients_through_fixed_grid_solves_match_autograd_of_the_plain_formula():
+    """gradcheck of the solve wrt y0 and a drift parameter, and equality with the gradient of
+    the same RK4 written in plain torch."""
+    theta = torch.tensor([0.7, -0.3], dtype=torch.float64, requires_grad=True)
+    y0 = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+
+    def drift(t, y):
+        return torch.tanh(y * theta) - 0.1 * t * y
+
+    def ours(y0, theta_):
+        return gf.solve(gf.ODE(lambda t, y: torch.tanh(y * theta_) - 0.1 * t * y), y0, 0.0, 1.0, solver="rk4",
+                        steps=4)
+
+    assert torch.autograd.gradcheck(ours, (y0, theta))
+    loss = ours(y0, theta).square().sum()
+    g_ours = torch.autograd.grad(loss, (y0, theta))
+    ts = torch.linspace(0.0, 1.0, 5, dtype=torch.float64)
+    y = y0
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        h = t_next - t
+        k1 = drift(t, y)
+        k2 = drift(t + h / 2, y + h / 2 * k1)
+        k3 = drift(t + h / 2, y + h / 2 * k2)
+        k4 = drift(t + h, y + h * k3)
+        y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    g_plain = torch.autograd.grad(y.square().sum(), (y0, theta))
+    for a, b in zip(g_ours, g_plain):
+        assert (a - b).abs().max().item() <= 1e-12
+
+
+def test_gradients_through_an_adaptive_solve():
+    y0 = torch.tensor([[1.0, 2.0], [0.5, -1.0]], dtype=torch.float64, requires_grad=True)
+    y1 = gf.solve(gf.ODE(linear), y0, 0.0, 2.0, solver="dopri5", rtol=1e-10, atol=1e-10)
+    (grad,) = torch.autograd.grad(y1.sum(), y0)
+    expected = math.exp(-1.0 + 1.0 - math.cos(2.0))  # dy(t1)/dy0 of the linear ODE
+    assert (grad - expected).abs().max().item() <= 1e-8
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"term": lambda t, y: y}, TypeError, "term must be a gf.ODE or gf.SDE"),
+    ({"y0": [1.0, 2.0]}, TypeError, "y0 must be a floating tensor"),
+    ({"y0": torch.tensor([[float("nan")]])}, ValueError, "y0 contains NaN"),
+    ({"solver": "rk45"}, ValueError, "solver must be one of .*did you mean"),
+    ({"solver": "rk4"}, ValueError, "solver 'rk4' has no error estimate"),
+    ({"steps": 0}, ValueError, "steps must be >= 1"),
+    ({"steps": 2.5}, TypeError, "steps must be an integer"),
+    ({"steps": 4, "ts": [0.0, 1.0]}, ValueError, "not both"),
+    ({"ts": [0.0, 0.5, 0.4]}, ValueError, "ts must be strictly increasing or strictly decreasing"),
+    ({"ts": torch.zeros(3, 5)}, ValueError, r"ts must have shape \[N\+1\] or \[N\+1, B\]"),
+    ({"t0": torch.zeros(5)}, ValueError, r"t0 must be a float or a tensor of shape \[B\] = \[2\]"),
+    ({"t1": float("inf")}, ValueError, "t1 must be a finite number"),
+    ({"t1": "one"}, TypeError, "t1 must be a real number"),
+    ({"rtol": -1.0}, ValueError, "rtol must be >= 0"),
+    ({"rtol": 0.0, "atol": 0.0}, ValueError, "rtol and atol must not both be 0"),
+    ({"steps": 3, "rtol": 1e-3}, ValueError, "rtol, atol, h_init and dense are for adaptive solves"),
+    ({"h_init": 0.0}, ValueError, "h_init must be > 0"),
+    ({"max_steps": 0}, ValueError, "max_steps must be >= 1"),
+    ({"max_steps": 2}, RuntimeError, "reached max_steps=2"),
+    ({"error_norm": "global"}, ValueError, "error_norm must be one of"),
+    ({"backend": "gpu"}, ValueError, "backend must be one of"),
+    ({"check_finite": 1}, TypeError, "check_finite must be True or False"),
+    ({"saveat": torch.zeros(2, 3)}, ValueError, r"saveat must have shape \[S\] or \[S, B\]"),
+    ({"callback": 3}, TypeError, "callback must be callable"),
+    ({"term": gf.ODE(lambda t, y: y[:, :1])}, ValueError, r"drift\(t, y\) must return a tensor like y"),
+    ({"eta": 0.5}, TypeError, "unexpected options for ODE solver"),
+])
+def test_bad_arguments_raise_naming_the_argument(kwargs, error, match):
+    args = {"term": gf.ODE(lambda t, y: -y), "y0": torch.ones(2, 2), "t0": 0.0, "t1": 1.0, "solver": "dopri5"}
+    args.update(kwargs)
+    term, y0, t0, t1 = args.pop("term"), args.pop("y0"), args.pop("t0"), args.pop("t1")
+    with pytest.raises(error, match=match):
+        gf.solve(term, y0, t0, t1, **args)
+
+
+def test_dense_output_needs_an_adaptive_solve():
+    out = gf.solve(gf.ODE(rhs), Y0, 0.0, 1.0, solver="rk4", steps=4, saveat=[1.0])
+    with pytest.raises(ValueError, match="needs gf.solve"):
+        out.evaluate(0.5)
+    dense = gf.solve(gf.ODE(rhs), Y0, 0.0, 1.0, solver="dopri5", dense=True)
+    with pytest.raises(ValueError, match="t must lie in each sample's interval"):
+        dense.evaluate(1.5)
