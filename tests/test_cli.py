@@ -1,4 +1,11 @@
-"""`genflow demo` and `genflow bench` through the command line: the table, the figure, the errors."""
+"""`genflow demo`, `genflow bench`, `genflow train` and `genflow sample` through the command line:
+the table, the figure, and the errors (exit status 2 and a message naming the option or file for
+bad counts, unwritable paths, corrupt or incomplete run.json, a checkpoint of another width, a
+run directory of another configuration; status 1 for a run directory in use)."""
+import json
+import os
+import shutil
+import subprocess
 import sys
 import types
 
@@ -125,3 +132,147 @@ def test_bench_subcommand_delegates_to_genflow_bench(monkeypatch, capsys):
     assert raised.value.code == 0
     printed = capsys.readouterr().out
     assert "usage: genflow bench" in printed and "--repeat" in printed and "Fake benchmarks." in printed
+
+
+# ---------------------------------------------------------------- genflow train / sample errors
+
+TINY = ["--option", 'net_options={"hidden": 16, "layers": 2}']
+
+
+def _train_argv(out, *extra):
+    return ["train", "--family", "flow-matching", "--data", "moons", "--n", "256", "--steps", "3", "--batch-size",
+            "32", "--out", str(out), "--no-progress", *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A three-step flow-matching run directory (copied by the tests that damage it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("cli") / "fm"
+    try:
+        assert main(_train_argv(out)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _exit_message(argv, capsys, code=2):
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == code
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--n", "-5"], "--n must be >= 1, got -5"),
+    (["--n", "0"], "--n must be >= 1, got 0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+])
+def test_sample_bad_counts_name_the_option(trained_run, tmp_path, extra, message, capsys):
+    err = _exit_message(["sample", "--checkpoint", str(trained_run), "--out", str(tmp_path / "x.npy"), *extra],
+                        capsys)
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--n", "-3"], "--n must be >= 1, got -3"),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--lr", "0"], "--lr must be > 0.0, got 0.0"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--ema", "1.5"], "--ema must be in [0, 1)"),
+    (["--checkpoint-every", "-2"], "--checkpoint-every must be >= 0, got -2"),
+])
+def test_train_bad_counts_name_the_option(tmp_path, extra, message, capsys):
+    err = _exit_message(_train_argv(tmp_path / "run", *extra), capsys)
+    assert message in err
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_sample_output_folders_are_created_and_bad_paths_named(trained_run, tmp_path, capsys):
+    out, fig = tmp_path / "a" / "b" / "x", tmp_path / "c" / "d" / "f.png"
+    assert main(["sample", "--checkpoint", str(trained_run), "--n", "7", "--steps", "2", "--out", str(out),
+                 "--plot", str(fig)]) == 0
+    printed = capsys.readouterr().out
+    assert f"-> {out}.npy" in printed and f"figure -> {fig}" in printed
+    assert os.path.getsize(str(out) + ".npy") > 0 and fig.read_bytes().startswith(PNG)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for option, path, message in (("--out", blocker / "x.npy", "cannot create the folder"),
+                                  ("--plot", blocker / "f.png", "cannot create the folder"),
+                                  ("--plot", tmp_path / "f.xyz", "--plot"),
+                                  ("--out", tmp_path, "is a folder")):
+        err = _exit_message(["sample", "--checkpoint", str(trained_run), "--n", "7", "--out",
+                             str(tmp_path / "y.npy"), option, str(path)], capsys)
+        assert message in err and f"{option} '{path}" in err and "saved" not in err
+        assert not (tmp_path / "y.npy").exists()  # checked before sampling
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"family": "flow-matching", "opt', "is not a readable run file"),
+    ("", "is not a readable run file"),
+    ('["flow-matching"]', "must hold a JSON object"),
+    ('{"family": "flow-matching"}', "is incomplete: it lacks ['options', 'data'"),
+])
+def test_corrupt_or_incomplete_run_json_is_named(trained_run, tmp_path, content, message, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "run.json").write_text(content)
+    err = _exit_message(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "x.npy")], capsys)
+    assert message in err and str(run / "run.json") in err and "Traceback" not in err
+    # train into it: the same file is named
+    assert str(run / "run.json") in _exit_message(_train_argv(run), capsys)
+
+
+def test_a_checkpoint_of_another_width_is_named(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    saved = json.loads((run / "run.json").read_text())
+    saved["options"]["net_options"]["hidden"] = 32
+    (run / "run.json").write_text(json.dumps(saved))
+    err = _exit_message(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "x.npy")], capsys)
+    assert f"checkpoint '{run / 'checkpoint.pt'}' does not match the options in {run / 'run.json'}" in err
+    assert "size mismatch" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--family", "rectified-flow"], "--family (family): the run directory has 'flow-matching', this run "
+                                     "'rectified-flow'"),
+    (["--option", "sigma_min=0.01"], "--option sigma_min: the run directory has '(unset)', this run 0.01"),
+    (["--option", 'net_options={"hidden": 32, "layers": 2}'], "--option net_options"),
+    (["--seed", "1"], "--seed (seed): the run directory has 0, this run 1"),
+    (["--no-resume", "--data", "circles"], "--data (data)"),
+])
+def test_train_into_a_run_of_another_configuration_is_refused(trained_run, tmp_path, extra, message, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = (run / "run.json").read_text(), (run / "checkpoint.pt").read_bytes()
+    argv = _train_argv(run)
+    if "--family" in extra:
+        argv[argv.index("--family") + 1] = extra[1]
+        extra = []
+    err = _exit_message(argv + extra, capsys)
+    assert f"run directory '{run}' belongs to another configuration" in err and message in err
+    assert ((run / "run.json").read_text(), (run / "checkpoint.pt").read_bytes()) == before
+
+
+def test_train_into_a_run_directory_in_use_exits_1(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / "train.lock").write_text(f"{holder.pid}\n")
+        assert main(_train_argv(run, "--steps", "5")) == 1
+        err = capsys.readouterr().err
+        assert f"genflow train: error: run directory '{run}' is in use by another trainer (process {holder.pid}" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(_train_argv(run, "--steps", "5")) == 0  # a dead holder's lock is taken over
+    assert not (run / "train.lock").exists()

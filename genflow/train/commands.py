@@ -181,24 +181,26 @@ def _check_train_args(args) -> None:
         raise ValueError(f"--ema must be in [0, 1) (0 disables it), got {args.ema}")
 
 
-def _make_folder(option: str, folder: str) -> None:
+def _make_folder(option: str, folder: str, path: Optional[str] = None) -> None:
+    """Create ``folder``; a ValueError naming ``option`` (and ``path``) when it cannot be created or written."""
+    where = option if path is None else f"{option} {path!r}"
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"{option}: cannot create the folder {folder!r} ({err.strerror or err})") from None
+        raise ValueError(f"{where}: cannot create the folder {folder!r} ({err.strerror or err})") from None
     if not os.access(folder, os.W_OK):
-        raise ValueError(f"{option}: the folder {folder!r} is not writable")
+        raise ValueError(f"{where}: the folder {folder!r} is not writable")
 
 
 def output_path(option: str, path: str, suffix: str = "") -> str:
     """``path`` (with ``suffix`` appended when it lacks it) after creating its folder; a
     ValueError naming ``option`` when the folder cannot be created or written, or ``path`` is a folder."""
     path = os.fspath(path)
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise ValueError(f"{option} {path!r} is a folder; give a file name")
     if suffix and not path.endswith(suffix):
         path += suffix
-    if os.path.isdir(path):
-        raise ValueError(f"{option} {path!r} is a folder; give a file name")
-    _make_folder(option, os.path.dirname(os.path.abspath(path)))
+    _make_folder(option, os.path.dirname(os.path.abspath(path)), path)
     return path
 
 

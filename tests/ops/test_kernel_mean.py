@@ -446,6 +446,37 @@ def test_sigma_errors_name_sigma():
             kernel_weighted_mean(q, k, sigma=bad)
 
 
+# ---------------------------------------------------------------- CUDA requested where there is none
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
+def test_cuda_requested_without_cuda_names_the_argument(monkeypatch):
+    """genflow._extension.check_device (the one device check): gf.sample(device="cuda"), the ops'
+    backend="cuda"; the messages of a CPU build, of a CUDA build without a visible GPU and of a GPU
+    index past the last."""
+    import genflow as gf
+    from genflow._extension import check_device
+
+    model = gf.Model(lambda x, t: torch.zeros_like(x), gf.VP(), "eps")
+    with pytest.raises(ValueError, match=r"device='cuda' asks for CUDA, but this torch build has no CUDA support"):
+        gf.sample(model, (4, 2), steps=2, device="cuda")
+    assert gf.sample(model, (4, 2), steps=2, device=torch.device("cpu")).shape == (4, 2)
+    q, k, _, _ = _inputs(4, 6, 2, None, torch.float32, seed=46)
+    with pytest.raises(RuntimeError, match=r"backend='cuda' needs genflow._C built with CUDA kernels"):
+        kernel_weighted_mean(q, k, sigma=1.0, backend="cuda")
+    with pytest.raises(ValueError, match=r"device must be a device such as 'cpu' or 'cuda:0', got 'gpu'"):
+        check_device("device", "gpu")
+    with pytest.raises(TypeError, match=r"device must be a device .* got float 1.0"):
+        check_device("device", 1.0)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match=r"x_device='cuda:0' asks for CUDA, but no GPU is visible"):
+        check_device("x_device", "cuda:0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"device=3 asks for GPU 3, but this machine shows 2 \(indices 0..1\)"):
+        check_device("device", 3)
+    assert check_device("device", "cuda:1") == torch.device("cuda", 1) and check_device("device", None) is None
+
+
 # ---------------------------------------------------------------- memory at 100k x 100k
 
 @needs_op
