@@ -6,7 +6,7 @@ an H100):
 1. ``environment``: torch, CUDA, the device, nvcc, compute-sanitizer, the optional peers;
 2. ``build``: ``GENFLOW_BUILD_CUDA=1 python setup.py build_ext --inplace`` for the device's
    architecture, then checks that ``genflow._C`` has its CUDA kernels;
-3. ``tests``: every test file that mentions CUDA (pytest-xdist when installed);
+3. ``tests``: every test file with CUDA cases (``cuda_test_files``; pytest-xdist when installed);
 4. ``memcheck``, ``racecheck``, ``synccheck``: ``compute-sanitizer`` over the CUDA op tests
    (``tests/ops -k cuda``), instrumenting genflow's kernels only (``--kernel-name kns=genflow``);
 5. ``bench``: ``genflow bench --device cuda --only ops,model,likelihood --no-compile`` (the Euler-Maruyama,
@@ -235,8 +235,8 @@ def stage_build(check: Check) -> None:
     import torch
 
     if check.dry_run or cuda_device():
-        check.skip("build", f"{'dry run' if check.dry_run else 'no GPU'}: {cuda_device() or 'not asked'}; "
-                   "the CUDA build without a GPU is CI's .ci/cuda_build.sh")
+        check.skip("build", ("dry run" if check.dry_run else f"no GPU: {cuda_device()}")
+                   + " (CI builds the CUDA extension without a GPU: .ci/cuda_build.sh)")
         return
     major, minor = torch.cuda.get_device_capability(0)
     env = {"GENFLOW_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}"),
@@ -245,7 +245,7 @@ def stage_build(check: Check) -> None:
     if "CUDA_HOME" not in os.environ and nvcc:  # a wrapper nvcc on PATH: point at the real toolkit
         home = Path(os.path.realpath(nvcc)).parents[1]
         env["CUDA_HOME"] = str(home if (home / "include" / "cuda_runtime.h").is_file() else "/usr/local/cuda")
-    probe = "from genflow._extension import has_cuda_kernels as h; import sys; sys.exit(0 if h() else 3)"
+    probe = "import sys, torch, genflow; sys.exit(0 if torch.ops.genflow.has_cuda() else 3)"
 
     def judge(outcomes):
         outcome = outcomes[0]
@@ -259,13 +259,14 @@ def stage_build(check: Check) -> None:
     check.command_stage("build", [[check.python, "setup.py", "build_ext", "--inplace"]], env=env, judge=judge)
 
 
+CUDA_TEST = re.compile(r"not torch\.cuda\.is_available\(\)|torch\.cuda\.is_available\(\) and")
+
+
 def cuda_test_files() -> List[str]:
-    """The test files that exercise CUDA: those mentioning it (this check's own test excluded)."""
-    files = []
-    for path in sorted((ROOT / "tests").rglob("test_*.py")):
-        if path.name != "test_gpu_check.py" and "cuda" in path.read_text(errors="replace"):
-            files.append(str(path.relative_to(ROOT)))
-    return files
+    """The test files with CUDA cases: those that skip or parametrize on a visible CUDA device
+    (``skipif(not torch.cuda.is_available() ...)``, ``["cuda"] if torch.cuda.is_available() and ...``)."""
+    return [str(path.relative_to(ROOT)) for path in sorted((ROOT / "tests").rglob("test_*.py"))
+            if path.name != "test_gpu_check.py" and CUDA_TEST.search(path.read_text(errors="replace"))]
 
 
 def stage_tests(check: Check) -> None:
