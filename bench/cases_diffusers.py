@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import sys
+import time
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import best_ms  # noqa: E402
 
 SCHEDULERS = (
     "DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
@@ -47,7 +44,21 @@ def _loop(scheduler, x_T: torch.Tensor, model_output: torch.Tensor, seed: int = 
     return run
 
 
-def rows(sizes=SIZES, names=SCHEDULERS, repeats=None):
+def interleaved_best_ms(fn_a, fn_b, repeats: int, rounds: int):
+    """Milliseconds per call of ``fn_a`` and ``fn_b``: the best of ``rounds`` alternating rounds of
+    ``repeats`` calls each (alternating keeps a changing machine load from favouring one side)."""
+    fn_a(), fn_b()  # warm-up
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for k, fn in enumerate((fn_a, fn_b)):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            best[k] = min(best[k], (time.perf_counter() - start) / repeats)
+    return 1e3 * best[0], 1e3 * best[1]
+
+
+def rows(sizes=SIZES, names=SCHEDULERS, repeats=None, rounds=5):
     """One row per scheduler and size: ``dict(name, size, genflow_ms, diffusers_ms, ratio)``
     (``ratio = diffusers_ms / genflow_ms``: above 1 is genflow faster) and ``max_abs_diff``
     between the two loops' results."""
@@ -67,8 +78,7 @@ def rows(sizes=SIZES, names=SCHEDULERS, repeats=None):
             ours, theirs = getattr(gcd, name)(), getattr(diffusers, name)()
             run_ours, run_theirs = _loop(ours, x_T, model_output), _loop(theirs, x_T, model_output)
             diff = float((run_ours() - run_theirs()).abs().max())
-            ms_ours = best_ms(run_ours, reps)
-            ms_theirs = best_ms(run_theirs, reps)
+            ms_ours, ms_theirs = interleaved_best_ms(run_ours, run_theirs, reps, rounds)
             out.append(dict(name=name, size="x".join(map(str, shape)), genflow_ms=ms_ours, diffusers_ms=ms_theirs,
                             ratio=ms_theirs / ms_ours, max_abs_diff=diff))
     return out
@@ -87,11 +97,12 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default=None, help="comma-separated BxCxHxW (default: all three)")
     parser.add_argument("--only", default=None, help="comma-separated scheduler names (default: all)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     sizes = SIZES if args.sizes is None else [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     names = SCHEDULERS if args.only is None else [n if n.endswith("Scheduler") else n + "Scheduler"
                                                   for n in args.only.split(",")]
-    print(format_rows(rows(sizes, names, args.repeats)))
+    print(format_rows(rows(sizes, names, args.repeats, args.rounds)))
     return 0
 
 

@@ -21,12 +21,13 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from genflow.ops.fused_update import fused_update
+from genflow.ops.fused_update import check_coef, fused_update_packed, fused_update_unchecked, host_tensor, use_kernel
 
 __all__ = [
     "SchedulerOutput", "Config", "Scheduler", "betas_for", "alphas_cumprod_for", "fused",
     "randn_like_diffusers", "check_prediction_type", "check_choice",
-    "x0_eps_coefficients", "spaced_timesteps", "check_steps", "TIMESTEP_SPACINGS",
+    "x0_eps_coefficients", "spaced_timesteps", "check_steps", "TIMESTEP_SPACINGS", "grid_plans", "pack",
+    "fused_planned",
 ]
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -90,6 +91,14 @@ class Config(dict):
     __setattr__ = __setitem__ = __delattr__ = __delitem__ = _read_only
     update = pop = popitem = setdefault = clear = _read_only
     __ior__ = _read_only
+
+    def key(self) -> str:
+        """A hashable text of the fields (computed once: the config is read-only)."""
+        try:
+            return self.__dict__["_key"]
+        except KeyError:
+            key = self.__dict__["_key"] = repr(sorted(self.items()))
+            return key
 
     def __reduce__(self):
         return (Config, (dict(self),))
@@ -427,17 +436,78 @@ def fused(x: torch.Tensor, terms: Sequence[torch.Tensor], coefs: Sequence, noise
     """
     if len(terms) != len(coefs) - 1:
         raise ValueError(f"coefs must have len(terms) + 1 = {len(terms) + 1} entries, got {len(coefs)}")
-    kept = [k for k, c in enumerate(coefs[1:]) if not (type(c) is float and c == 0.0)]
-    terms = [_like(terms[k], x) for k in kept]
-    coefs = [coefs[0]] + [coefs[k + 1] for k in kept]
+    kept, values = [], [coefs[0]]
+    for term, c in zip(terms, coefs[1:]):
+        if not (type(c) is float and c == 0.0):
+            kept.append(_like(term, x, "terms"))
+            values.append(c)
     if type(noise_scale) is float and noise_scale == 0.0:
         noise = None
-    if noise is not None:
-        noise = _like(noise, x)
-    return fused_update(x, terms, coefs, noise_scale, noise=noise, out=out)
+    elif noise is None:
+        raise ValueError("noise_scale is nonzero but no noise was given")
+    else:
+        noise = _like(noise, x, "noise")
+    values.append(noise_scale)
+    device = x.device
+    kernel = _KERNEL.get(device)
+    if kernel is None:
+        kernel = _KERNEL[device] = use_kernel("auto", device)
+    if noise is None and all(type(v) is float for v in values) and not (
+            torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in kept))):
+        # the common step: host coefficients, no noise, no autograd: the out= op alone
+        if out is None:
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return fused_update_packed(x, kept, host_tensor(values, torch.float64, "d"), kernel=kernel, out=out)
+    batch = x.shape[0] if x.dim() > 0 else 1
+    for k, v in enumerate(values):
+        if type(v) is not float:
+            values[k] = check_coef(v, "coefs", batch, device)
+    return fused_update_unchecked(x, kept, values, kernel=kernel, noise=noise, out=out)
 
 
-def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+_KERNEL = {}  # device -> use_kernel("auto", device)
+_GRID_PLANS = {}  # (scheduler class, config, grid values) -> {step key: packed coefficients}
+
+
+def grid_plans(scheduler: "Scheduler", grid: Sequence[float]) -> dict:
+    """The step plans (``pack``ed coefficients by step key) of ``scheduler``'s class and config on
+    ``grid`` (its sigmas): shared by every later ``set_timesteps`` that builds the same grid, so a
+    pipeline that samples many images computes each step's coefficients once."""
+    config = scheduler.config
+    key = (type(scheduler), config.key(), tuple(grid))
+    plans = _GRID_PLANS.get(key)
+    if plans is None:
+        if len(_GRID_PLANS) >= 64:
+            _GRID_PLANS.clear()
+        plans = _GRID_PLANS[key] = {}
+    return plans
+
+
+def pack(coefs: Sequence[float]):
+    """``(kept, coef)``: which terms of ``coefs = [c0, c1..cK]`` (floats) are nonzero and the float64
+    coefficient tensor ``[c0, nonzero c_k.., 0]`` that ``fused_planned`` passes to the op."""
+    kept = tuple(c != 0.0 for c in coefs[1:])
+    return kept, host_tensor([coefs[0]] + [c for c in coefs[1:] if c != 0.0] + [0.0], torch.float64, "d")
+
+
+def fused_planned(x: torch.Tensor, terms: Sequence[torch.Tensor], plan) -> torch.Tensor:
+    """``fused(x, terms, coefs)`` (a new tensor) with ``plan = pack(coefs)``: the op call alone."""
+    kept, coef = plan
+    terms = [t if t.dtype is x.dtype and t.shape == x.shape else _like(t, x, "terms") for t, k in zip(terms, kept) if k]
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in terms)):
+        return fused(x, terms, coef[:-1].tolist())
+    device = x.device
+    kernel = _KERNEL.get(device)
+    if kernel is None:
+        kernel = _KERNEL[device] = use_kernel("auto", device)
+    return fused_update_packed(x, terms, coef, kernel=kernel,
+                               out=torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def _like(t: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` in x's dtype and on its device (diffusers upcasts half-precision outputs the same way)."""
+    if t.shape != x.shape:
+        raise ValueError(f"{name} must have the sample's shape {list(x.shape)}, got {list(t.shape)}")
     if t.dtype == x.dtype and t.device == x.device:
         return t
     return t.to(device=x.device, dtype=x.dtype)

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._base import TIMESTEP_SPACINGS, Scheduler, check_steps, fused
+from ._base import TIMESTEP_SPACINGS, Scheduler, check_steps, fused, fused_planned, grid_plans, pack
 
 __all__ = ["sigma_to_t", "karras_sigmas", "exponential_sigmas", "beta_sigmas", "SigmaScheduler", "SIGMA_GRIDS"]
 
@@ -135,6 +135,7 @@ class SigmaScheduler(Scheduler):
         """Store ``sigmas`` (float32, on the CPU as diffusers keeps them) and their float64 values."""
         self.sigmas = sigmas.to("cpu")
         self._sig = self.sigmas.double().tolist()
+        self._plans = grid_plans(self, self._sig)
 
     @property
     def init_noise_sigma(self) -> torch.Tensor:
@@ -152,9 +153,13 @@ class SigmaScheduler(Scheduler):
         """The network input ``sample / sqrt(sigma^2 + 1)`` (Tensor[B, *D]) at ``timestep``."""
         if self._step_index is None:
             self._init_step_index(timestep)
-        sigma = self._sig[self._step_index]
         self.is_scale_input_called = True
-        return fused(sample, [], [1.0 / math.sqrt(sigma * sigma + 1.0)])
+        key = ("scale", self._step_index)
+        plan = self._plans.get(key)
+        if plan is None:
+            sigma = self._sig[self._step_index]
+            plan = self._plans[key] = pack([1.0 / math.sqrt(sigma * sigma + 1.0)])
+        return fused_planned(sample, [], plan)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """``x = x0 + sigma noise`` with sigma at ``timesteps`` (Tensor[B], values of

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import torch
 
-from ._base import SchedulerOutput, TIMESTEP_SPACINGS, check_choice, check_prediction_type, fused, randn_like_diffusers
+from ._base import (SchedulerOutput, TIMESTEP_SPACINGS, check_choice, check_prediction_type, fused, fused_planned, pack,
+                    randn_like_diffusers)
 from ._sigmas import SigmaScheduler, sigma_to_t
 
 __all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"]
@@ -149,12 +150,22 @@ class EulerDiscreteScheduler(SigmaScheduler):
         if gamma > 0:
             noise = randn_like_diffusers(model_output.shape, generator, model_output.device, model_output.dtype)
             churn = s_noise * math.sqrt(sigma_hat ** 2 - sigma ** 2)
-        a, b = _x0_coefficients(self.config.prediction_type, sigma, sigma_hat)
-        x0 = fused(y, [model_output], [a, b], a * churn, noise=noise)
-        # y_next = y_hat + (sigma_next - sigma_hat) (y_hat - x0) / sigma_hat, with x0 = a y_hat + b out
-        r = (sigma_next - sigma_hat) / sigma_hat
-        c = 1.0 + r * (1.0 - a)
-        prev = fused(y, [model_output], [c, -r * b], c * churn, noise=noise).to(model_output.dtype)
+        plans = None if gamma > 0 else self._plans.get(("euler", self._step_index))
+        if plans is None:
+            a, b = _x0_coefficients(self.config.prediction_type, sigma, sigma_hat)
+            # y_next = y_hat + (sigma_next - sigma_hat) (y_hat - x0) / sigma_hat, with x0 = a y_hat + b out
+            r = (sigma_next - sigma_hat) / sigma_hat
+            c = 1.0 + r * (1.0 - a)
+            if gamma > 0:
+                x0 = fused(y, [model_output], [a, b], a * churn, noise=noise)
+                prev = fused(y, [model_output], [c, -r * b], c * churn, noise=noise)
+            else:
+                plans = self._plans[("euler", self._step_index)] = (pack([a, b]), pack([c, -r * b]))
+        if gamma <= 0:
+            x0 = fused_planned(y, [model_output], plans[0])
+            prev = fused_planned(y, [model_output], plans[1])
+        if prev.dtype != model_output.dtype:
+            prev = prev.to(model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return prev, x0
@@ -225,12 +236,17 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         sigma, sigma_to = self._sig[self._step_index], self._sig[self._step_index + 1]
         sigma_up = math.sqrt(sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2)
         sigma_down = math.sqrt(max(sigma_to ** 2 - sigma_up ** 2, 0.0))
+        key = ("x0", self._step_index)
         a, b = _x0_coefficients(self.config.prediction_type, sigma, sigma)
-        x0 = fused(y, [model_output], [a, b])
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = pack([a, b])
+        x0 = fused_planned(y, [model_output], plan)
         noise = randn_like_diffusers(model_output.shape, generator, model_output.device, model_output.dtype)
         r = (sigma_down - sigma) / sigma
         prev = fused(y, [model_output], [1.0 + r * (1.0 - a), -r * b], sigma_up, noise=noise)
-        prev = prev.to(model_output.dtype)
+        if prev.dtype != model_output.dtype:
+            prev = prev.to(model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return prev, x0

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from ._base import Scheduler, SchedulerOutput, check_choice, fused, randn_like_diffusers
+from ._base import Scheduler, SchedulerOutput, check_choice, fused, fused_planned, grid_plans, pack, randn_like_diffusers
 from ._sigmas import beta_sigmas, exponential_sigmas, karras_sigmas
 
 __all__ = ["FlowMatchEulerDiscreteScheduler"]
@@ -45,6 +45,7 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
         if sum(bool(cfg[f]) for f in flags) > 1:
             raise ValueError(f"at most one of {flags} may be True, got { {f: cfg[f] for f in flags} }")
         check_choice("time_shift_type", cfg.time_shift_type, ("exponential", "linear"))
+        self._stochastic = bool(cfg.stochastic_sampling)
         n = cfg.num_train_timesteps
         sigmas = torch.from_numpy(np.linspace(1, n, n, dtype=np.float32)[::-1].copy()) / n
         if not cfg.use_dynamic_shifting:
@@ -58,6 +59,7 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
     def _set_sigmas(self, sigmas: torch.Tensor) -> None:
         self.sigmas = sigmas
         self._sig = sigmas.double().tolist()
+        self._plans = grid_plans(self, self._sig)
 
     @property
     def shift(self) -> float:
@@ -182,16 +184,19 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
         if self._step_index is None:
             self._init_step_index(timestep)
         x = sample if sample.dtype in (torch.float32, torch.float64) else sample.float()
+        i = self._step_index
         if per_token_timesteps is not None:
             prev = self._per_token_step(model_output, x, per_token_timesteps, generator)
+        elif self._stochastic:
+            sigma, sigma_next = self._sig[i], self._sig[i + 1]
+            noise = randn_like_diffusers(x, generator)
+            prev = fused(x, [model_output], [1.0 - sigma_next, -(1.0 - sigma_next) * sigma], sigma_next, noise=noise)
         else:
-            sigma, sigma_next = self._sig[self._step_index], self._sig[self._step_index + 1]
-            if self.config.stochastic_sampling:
-                noise = randn_like_diffusers(x, generator)
-                prev = fused(x, [model_output], [1.0 - sigma_next, -(1.0 - sigma_next) * sigma], sigma_next,
-                             noise=noise)
-            else:
-                prev = fused(x, [model_output], [1.0, sigma_next - sigma])
+            plan = self._plans.get(i)
+            if plan is None:
+                plan = self._plans[i] = pack([1.0, self._sig[i + 1] - self._sig[i]])
+            prev = fused_planned(x, [model_output], plan)
+        if per_token_timesteps is None and prev.dtype != model_output.dtype:
             prev = prev.to(model_output.dtype)
         self._step_index += 1
         if not return_dict:

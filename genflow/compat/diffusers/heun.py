@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from ._base import SchedulerOutput, TIMESTEP_SPACINGS, check_choice, check_prediction_type, fused
+from ._base import SchedulerOutput, TIMESTEP_SPACINGS, check_choice, check_prediction_type, fused_planned, pack
 from ._sigmas import SigmaScheduler
 
 __all__ = ["HeunDiscreteScheduler"]
@@ -81,6 +81,25 @@ class HeunDiscreteScheduler(SigmaScheduler):
         self._step_index = None
         self._begin_index = None
 
+    def _step_plans(self, i: int, first: bool):
+        """Packed ``(x0, update)`` coefficients of the call at index ``i``: x0 from the output at the
+        point evaluated (sigma on the first call, sigma_next on the second); the Euler predictor
+        ``y + dt (y - x0)/sigma``, or the trapezoid ``y + dt/2 ((y - x0_1)/sigma + (y' - x0_2)/sigma_next)``."""
+        sigma, sigma_next = (self._sig[i], self._sig[i + 1]) if first else (self._sig[i - 1], self._sig[i])
+        at = sigma if first else sigma_next
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            a, b = 1.0, -at
+        elif kind == "v_prediction":
+            a, b = 1.0 / (at * at + 1.0), -at / math.sqrt(at * at + 1.0)
+        else:
+            a, b = 0.0, 1.0
+        dt = sigma_next - sigma
+        if first:
+            return pack([a, b]), pack([1.0 + dt / sigma, -dt / sigma])
+        h, g = dt / (2.0 * sigma), dt / (2.0 * sigma_next)
+        return pack([a, b]), pack([1.0 + h, -h, g, -g])
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """One call of the two-call Heun step (see the class docstring).
 
@@ -94,27 +113,17 @@ class HeunDiscreteScheduler(SigmaScheduler):
             self._init_step_index(timestep)
         first = self.state_in_first_order
         i = self._step_index
-        sigma, sigma_next = (self._sig[i], self._sig[i + 1]) if first else (self._sig[i - 1], self._sig[i])
-        # x0 from the output at the point being evaluated: sigma (first call) or sigma_next (second)
-        at = sigma if first else sigma_next
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            a, b = 1.0, -at
-        elif kind == "v_prediction":
-            a, b = 1.0 / (at * at + 1.0), -at / math.sqrt(at * at + 1.0)
-        else:
-            a, b = 0.0, 1.0
-        x0 = fused(sample, [model_output], [a, b])
+        plans = self._plans.get(("heun", i, first))
+        if plans is None:
+            plans = self._plans[("heun", i, first)] = self._step_plans(i, first)
+        x0 = fused_planned(sample, [model_output], plans[0])
         if self.config.clip_sample:
             x0.clamp_(-self.config.clip_sample_range, self.config.clip_sample_range)
         if first:
-            dt = sigma_next - sigma
-            prev = fused(sample, [x0], [1.0 + dt / sigma, -dt / sigma])
-            self.dt, self.sample, self._x0_first = dt, sample, x0
+            prev = fused_planned(sample, [x0], plans[1])
+            self.dt, self.sample, self._x0_first = self._sig[i + 1] - self._sig[i], sample, x0
         else:
-            # y + dt/2 ((y - x0_1)/sigma + (y' - x0_2)/sigma_next)
-            h, g = self.dt / (2.0 * sigma), self.dt / (2.0 * sigma_next)
-            prev = fused(self.sample, [self._x0_first, sample, x0], [1.0 + h, -h, g, -g])
+            prev = fused_planned(self.sample, [self._x0_first, sample, x0], plans[1])
             self.dt, self.sample, self._x0_first = None, None, None
         self._step_index += 1
         if not return_dict:
