@@ -18,6 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from genflow._checks import check_int, check_real
+
 __all__ = ["GaussianMixture"]
 
 _F64 = torch.float64
@@ -130,20 +132,18 @@ class GaussianMixture:
     @classmethod
     def ring(cls, k: int = 8, radius: float = 4.0, std: float = 0.5) -> "GaussianMixture":
         """``k`` equally weighted isotropic Gaussians evenly spaced on a circle in 2-D."""
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        k = check_int("k", k, low=1)
         angles = torch.arange(k, dtype=_F64) * (2.0 * math.pi / k)
-        means = float(radius) * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
-        return cls(means, std)
+        means = check_real("radius", radius) * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+        return cls(means, check_real("std", std, low=0.0, low_open=True))
 
     @classmethod
     def grid(cls, n: int = 5, spacing: float = 2.0, std: float = 0.2) -> "GaussianMixture":
         """``n x n`` equally weighted isotropic Gaussians on a square grid centred at 0 in 2-D."""
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        axis = (torch.arange(n, dtype=_F64) - 0.5 * (n - 1)) * float(spacing)
+        n = check_int("n", n, low=1)
+        axis = (torch.arange(n, dtype=_F64) - 0.5 * (n - 1)) * check_real("spacing", spacing)
         gx, gy = torch.meshgrid(axis, axis, indexing="ij")
-        return cls(torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1), std)
+        return cls(torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1), check_real("std", std, low=0.0, low_open=True))
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -237,8 +237,7 @@ class GaussianMixture:
     def sample(self, n: int, *, generator: Optional[torch.Generator] = None,
                dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
         """Draw ``n`` samples (Tensor[n, D]); randomness from ``generator`` (drawn on its device)."""
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-            raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        n = check_int("n", n, low=0)
         where = generator.device if generator is not None else torch.device(device or "cpu")
         mu, lam, u, _ = self._params(where)
         idx = torch.multinomial(self._weights.to(where), int(n), replacement=True, generator=generator) \

@@ -105,3 +105,14 @@ def test_discrete_vp_and_time_grid_counts():
         gf.time_grid(process, 6, "logsnr", "0.9")
     with pytest.raises(TypeError, match="schedule.*string"):
         gf.schedules.validate_grid("0.9", process)
+
+
+def test_mixture_constructors_accept_every_numeric_type():
+    expected = gf.GaussianMixture.ring(4, 2.0, 0.25).means
+    for k, radius, std in [(np.int64(4), np.float64(2.0), np.float32(0.25)), (torch.tensor(4), torch.tensor(2.0), 0.25)]:
+        torch.testing.assert_close(gf.GaussianMixture.ring(k, radius, std).means, expected)
+    assert gf.GaussianMixture.grid(np.int32(2), torch.tensor(1.0)).num_components == 4
+    assert gf.GaussianMixture.ring().sample(np.int64(3)).shape == (3, 2)
+    for bad in ({"k": "8"}, {"radius": "4"}, {"std": [0.5]}):
+        with pytest.raises(TypeError, match=next(iter(bad))):
+            gf.GaussianMixture.ring(**bad)
