@@ -13,14 +13,15 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
-from tqdm.auto import trange
+from tqdm.auto import tqdm
 
 from genflow._cache import LRU, tensor_key
 from genflow._checks import check_real
+from genflow.engine.loop import grid_steps
 from genflow.models import Model
 from genflow.processes import EDM
 
-__all__ = ["Denoiser", "Plan", "StepNoise", "check_callables", "check_sigmas", "check_x", "default_noise", "plan",
+__all__ = ["Denoiser", "KStep", "Plan", "StepNoise", "check_callables", "check_sigmas", "check_x", "default_noise", "plan",
            "run"]
 
 STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -38,19 +39,28 @@ def check_x(x):
 def check_sigmas(sigmas, sampler, *, decreasing):
     """A detached CPU copy of ``sigmas`` after checking it: a finite 1-D floating tensor,
     positive except for a final 0, strictly decreasing for the samplers that need it."""
+    host = host_sigmas(sigmas)
+    check_sigma_values(host, sampler, decreasing)
+    return host
+
+
+def host_sigmas(sigmas):
+    """``sigmas`` (checked to be a 1-D floating tensor of two or more entries) on the CPU."""
     if not isinstance(sigmas, torch.Tensor) or not sigmas.is_floating_point():
         got = sigmas.dtype if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__
         raise TypeError(f"sigmas must be a 1-D floating tensor (e.g. from get_sigmas_karras), got {got}")
     if sigmas.dim() != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be 1-D with at least two entries, got shape {list(sigmas.shape)}")
-    host = sigmas.detach().cpu()
+    return sigmas.detach().cpu()
+
+
+def check_sigma_values(host, sampler, decreasing):
     if not bool(torch.isfinite(host).all()):
         raise ValueError(f"sigmas must be finite, got {host.tolist()}")
     if bool((host[:-1] <= 0).any()) or bool(host[-1] < 0):
         raise ValueError(f"sigmas must be positive (only the last may be 0), got {host.tolist()}")
     if decreasing and bool((host[1:] >= host[:-1]).any()):
         raise ValueError(f"sigmas must be strictly decreasing for {sampler}, got {host.tolist()}")
-    return host
 
 
 def check_callables(model, extra_args, callback, noise_sampler=None):
@@ -108,7 +118,8 @@ def model_of(denoiser: Denoiser) -> Model:
 class Plan(NamedTuple):
     """A sampler's grid and per-step host data (lists indexed by the k-diffusion step ``k``).
 
-    ts: the native float64 grid.  index: native step index of step ``k``.
+    ts: the native float64 grid.  grid: the sigmas (float64 CPU), the loop's grid.
+    index: native step index of step ``k``.
     sigma_hat: the levels (tensors) the steps evaluate at, for the callback; None: ``sigmas[k]``.
     pre: churn scale ``sqrt(sigma_hat^2 - sigma^2)`` added before the step (0: none).
     post: ancestral noise scale ``sigma_up`` added after the step.
@@ -117,6 +128,7 @@ class Plan(NamedTuple):
     """
 
     ts: torch.Tensor
+    grid: torch.Tensor  # the sigmas in float64 on the CPU
     index: list
     sigma_hat: list
     pre: list
@@ -127,17 +139,23 @@ class Plan(NamedTuple):
 _PLANS = LRU(256)
 
 
-def plan(kind, sigmas, host, *options) -> Plan:
+def plan(kind, sampler, sigmas, *options, decreasing=True) -> Plan:
     """The cached ``Plan`` of ``kind`` (``"grid"``, ``"churn"`` or ``"ancestral"``) for these
-    sigmas and options."""
-    key = (kind, str(sigmas.device), tensor_key(host)) + options
-    return _PLANS.get_or_compute(key, lambda: _PLAN_KINDS[kind](sigmas, host, *options))
+    sigmas (checked for ``sampler`` when first seen) and options."""
+    host = host_sigmas(sigmas)
+    key = (kind, decreasing, str(sigmas.device), tensor_key(host)) + options
+
+    def build():
+        check_sigma_values(host, sampler, decreasing)
+        return _PLAN_KINDS[kind](sigmas, host, *options)
+    return _PLANS.get_or_compute(key, build)
 
 
 def _plain(sigmas, host, draw_rule=None):
     n = host.shape[0] - 1
     draw = [False] * n if draw_rule is None else [bool(host[k + 1] > 0) for k in range(n)]
-    return Plan(host.to(torch.float64, copy=True), list(range(n)), None, [0.0] * n, [0.0] * n, draw)
+    grid = host.to(torch.float64, copy=True)
+    return Plan(grid, grid, list(range(n)), None, [0.0] * n, [0.0] * n, draw)
 
 
 def _interleave(first, second):
@@ -157,7 +175,7 @@ def _churn_plan(sigmas, host, s_churn, s_tmin, s_tmax):
     hats = [sigmas[k] * (gamma + 1) if churned[k] else sigmas[k] for k in range(n)]
     hat_host = torch.stack([h.detach().cpu() for h in hats])
     pre = [float((hat_host[k] ** 2 - host[k] ** 2) ** 0.5) if churned[k] else 0.0 for k in range(n)]
-    return Plan(_interleave(hat_host, host[1:]), [2 * k for k in range(n)], hats, pre, [0.0] * n, [False] * n)
+    return Plan(_interleave(hat_host, host[1:]), host.to(torch.float64, copy=True), [2 * k for k in range(n)], hats, pre, [0.0] * n, [False] * n)
 
 
 def _ancestral_plan(sigmas, host, eta, draw_rule):
@@ -172,7 +190,7 @@ def _ancestral_plan(sigmas, host, eta, draw_rule):
     down = (s1 ** 2 - up ** 2) ** 0.5
     n = s.shape[0]
     draw = (s1 > 0) if draw_rule == "next" else (down > 0)
-    return Plan(_interleave(s, down), [2 * k for k in range(n)], None, [0.0] * n, up.tolist(),
+    return Plan(_interleave(s, down), host.to(torch.float64, copy=True), [2 * k for k in range(n)], None, [0.0] * n, up.tolist(),
                 draw.tolist())
 
 
@@ -198,30 +216,48 @@ def default_noise(x):
     return lambda sigma, sigma_next: torch.randn_like(x)
 
 
-def run(solver, x, plan_: Plan, sigmas, denoiser: Denoiser, disable, *, noise_sampler=None, s_noise=1.0,
-        churn_noise=False):
-    """Step ``solver`` (built on ``plan_.ts``) over k-diffusion's steps, on a copy of ``x``.
+class KStep:
+    """One k-diffusion step as a fixed-grid stepper for the engine's time loop: with
+    ``churn_noise`` a ``randn_like`` draw (every step, as k-diffusion's Algorithm 2 samplers
+    draw it) added with scale ``s_noise pre[k]``; the callback dict; the native solver's step
+    ``index[k]``; then, where ``draw[k]``, ``noise_sampler(sigmas[k], sigmas[k+1])`` added with
+    scale ``s_noise post[k]``."""
 
-    Per step ``k``: with ``churn_noise`` a ``randn_like`` draw (every step, as k-diffusion's
-    Algorithm 2 samplers draw it) added with scale ``s_noise pre[k]``; the callback dict; the
-    native step; then, where ``draw[k]``, ``noise_sampler(sigmas[k], sigmas[k+1])`` added with
-    scale ``s_noise post[k]``.
-    """
-    x = x.clone(memory_format=torch.contiguous_format)
-    callback = denoiser.callback
-    for k in trange(len(plan_.index), disable=disable):
-        if churn_noise:
+    def __init__(self, solver, plan_: Plan, sigmas, denoiser: Denoiser, noise_sampler, s_noise, churn_noise):
+        self.solver, self.plan, self.sigmas, self.denoiser = solver, plan_, sigmas, denoiser
+        self.noise_sampler, self.s_noise, self.churn_noise = noise_sampler, s_noise, churn_noise
+        self.nonfinite, self.step_index = None, 0
+
+    @property
+    def evaluations(self):
+        return self.solver.evaluations
+
+    def step(self, k, x):
+        plan_, sigmas = self.plan, self.sigmas
+        if self.churn_noise:
             z = torch.randn_like(x)
             if plan_.pre[k]:
-                x.add_(z, alpha=s_noise * plan_.pre[k])
-        if callback is not None:
+                x.add_(z, alpha=self.s_noise * plan_.pre[k])
+        if self.denoiser.callback is not None:
             hat = sigmas[k] if plan_.sigma_hat is None else plan_.sigma_hat[k]
-            denoiser.pending = {"x": x.clone(), "i": k, "sigma": sigmas[k], "sigma_hat": hat}
-        x = solver.step(plan_.index[k], x)
+            self.denoiser.pending = {"x": x.clone(), "i": k, "sigma": sigmas[k], "sigma_hat": hat}
+        x = self.solver.step(plan_.index[k], x)
         if plan_.draw[k]:
-            z = as_state(noise_sampler(sigmas[k], sigmas[k + 1]), x, "noise_sampler")
+            z = as_state(self.noise_sampler(sigmas[k], sigmas[k + 1]), x, "noise_sampler")
             if plan_.post[k]:
-                x.add_(z, alpha=s_noise * plan_.post[k])
+                x.add_(z, alpha=self.s_noise * plan_.post[k])
+        return x
+
+
+def run(name, solver, x, plan_: Plan, sigmas, denoiser: Denoiser, disable, *, noise_sampler=None, s_noise=1.0,
+        churn_noise=False):
+    """Step ``solver`` (built on ``plan_.ts``) over k-diffusion's steps (``KStep``) from a copy of
+    ``x``, through the engine's time loop, with k-diffusion's progress bar (``disable``)."""
+    x = x.clone(memory_format=torch.contiguous_format)
+    stepper = KStep(solver, plan_, sigmas, denoiser, noise_sampler, s_noise, churn_noise)
+    steps = grid_steps(stepper, plan_.grid, x, name, check_finite=False, caller=f"gf.compat.k_diffusion.{name}")
+    for x, _, _ in tqdm(steps, total=len(plan_.index), disable=disable):
+        pass
     return x
 
 

@@ -22,12 +22,11 @@ def _karras(name, solver, model, x, sigmas, extra_args, callback, disable, s_chu
     """Algorithm 2 of Karras et al. (2022) with ``solver``'s step from ``sigma_hat`` to ``sigma'``."""
     glue.check_x(x)
     glue.check_callables(model, extra_args, callback)
-    host = glue.check_sigmas(sigmas, name, decreasing=False)
     s_churn, s_tmin, s_tmax, s_noise = glue.check_churn(s_churn, s_tmin, s_tmax, s_noise)
-    plan = glue.plan("churn", sigmas, host, s_churn, s_tmin, s_tmax)
+    plan = glue.plan("churn", name, sigmas, s_churn, s_tmin, s_tmax, decreasing=False)
     denoiser = glue.Denoiser(model, extra_args, callback)
     stepper = get_solver(solver)(glue.model_of(denoiser), plan.ts)
-    return glue.run(stepper, x, plan, sigmas, denoiser, disable, s_noise=s_noise, churn_noise=True)
+    return glue.run(name, stepper, x, plan, sigmas, denoiser, disable, s_noise=s_noise, churn_noise=True)
 
 
 @torch.no_grad()
@@ -74,13 +73,12 @@ def _ancestral(name, solver, draw_rule, model, x, sigmas, extra_args, callback, 
     """``solver``'s deterministic step from ``sigma`` to ``sigma_down``, then ``s_noise sigma_up z``."""
     glue.check_x(x)
     glue.check_callables(model, extra_args, callback, noise_sampler)
-    host = glue.check_sigmas(sigmas, name, decreasing=True)
     eta, s_noise = glue.check_noise_options(eta, s_noise)
-    plan = glue.plan("ancestral", sigmas, host, eta, draw_rule)
+    plan = glue.plan("ancestral", name, sigmas, eta, draw_rule)
     denoiser = glue.Denoiser(model, extra_args, callback)
     stepper = get_solver(solver)(glue.model_of(denoiser), plan.ts)
     noise_sampler = glue.default_noise(x) if noise_sampler is None else noise_sampler
-    return glue.run(stepper, x, plan, sigmas, denoiser, disable, noise_sampler=noise_sampler, s_noise=s_noise)
+    return glue.run(name, stepper, x, plan, sigmas, denoiser, disable, noise_sampler=noise_sampler, s_noise=s_noise)
 
 
 @torch.no_grad()
@@ -129,12 +127,11 @@ def _grid(name, solver, model, x, sigmas, extra_args, callback, disable, *, decr
     """``solver`` on the sigmas as they are (its own noise, if any, from ``noise_sampler``)."""
     glue.check_x(x)
     glue.check_callables(model, extra_args, callback, noise_sampler)
-    host = glue.check_sigmas(sigmas, name, decreasing=decreasing)
-    plan = glue.plan("grid", sigmas, host)
+    plan = glue.plan("grid", name, sigmas, decreasing=decreasing)
     denoiser = glue.Denoiser(model, extra_args, callback)
-    noise = None if noise_sampler is None else glue.StepNoise(noise_sampler, sigmas, host, s_noise)
+    noise = None if noise_sampler is None else glue.StepNoise(noise_sampler, sigmas, plan.grid, s_noise)
     stepper = get_solver(solver)(glue.model_of(denoiser), plan.ts, noise=noise, eta=eta, **options)
-    return glue.run(stepper, x, plan, sigmas, denoiser, disable)
+    return glue.run(name, stepper, x, plan, sigmas, denoiser, disable)
 
 
 @torch.no_grad()
@@ -169,9 +166,8 @@ def _sde(name, solver, model, x, sigmas, extra_args, callback, disable, eta, s_n
     if eta > 1:
         raise ValueError(f"eta must be in [0, 1] for {name} on genflow's native solver, got {eta}")
     glue.check_x(x)
-    host = glue.check_sigmas(sigmas, name, decreasing=True)
     if noise_sampler is None:  # built even for eta = 0, as k-diffusion does (its seed is a global RNG draw)
-        noise_sampler = sde_noise_sampler(x, host)
+        noise_sampler = sde_noise_sampler(x, glue.plan("grid", name, sigmas).grid.to(sigmas.dtype))
     return _grid(name, solver, model, x, sigmas, extra_args, callback, disable, noise_sampler=noise_sampler, eta=eta,
                  s_noise=s_noise, lower_order_final=False, **options)
 
