@@ -19,8 +19,8 @@ from torch import nn
 from genflow.noise import _seed
 from genflow.ops import randn
 from genflow.train import objectives as obj
-from genflow._checks import check_choice
-from genflow.train.families import Family, _int, _real
+from genflow._checks import check_choice, check_int, check_real
+from genflow.train.families import Family
 
 __all__ = ["CLASSIC_FAMILIES", "GANFamily", "GMMFamily", "RealNVPFamily", "VAEFamily", "kmeans_plus_plus"]
 
@@ -119,10 +119,10 @@ class GMMFamily(Family):
 
     def __init__(self, *, data_shape, num_classes=None, components=8, init="kmeans", reg_covar=1e-6, kmeans_iter=100):
         _check_unconditional("gmm", num_classes)
-        self.components = _int("components", components)
+        self.components = check_int("components", components, low=1)
         self.init = check_choice("init", init, ("kmeans", "kmeans++"))
-        self.reg_covar = _real("reg_covar", reg_covar, low=0.0)
-        self.kmeans_iter = _int("kmeans_iter", kmeans_iter, 0)
+        self.reg_covar = check_real("reg_covar", reg_covar, low=0.0)
+        self.kmeans_iter = check_int("kmeans_iter", kmeans_iter, low=0)
         self.dim = _flat_dim(data_shape)
         super().__init__({"gmm": _GMMParameters(self.components, self.dim)}, data_shape, None)
         self.fitted = False
@@ -195,11 +195,11 @@ class GMMFamily(Family):
         if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != self.data_shape:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"data must have shape [N, *{self.data_shape}], got {got}")
-        max_iter, tol = _int("max_iter", max_iter), _real("tol", tol, low=0.0)
+        max_iter, tol = check_int("max_iter", max_iter, low=1), check_real("tol", tol, low=0.0)
         x = x.detach().reshape(x.shape[0], -1).to("cpu", torch.float64)
         if x.shape[0] < self.components:
             raise ValueError(f"data needs at least components = {self.components} points, got {x.shape[0]}")
-        generator = torch.Generator().manual_seed(_int("seed", seed, 0))
+        generator = torch.Generator().manual_seed(check_int("seed", seed, low=0))
         self._set(*self._m_step(x, self._initial_responsibilities(x, generator)))
         previous, converged, iterations = -math.inf, False, 0
         for iterations in range(1, max_iter + 1):
@@ -222,7 +222,7 @@ class GMMFamily(Family):
 
     def sample(self, n: int, *, generator=None, labels=None, **kwargs) -> torch.Tensor:
         """``n`` draws: component ``k ~ w`` then ``mu_k + L_k z`` with ``L_k L_k^T = Sigma_k``, ``z ~ N(0, I)``."""
-        _int("n", n)
+        check_int("n", n, low=1)
         if labels is not None or kwargs:
             raise ValueError(f"the gmm family takes no labels or sampling options, got {sorted(kwargs) or 'labels'}")
         seed = _seed(generator, n)
@@ -264,16 +264,16 @@ class VAEFamily(Family):
     def __init__(self, *, data_shape, num_classes=None, latent=2, hidden=128, layers=2, decoder_std="learned",
                  sample_mean=False):
         _check_unconditional("vae", num_classes)
-        self.latent = _int("latent", latent)
+        self.latent = check_int("latent", latent, low=1)
         self.dim = _flat_dim(data_shape)
-        hidden, layers = _int("hidden", hidden), _int("layers", layers)
+        hidden, layers = check_int("hidden", hidden, low=1), check_int("layers", layers, low=1)
         modules = {"encoder": _mlp(self.dim, 2 * self.latent, hidden, layers),
                    "decoder": _mlp(self.latent, self.dim, hidden, layers)}
         if decoder_std == "learned":
             self.fixed_log_std = None
             modules["log_std"] = nn.ParameterDict({"value": nn.Parameter(torch.zeros(self.dim))})
         else:
-            self.fixed_log_std = math.log(_real("decoder_std", decoder_std, low=0.0, strict=True))
+            self.fixed_log_std = math.log(check_real("decoder_std", decoder_std, low=0.0, low_open=True))
         self.sample_mean = bool(sample_mean)
         super().__init__(modules, data_shape, None)
 
@@ -309,7 +309,7 @@ class VAEFamily(Family):
 
     def sample(self, n: int, *, generator=None, labels=None, **kwargs) -> torch.Tensor:
         """``z ~ N(0, I)``, then ``x ~ N(D(z), s^2 I)`` (or ``D(z)`` with ``sample_mean``)."""
-        _int("n", n)
+        check_int("n", n, low=1)
         if labels is not None or kwargs:
             raise ValueError(f"the vae family takes no labels or sampling options, got {sorted(kwargs) or 'labels'}")
         seed = _seed(generator, n)
@@ -392,7 +392,8 @@ class RealNVPFamily(Family):
         self.dim = _flat_dim(data_shape)
         if self.dim < 2:
             raise ValueError(f"realnvp needs at least 2 coordinates per sample, got data_shape {tuple(data_shape)}")
-        layers, hidden, depth = _int("layers", layers), _int("hidden", hidden), _int("depth", depth)
+        layers, hidden = check_int("layers", layers, low=1), check_int("hidden", hidden, low=1)
+        depth = check_int("depth", depth, low=1)
         if not isinstance(rotations, bool):
             raise TypeError(f"rotations must be a bool, got {type(rotations).__name__}")
         self.rotations = rotations
@@ -435,7 +436,7 @@ class RealNVPFamily(Family):
 
     def sample(self, n: int, *, generator=None, labels=None, **kwargs) -> torch.Tensor:
         """``x = f^{-1}(z)``, ``z ~ N(0, I)``."""
-        _int("n", n)
+        check_int("n", n, low=1)
         if labels is not None or kwargs:
             raise ValueError(f"the realnvp family takes no labels or sampling options, got {sorted(kwargs) or 'labels'}")
         z = randn((n, self.dim), seed=_seed(generator, n), offset=_LATENT, device=self.device)
@@ -466,11 +467,11 @@ class GANFamily(Family):
 
     def __init__(self, *, data_shape, num_classes=None, latent=2, hidden=128, layers=3, penalty="r1", gamma=0.1):
         _check_unconditional("gan", num_classes)
-        self.latent = _int("latent", latent)
+        self.latent = check_int("latent", latent, low=1)
         self.dim = _flat_dim(data_shape)
-        hidden, layers = _int("hidden", hidden), _int("layers", layers)
+        hidden, layers = check_int("hidden", hidden, low=1), check_int("layers", layers, low=1)
         self.penalty = check_choice("penalty", penalty, ("r1", "gp", None))
-        self.gamma = _real("gamma", gamma, low=0.0)
+        self.gamma = check_real("gamma", gamma, low=0.0)
         super().__init__({"generator": _mlp(self.latent, self.dim, hidden, layers),
                           "discriminator": _mlp(self.dim, 1, hidden, layers, nn.LeakyReLU)}, data_shape, None)
 
@@ -516,7 +517,7 @@ class GANFamily(Family):
 
     def sample(self, n: int, *, generator=None, labels=None, **kwargs) -> torch.Tensor:
         """``G(z)``, ``z ~ N(0, I)``."""
-        _int("n", n)
+        check_int("n", n, low=1)
         if labels is not None or kwargs:
             raise ValueError(f"the gan family takes no labels or sampling options, got {sorted(kwargs) or 'labels'}")
         z = randn((n, self.latent), seed=_seed(generator, n), offset=_LATENT, device=self.device)

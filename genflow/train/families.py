@@ -11,8 +11,6 @@ excepted: they couple the global batch by design, ``objectives.gather_coupled``)
 from __future__ import annotations
 
 import inspect
-import math
-import numbers
 from typing import Dict, Optional
 
 import torch
@@ -20,7 +18,7 @@ from torch import nn
 
 import genflow.processes as processes
 from genflow import cnf  # the module, not names: genflow.cnf imports genflow.train
-from genflow._checks import check_choice, did_you_mean
+from genflow._checks import check_choice, check_int, check_real, did_you_mean
 from genflow.engine.solve import solve
 from genflow.engine.terms import SDE
 from genflow.likelihood import log_likelihood as _log_likelihood
@@ -37,19 +35,6 @@ __all__ = ["FAMILIES", "CNFFamily", "DiffusionFamily", "Family", "FlowMatchingFa
 # Philox stream offsets of the per-sample draws
 _NOISE, _TIME, _DROPOUT, _COUPLING, _PROBES = 0, 1, 2, 3, 16
 PROCESSES = ("VP", "SubVP", "VE", "CosineVP", "EDM", "LinearPath")
-
-
-def _real(name: str, value, *, low: float = -math.inf, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or \
-            (value <= low if strict else value < low):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
-    return float(value)
-
-
-def _int(name: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 def _make_process(process, options: Optional[dict]):
@@ -161,7 +146,7 @@ class _ODEFamily(Family):
         guidance ``uncond + scale (cond - uncond)`` (``genflow.guided``; label -1 is "no label").
         Other keyword arguments go to ``genflow.sample``.
         """
-        _int("n", n)
+        check_int("n", n, low=1)
         labels = _labels_or_none(labels, n, self.device)
         model = self.model()
         if labels is not None:
@@ -219,11 +204,11 @@ class DiffusionFamily(_ODEFamily):
             self.prediction = "x0"
         self.weighting = check_choice("weighting", weighting or ("edm" if self.preconditioning else "uniform"),
                                  obj.WEIGHTINGS)
-        self.gamma = _real("min_snr_gamma", min_snr_gamma, low=0.0, strict=True)
-        self.sigma_data = _real("sigma_data", sigma_data, low=0.0, strict=True)
-        self.P_mean, self.P_std = _real("P_mean", P_mean), _real("P_std", P_std, low=0.0, strict=True)
+        self.gamma = check_real("min_snr_gamma", min_snr_gamma, low=0.0, low_open=True)
+        self.sigma_data = check_real("sigma_data", sigma_data, low=0.0, low_open=True)
+        self.P_mean, self.P_std = check_real("P_mean", P_mean), check_real("P_std", P_std, low=0.0, low_open=True)
         self.lognormal = edm_process and self.preconditioning == "edm" and not importance_sampling
-        self.t_lo = self.process.t_min if t_min is None else _real("t_min", t_min, low=0.0)
+        self.t_lo = self.process.t_min if t_min is None else check_real("t_min", t_min, low=0.0)
         if not self.t_lo < self.process.T:
             raise ValueError(f"t_min must be < the process's T = {self.process.T}, got {self.t_lo}")
         self.importance = None
@@ -232,10 +217,10 @@ class DiffusionFamily(_ODEFamily):
                 return obj.dsm_weight(self.process, t, "eps", self.weighting, gamma=self.gamma,
                                       sigma_data=self.sigma_data)
             self.importance = obj.ImportanceSampler(density, self.t_lo, self.process.T)
-        self.label_dropout = _real("label_dropout", 0.1 if label_dropout is None and num_classes else
-                                   (label_dropout or 0.0), low=0.0)
+        self.label_dropout = check_real("label_dropout", 0.1 if label_dropout is None and num_classes else
+                                        (label_dropout or 0.0), low=0.0)
         self.solver = solver or ("heun" if edm_process else "dpmpp_2m")
-        self.steps = _int("steps", steps or 20)
+        self.steps = check_int("steps", steps or 20, low=1)
         self.schedule = "karras" if edm_process else "logsnr"
         net = net if net is not None else _default_net(data_shape, num_classes, net_options)
         super().__init__({"net": net}, data_shape, num_classes)
@@ -290,13 +275,13 @@ class FlowMatchingFamily(_ODEFamily):
     def __init__(self, *, data_shape, num_classes=None, coupling="independent", sigma_min=0.0, sinkhorn_eps=0.05,
                  sinkhorn_iters=1000, label_dropout=None, solver="heun", steps=20, net=None, net_options=None):
         self.coupling = check_choice("coupling", coupling, ("independent", "ot", "sinkhorn"))
-        self.sigma_min = _real("sigma_min", sigma_min, low=0.0)
+        self.sigma_min = check_real("sigma_min", sigma_min, low=0.0)
         self.process = processes.LinearPath(sigma_min=self.sigma_min)
-        self.sinkhorn_eps = _real("sinkhorn_eps", sinkhorn_eps, low=0.0, strict=True)
-        self.sinkhorn_iters = _int("sinkhorn_iters", sinkhorn_iters)
-        self.label_dropout = _real("label_dropout", 0.1 if label_dropout is None and num_classes else
-                                   (label_dropout or 0.0), low=0.0)
-        self.solver, self.steps = solver, _int("steps", steps)
+        self.sinkhorn_eps = check_real("sinkhorn_eps", sinkhorn_eps, low=0.0, low_open=True)
+        self.sinkhorn_iters = check_int("sinkhorn_iters", sinkhorn_iters, low=1)
+        self.label_dropout = check_real("label_dropout", 0.1 if label_dropout is None and num_classes else
+                                        (label_dropout or 0.0), low=0.0)
+        self.solver, self.steps = solver, check_int("steps", steps, low=1)
         net = net if net is not None else _default_net(data_shape, num_classes, net_options)
         super().__init__({"net": net}, data_shape, num_classes)
 
@@ -369,7 +354,8 @@ def reflow_pairs(family: FlowMatchingFamily, n: int, *, steps: int = 20, solver:
     """
     if not isinstance(family, FlowMatchingFamily):
         raise TypeError(f"family must be a flow-matching or rectified-flow family, got {type(family).__name__}")
-    n, steps, batch_size = _int("n", n), _int("steps", steps), _int("batch_size", batch_size)
+    n, steps = check_int("n", n, low=1), check_int("steps", steps, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
     info = {s.name: s for s in _solvers()}
     check_choice("solver", solver, tuple(info))
     if info[solver].stochastic:
@@ -407,10 +393,10 @@ class CNFFamily(_ODEFamily):
             if len(data_shape) != 1:
                 raise ValueError(f"the default CNFNet needs vector data_shape (D,), got {tuple(data_shape)}; pass net=")
             net = cnf.CNFNet(data_shape[0], hidden=hidden, depth=depth)
-        self.options = dict(steps=_int("solve_steps", solve_steps), probes=_int("probes", probes), noise=noise,
-                            method=method, solver=cnf_solver)
+        self.options = dict(steps=check_int("solve_steps", solve_steps, low=1),
+                            probes=check_int("probes", probes, low=1), noise=noise, method=method, solver=cnf_solver)
         self.process = processes.LinearPath()
-        self.solver, self.steps = solver, _int("steps", steps)
+        self.solver, self.steps = solver, check_int("steps", steps, low=1)
         super().__init__({"net": net}, data_shape, None)
 
     def model(self, **cond) -> Model:
@@ -445,12 +431,12 @@ class SlicedScoreFamily(_ODEFamily):
                  projection="rademacher", variance_reduction=True, solver="ald", steps=50, langevin_step=0.2,
                  net=None, net_options=None):
         self.process = processes.VE(sigma_min=sigma_min, sigma_max=sigma_max)
-        self.single = None if sigma is None else _real("sigma", sigma, low=0.0, strict=True)
-        self.projections = _int("projections", projections)
+        self.single = None if sigma is None else check_real("sigma", sigma, low=0.0, low_open=True)
+        self.projections = check_int("projections", projections, low=1)
         self.projection = check_choice("projection", projection, ("rademacher", "gaussian"))
         self.variance_reduction = bool(variance_reduction)
-        self.solver, self.steps = solver, _int("steps", steps)
-        self.langevin_step = _real("langevin_step", langevin_step, low=0.0, strict=True)
+        self.solver, self.steps = solver, check_int("steps", steps, low=1)
+        self.langevin_step = check_real("langevin_step", langevin_step, low=0.0, low_open=True)
         net = net if net is not None else _default_net(data_shape, num_classes, net_options)
         super().__init__({"net": net}, data_shape, num_classes)
 
@@ -497,7 +483,7 @@ class SlicedScoreFamily(_ODEFamily):
         if self.single is None:
             return super().sample(n, generator=generator, labels=labels, guidance_scale=guidance_scale,
                                   solver=solver, steps=steps, **kwargs)
-        _int("n", n)
+        check_int("n", n, low=1)
         cond = {} if labels is None else {"labels": _labels_or_none(labels, n, self.device)}
         seed = _seed(generator, n)
         shape = (n,) + self.data_shape
@@ -541,17 +527,17 @@ def make_family(name: str, *, data_shape, num_classes: Optional[int] = None, **o
     key = str(name).lower().replace("_", "-")
     check_choice("family name", key, tuple(FAMILIES))
     cls = FAMILIES[key]
-    if isinstance(data_shape, numbers.Integral):
-        data_shape = (data_shape,)
-    if not isinstance(data_shape, (tuple, list, torch.Size)) or not data_shape or not all(
-            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in data_shape):
+    if not isinstance(data_shape, (tuple, list, torch.Size)):
+        data_shape = (data_shape,)  # one number: vector data
+    if not data_shape:
         raise ValueError(f"data_shape must be a non-empty sequence of positive ints, got {data_shape!r}")
+    data_shape = tuple(check_int(f"data_shape[{i}]", s, low=1) for i, s in enumerate(data_shape))
     if num_classes is not None:
-        num_classes = _int("num_classes", num_classes)
+        num_classes = check_int("num_classes", num_classes, low=1)
     accepted = [p for p in inspect.signature(cls.__init__).parameters
                 if p not in ("self", "data_shape", "num_classes")]
     for option in options:
         if option not in accepted:
             hint = did_you_mean(option, accepted)
             raise ValueError(f"unknown option {option!r} for family {key!r}{hint}; accepted: {accepted}")
-    return cls(data_shape=tuple(int(s) for s in data_shape), num_classes=num_classes, **options)
+    return cls(data_shape=data_shape, num_classes=num_classes, **options)

@@ -14,22 +14,17 @@ times 1000), then sinusoids ``[sin(s w_k), cos(s w_k)]`` with ``w_k = 10000^(-k/
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from genflow._checks import check_int
+
 __all__ = ["MLP", "UNet", "time_embedding"]
 
 TIME_MODES = ("linear", "log")
-
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def time_embedding(t: torch.Tensor, dim: int, *, time: str = "linear") -> torch.Tensor:
@@ -118,10 +113,11 @@ class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int = 256, layers: int = 3, time_dim: int = 64,
                  num_classes: Optional[int] = None, *, time: str = "linear"):
         super().__init__()
-        dim, hidden, layers = _check_int("dim", dim), _check_int("hidden", hidden), _check_int("layers", layers)
-        time_dim = _check_int("time_dim", time_dim, 2)
+        dim, hidden = check_int("dim", dim, low=1), check_int("hidden", hidden, low=1)
+        layers = check_int("layers", layers, low=1)
+        time_dim = check_int("time_dim", time_dim, low=2)
         if num_classes is not None:
-            num_classes = _check_int("num_classes", num_classes)
+            num_classes = check_int("num_classes", num_classes, low=1)
         self.dim = dim
         self.cond = _Conditioning(time_dim, hidden, num_classes, time)
         self.inp = nn.Linear(dim, hidden)
@@ -196,16 +192,16 @@ class UNet(nn.Module):
                  num_classes: Optional[int] = None, *, blocks: int = 1, attention: bool = False,
                  time: str = "linear"):
         super().__init__()
-        channels, image_size = _check_int("channels", channels), _check_int("image_size", image_size)
-        base, blocks = _check_int("base", base), _check_int("blocks", blocks)
-        mults = tuple(mults)
-        if not mults or not all(isinstance(m, numbers.Integral) and not isinstance(m, bool) and m >= 1 for m in mults):
-            raise ValueError(f"mults must be a non-empty sequence of ints >= 1, got {mults!r}")
+        channels, image_size = check_int("channels", channels, low=1), check_int("image_size", image_size, low=1)
+        base, blocks = check_int("base", base, low=1), check_int("blocks", blocks, low=1)
+        mults = tuple(check_int(f"mults[{i}]", m, low=1) for i, m in enumerate(mults))
+        if not mults:
+            raise ValueError("mults must be a non-empty sequence of ints >= 1, got ()")
         if image_size % 2 ** (len(mults) - 1):
             raise ValueError(f"image_size must be divisible by 2^(len(mults) - 1) = {2 ** (len(mults) - 1)}, "
                              f"got {image_size}")
         if num_classes is not None:
-            num_classes = _check_int("num_classes", num_classes)
+            num_classes = check_int("num_classes", num_classes, low=1)
         self.channels, self.image_size = channels, image_size
         cond_dim = 4 * base
         self.cond = _Conditioning(base if base % 2 == 0 else base + 1, cond_dim, num_classes, time)

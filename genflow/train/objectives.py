@@ -12,12 +12,12 @@ flow-matching path is ``genflow.LinearPath``: ``x_t = (1 - t) x0 + (sigma_min + 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable
 
 import numpy as np
 import torch
 
+from genflow._checks import check_int
 from genflow.models import KINDS, Model, _basis
 from genflow.ops import kernel_weighted_mean, randn
 
@@ -77,8 +77,7 @@ class ImportanceSampler:
     def __init__(self, density: Callable, t_min: float, t_max: float, *, grid: int = 4096):
         if not t_max > t_min:
             raise ValueError(f"t_max must be > t_min = {t_min}, got {t_max}")
-        if isinstance(grid, bool) or not isinstance(grid, numbers.Integral) or grid < 1:
-            raise ValueError(f"grid must be an int >= 1, got {grid!r}")
+        grid = check_int("grid", grid, low=1)
         self.t_min, self.t_max = float(t_min), float(t_max)
         self.ts = torch.linspace(self.t_min, self.t_max, int(grid) + 1, dtype=torch.float64)
         dens = density(self.ts).to(torch.float64)

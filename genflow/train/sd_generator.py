@@ -21,9 +21,9 @@ import torch
 from torch import distributed as dist
 
 from genflow import sdflow  # the module, not names: genflow.sdflow imports genflow.train
-from genflow._checks import check_choice
+from genflow._checks import check_choice, check_int, check_real
 from genflow.ops import kernel_weighted_mean
-from genflow.train.families import Family, _int, _real, register_family
+from genflow.train.families import Family, register_family
 from genflow.train.objectives import draw_normal
 
 __all__ = ["SDFlowGeneratorFamily"]
@@ -58,14 +58,15 @@ class SDFlowGeneratorFamily(Family):
             raise ValueError(f"the sdflow family generates vectors: data_shape must be (D,), got {tuple(data_shape)}")
         if num_classes is not None:
             raise ValueError("the sdflow family is unconditional: num_classes must be None")
-        self.latent_dim = _int("latent_dim", data_shape[0] if latent_dim is None else latent_dim)
-        self.sigma = _real("sigma", sigma, low=0.0, strict=True)
-        self.step_size = self.sigma ** 2 if step_size is None else _real("step_size", step_size, low=0.0, strict=True)
-        self.inner_steps = _int("inner_steps", inner_steps)
+        self.latent_dim = check_int("latent_dim", data_shape[0] if latent_dim is None else latent_dim, low=1)
+        self.sigma = check_real("sigma", sigma, low=0.0, low_open=True)
+        self.step_size = self.sigma ** 2 if step_size is None else \
+            check_real("step_size", step_size, low=0.0, low_open=True)
+        self.inner_steps = check_int("inner_steps", inner_steps, low=1)
         self.denoiser_q = check_choice("denoiser_q", denoiser_q, sdflow.DENOISERS_Q)
         if net is None:
-            net = sdflow.MLPGenerator(self.latent_dim, data_shape[0], hidden=_int("hidden", hidden),
-                                      depth=_int("depth", depth))
+            net = sdflow.MLPGenerator(self.latent_dim, data_shape[0], hidden=check_int("hidden", hidden, low=1),
+                                      depth=check_int("depth", depth, low=1))
         super().__init__({"generator": net}, data_shape, None)
 
     def loss(self, phase: str, batch: torch.Tensor, *, labels=None, seeds: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ class SDFlowGeneratorFamily(Family):
     def sample(self, n: int, *, generator=None, labels=None, **kwargs) -> torch.Tensor:
         """``n`` samples ``g(eps)``, ``eps ~ N(0, I)`` from ``generator`` (an int seed, a
         torch.Generator, or None for torch's global generator); one network evaluation."""
-        _int("n", n)
+        check_int("n", n, low=1)
         if kwargs:
             raise ValueError(f"the sdflow family samples in one step; unexpected options {sorted(kwargs)}")
         if generator is not None and not isinstance(generator, torch.Generator):

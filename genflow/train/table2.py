@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from genflow._checks import check_int
 from genflow.metrics import kl_kde_grid
 from genflow.train.classic import CLASSIC_FAMILIES
 from genflow.train.data import load_dataset
@@ -128,8 +129,7 @@ def run_table2(*, quick: bool = False, seeds: Sequence[int] = (0, 1, 2), out_dir
     seeds = [int(s) for s in seeds]
     if not seeds or any(s < 0 for s in seeds):
         raise ValueError(f"seeds must be a non-empty sequence of ints >= 0, got {seeds!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be None or an int >= 1, got {steps!r}")
+    steps = None if steps is None else check_int("steps", steps, low=1)
     preset_name = "quick" if quick else "full"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # the networks are tiny: intra-op threads only add synchronisation

@@ -40,8 +40,8 @@ from genflow.train.checkpoint import (CHECKPOINT_NAME, CheckpointError, get_rng_
                                       save_checkpoint, set_rng_states)
 from genflow.train.data import Dataset, load_dataset
 
-__all__ = ["EMA", "DECAYS", "NONFINITE_POLICIES", "TrainConfig", "TrainResult", "learning_rate", "plot_samples", "sample_plotter",
-           "sample_seeds", "train"]
+__all__ = ["EMA", "DECAYS", "NONFINITE_POLICIES", "TrainConfig", "TrainResult", "learning_rate", "plot_samples",
+           "sample_plotter", "sample_seeds", "train"]
 
 DECAYS = ("cosine", "constant", "linear")
 NONFINITE_POLICIES = ("raise", "skip")
