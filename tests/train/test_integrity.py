@@ -232,3 +232,25 @@ def test_trainer_numbers_of_every_numeric_type():
 def test_trainer_errors_name_the_setting(kw, error, message):
     with pytest.raises(error, match=message):
         config(**kw)
+
+
+def test_family_and_network_sizes_of_every_numeric_type():
+    from genflow.train import MLP, make_family
+
+    torch.manual_seed(0)
+    plain = make_family("flow-matching", data_shape=(2,), steps=4, net_options={"hidden": 16, "layers": 2})
+    torch.manual_seed(0)
+    mixed = make_family("flow-matching", data_shape=(np.int64(2),), steps=np.int32(4),
+                        net_options={"hidden": torch.tensor(16), "layers": np.uint8(2)})
+    for (name, a), (_, b) in zip(plain.modules.state_dict().items(), mixed.modules.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert mixed.steps == 4 and type(mixed.steps) is int
+    torch.manual_seed(1)
+    a = MLP(np.int64(3), hidden=np.int64(8), layers=torch.tensor(1))
+    torch.manual_seed(1)
+    b = MLP(3, hidden=8, layers=1)
+    assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+    with pytest.raises(TypeError, match=r"hidden must be an integer, got 2.5"):
+        MLP(3, hidden=2.5)
+    with pytest.raises(ValueError, match=r"data_shape\[1\] must be >= 1, got 0"):
+        make_family("flow-matching", data_shape=(2, 0))
