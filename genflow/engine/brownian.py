@@ -60,7 +60,7 @@ class PhiloxBrownian:
 
     ``I_(1,0) = int_{t}^{t'} (W_s - W_t) ds`` is drawn jointly with ``dW``: with the space-time
     Levy area ``H ~ N(0, |dt|/12)`` independent of ``dW``, ``I_(1,0) = dt (dW/2 + H)`` (Foster,
-    Lyons & Oberhauser 2020, "An optimal polynomial approximation of Brownian motion", Thm 2.2;
+    Lyons & Oberhauser 2020, "An optimal polynomial approximation of Brownian motion";
     torchsde's ``U``). Every call draws new variables: ask once per step.
 
     Args:

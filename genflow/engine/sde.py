@@ -1,6 +1,6 @@
 """Fixed-grid SDE schemes of ``gf.solve`` and their registry ``SDE_SOLVERS = {name: class}``.
 
-Every ``SDESolver`` subclass with a ``name`` here or in ``genflow/engine/sde_adaptive.py`` is
+Every ``SDESolver`` subclass with a ``name`` (the schemes here and ``SDEAdaptive``) is
 registered. Notation: a step from ``t`` to ``t' = t + dt`` with Brownian increment ``dW`` (from
 the solve's Brownian source), ``h = |dt|`` (the increment's variance: grids may decrease),
 ``I_(1,0) = int_t^t' (W_s - W_t) ds``; ``f`` the drift, ``g`` the diffusion and ``g dW`` the noise
@@ -12,16 +12,17 @@ import torch
 
 from genflow._checks import check_bool, did_you_mean
 from genflow.engine.brownian import rows, span
+from genflow.engine.sde_adaptive import SDEAdaptive
 from genflow.engine.sde_base import SDESolver, reciprocal
 
-__all__ = ["SDE_SOLVERS", "SDESolver", "get_sde_solver"]
+__all__ = ["SDE_SOLVERS", "SDEAdaptive", "SDESolver", "get_sde_solver"]
 
 
 class EulerMaruyama(SDESolver):
     """Euler–Maruyama: ``y' = y + f(t, y) dt + g(t, y) dW`` (Itô).
 
     Strong order 0.5 (1.0 for additive noise), weak order 1.0; 2 evaluations per step.
-    Kloeden & Platen (1992), §10.2, eq. (2.1). With the Philox source and a diffusion of one
+    Kloeden & Platen (1992), §10.2. With the Philox source and a diffusion of one
     value per sample (``g`` of shape [B] or 0-d: ``g I``) the noise is drawn inside the fused
     kernel (one pass, no noise tensor); otherwise ``g dW`` is formed first. torchsde:
     ``method="euler"``; diffrax: ``Euler``.
@@ -53,9 +54,9 @@ class Milstein(SDESolver):
     computed as torchsde does: the vector-Jacobian product ``(dg/dy)^T (g v)`` by autograd; for
     scalar noise the Jacobian-vector product ``(dg/dy) g`` (double backward); zero for additive
     noise. ``derivative_free=True`` uses ``g g' v ~ (g(y + [f dt] + g sqrt(h)) - g(y)) v / (2
-    sqrt(h))`` instead (Kloeden & Platen §11.1, eq. (1.3); torchsde's ``grad_free``). Strong and
+    sqrt(h))`` instead (Kloeden & Platen §11.1; torchsde's ``grad_free``). Strong and
     weak order 1.0; 2 evaluations per step (plus one autograd pass, or 3 derivative-free).
-    Kloeden & Platen (1992), §10.3, eq. (3.3). torchsde: ``method="milstein"``; diffrax: ``ItoMilstein``
+    Kloeden & Platen (1992), §10.3. torchsde: ``method="milstein"``; diffrax: ``ItoMilstein``
     / ``StratonovichMilstein``.
     """
 
@@ -106,7 +107,7 @@ class StochasticHeun(SDESolver):
 
     Strong order 1.0 (0.5 for general noise), weak order 1.0; 4 evaluations per step.
     Burrage, Burrage & Tian (2004), "Numerical methods for strong solutions of SDEs: an overview",
-    Proc. R. Soc. A 460, §4. torchsde: ``method="heun"``; diffrax: ``Heun``.
+    Proc. R. Soc. A 460. torchsde: ``method="heun"``; diffrax: ``Heun``.
     """
 
     name = "stochastic_heun"
@@ -135,7 +136,7 @@ class ReversibleHeun(SDESolver):
         y' = y + (f(t, z) + f(t', z')) dt / 2 + (g(t, z) + g(t', z')) dW / 2
 
     algebraically reversible (Kidger, Foster, Li & Lyons 2021, "Efficient and Accurate Gradients
-    for Neural SDEs", NeurIPS, Algorithm 1). Strong order 0.5 (1.0 for additive noise), weak
+    for Neural SDEs", NeurIPS). Strong order 0.5 (1.0 for additive noise), weak
     order 1.0; 2 evaluations per step (``f``, ``g`` at ``z'``; 2 more at the first step).
     torchsde: ``method="reversible_heun"``; diffrax: ``ReversibleHeun``.
     """
@@ -173,7 +174,7 @@ def _coef(a, v):
 
 class SRI(SDESolver):
     """Rößler's SRI stochastic Runge–Kutta scheme for diagonal (and scalar) noise, tableau SRI2
-    (Rößler 2010, §5; torchsde's ``srk`` for diagonal/scalar noise, its ``srid2`` table). Itô.
+    (Rößler 2010; torchsde's ``srk`` for diagonal/scalar noise, its ``srid2`` table). Itô.
 
     Stages ``s = 1..4`` with ``f_j = f(t + c0_j dt, H0_j)``, ``g_j = g(t + c1_j dt, H1_j)``::
 
@@ -182,7 +183,7 @@ class SRI(SDESolver):
         y'   = y + sum_s alpha_s f_s dt + g_s (beta1_s dW + beta2_s I_(1,1)/sqrt(h)
                                               + beta3_s I_(1,0)/dt + beta4_s I_(1,1,1)/h)
 
-    with ``I_(1,1) = (dW^2 - h)/2`` and ``I_(1,1,1) = (dW^3 - 3 h dW)/6`` (Rößler 2010, eq. (6.1)).
+    with ``I_(1,1) = (dW^2 - h)/2`` and ``I_(1,1,1) = (dW^3 - 3 h dW)/6`` (Rößler 2010).
     Strong order 1.5 where each ``g_i`` depends on ``y_i`` alone (1.0 otherwise), weak order
     1.5 (as torchsde declares); 7 evaluations per step (``f`` of the last stage has weight 0).
     Needs ``I_(1,0)`` (``brownian=None`` or torchsde's space-time ``BrownianInterval``).
@@ -234,15 +235,15 @@ class SRI(SDESolver):
 
 
 class SRA(SDESolver):
-    """Rößler's SRA stochastic Runge–Kutta scheme for additive noise, tableau SRA1 (Rößler 2010,
-    §6; torchsde's ``srk`` for additive noise, its ``sra1`` table). Itô (= Stratonovich here).
+    """Rößler's SRA stochastic Runge–Kutta scheme for additive noise, tableau SRA1 (Rößler 2010;
+    torchsde's ``srk`` for additive noise, its ``sra1`` table). Itô (= Stratonovich here).
 
     Two stages, ``f_j = f(t + c0_j dt, H_j)``, ``g_j = g(t + c1_j dt)``, ``(c0, c1) = ((0, 3/4), (1, 0))``::
 
         H_1 = y,   H_2 = y + 3/4 f_1 dt + 3/2 g_1 I_(1,0)/dt
         y'  = y + (f_1/3 + 2 f_2/3) dt + g_1 (dW - I_(1,0)/dt) + g_2 I_(1,0)/dt
 
-    Strong order 1.5, weak order 2.0 (Rößler 2010, §6); 4 evaluations per step. Needs
+    Strong order 1.5, weak order 2.0 (Rößler 2010); 4 evaluations per step. Needs
     ``I_(1,0)``. diffrax: ``SRA1``.
     """
 
@@ -268,8 +269,6 @@ class SRA(SDESolver):
 
 
 def _discover() -> dict:
-    from genflow.engine import sde_adaptive  # noqa: F401  (registers its solver)
-
     found, stack = {}, list(SDESolver.__subclasses__())
     while stack:
         cls = stack.pop(0)

@@ -35,7 +35,7 @@ class SDEAdaptive(SDESolver):
     The step sizes depend on the increments they are tried with, so they are not adapted to the
     Brownian filtration: an Itô scheme with state-dependent noise then converges to the wrong
     limit (Gaines & Lyons 1997, "Variable step size control in the numerical solution of SDEs",
-    SIAM J. Appl. Math. 57, §1; on ``dy = 0.3 y dt + 0.5 y dW`` the error grows as the tolerance
+    SIAM J. Appl. Math. 57; on ``dy = 0.3 y dt + 0.5 y dW`` the error grows as the tolerance
     falls). The Heun step ``y''`` is a Stratonovich scheme, which does converge under such step
     control for commutative noise, so the solver takes additive noise (Itô = Stratonovich) or
     Stratonovich SDEs with diagonal or scalar noise (``extrapolate=True`` there).

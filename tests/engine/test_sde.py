@@ -182,7 +182,7 @@ def test_euler_maruyama_weak_order_one():
 
 def test_milstein_scalar_noise_uses_the_jacobian_vector_product():
     """Scalar noise with ``g(y) = M y`` (M not symmetric): the Milstein term is ``1/2 M (M y) (dW^2 - h)``
-    (Kloeden & Platen eq. (10.3.3)); torchsde's vector-Jacobian product would give ``M^T M y``."""
+    (Kloeden & Platen §10.3); torchsde's vector-Jacobian product would give ``M^T M y``."""
     m = torch.tensor([[0.2, 0.7], [-0.4, 0.1]], dtype=torch.float64)
     y0 = torch.tensor([[1.0, -2.0], [0.5, 0.3]], dtype=torch.float64)
     dw = torch.tensor([0.3, -0.8], dtype=torch.float64)
