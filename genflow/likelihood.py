@@ -34,7 +34,7 @@ from genflow._checks import check_choice
 from genflow.noise import _seed
 from genflow.ops import hutchinson as _hutch
 from genflow.ops.fused_update import fused_update_packed, randn, use_kernel
-from genflow.solvers.adaptive import _A, _C, _E
+from genflow.engine.tableau import DOPRI5
 from genflow.solvers.base import NonFiniteError, diverged_rows
 
 __all__ = ["bits_per_dim", "log_likelihood"]
@@ -399,9 +399,9 @@ def _rk45_plan():
         chunks[name] = out
 
     for i in range(1, 7):
-        add(i, _A[i], 1.0)
-    add("new", _A[6], 1.0)
-    add("err", _E, 0.0)
+        add(i, DOPRI5.a[i], 1.0)
+    add("new", DOPRI5.a[6], 1.0)
+    add("err", DOPRI5.error, 0.0)
     return np.array(base), np.array(slope), chunks
 
 
@@ -493,8 +493,8 @@ def _rk45(drift, y, t0, t1, rtol, atol, max_steps, check_finite=True, error_norm
     h = np.minimum(np.minimum(100 * h0, h1), span)
     h = np.where(np.isfinite(h), h, span)
     rejected = np.zeros(batch, dtype=bool)
-    b_weights, e_weights = np.array(_A[6] + (0.0,)), np.array(_E)
-    times_c = np.array(_C)
+    b_weights, e_weights = np.array(DOPRI5.a[6] + (0.0,)), np.array(DOPRI5.error)
+    times_c = np.array(DOPRI5.c)
     for step in range(max_steps):
         if done.all():
             return y, torch.from_numpy(d).to(dev), torch.from_numpy(accepted).to(dev)

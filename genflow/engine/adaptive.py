@@ -112,6 +112,7 @@ def iterate(stepper, x: torch.Tensor, t_start: torch.Tensor, t_end: torch.Tensor
     if h_init is not None:
         h = torch.minimum(torch.full_like(t, float(h_init)), span)
     nonfinite_err = torch.zeros(batch, dtype=torch.bool)
+    nonfinite_seen = nonfinite_err.clone()  # samples whose error norm has been NaN/Inf at some attempt
     i = 0
     while not bool(done.all()):
         if i >= max_steps:
@@ -121,14 +122,15 @@ def iterate(stepper, x: torch.Tensor, t_start: torch.Tensor, t_end: torch.Tensor
         last = (1.01 * h >= remaining) & ~done  # land on t_end exactly rather than just short of it
         h = torch.where(done, 0.0, torch.where(last, remaining, h))
         tiny = ~done & (h <= 1e-13 * torch.maximum(t.abs(), span))
-        if check_finite and bool((tiny & nonfinite_err).any()):
-            stepper._diverged(nonfinite_err, t, h, "its error norm is NaN/Inf at every step size down to")
+        if check_finite and bool((tiny & nonfinite_err).any()):  # name every sample that has met a NaN/Inf
+            stepper._diverged(nonfinite_seen, t, h, "its error norm is NaN/Inf at every step size down to")
         if tiny.any():
             raise RuntimeError(f"{stepper.name!r}: step size underflow (h={h[tiny][:4].tolist()} at "
                                f"t={t[tiny][:4].tolist()}); the derivative may be non-finite or the "
                                f"tolerances too tight for {x.dtype}")
         err = stepper._attempt(x, t, h)
         nonfinite_err = ~done & ~torch.isfinite(err)  # retried with smaller h: raises at underflow
+        nonfinite_seen |= nonfinite_err
         err = torch.where(done, 0.0, torch.where(torch.isnan(err), math.inf, err))
         accept = (err <= 1.0) & ~done
         h_next = stepper._control(err, h, accept)

@@ -121,7 +121,8 @@ class RungeKutta:
             for some samples (``step(..., use_alternative=mask)``).
 
     After ``step`` the stage outputs ``terms`` and states ``states`` stay available for
-    ``combine("error")`` and ``dense(theta)``; ``evaluations`` counts calls of ``f``;
+    ``combine("error")`` and ``dense(theta)``; ``evaluations`` counts calls of ``f``; ``pool``
+    holds the stage-state buffers (allocated on demand, reused by later steps);
     ``nonfinite`` / ``step_index``: the divergence flag the fused updates lower (see ``genflow.sample``).
     """
 
@@ -133,7 +134,7 @@ class RungeKutta:
         self.evaluations = 0
         self.nonfinite: Optional[torch.Tensor] = None
         self.step_index = 0
-        self._pool = []
+        self.pool = []
         self.terms = self.states = self.pack = None
         self.alpha = self.beta = self.h_alpha = self.h_beta = None
         self._dense = None
@@ -151,12 +152,12 @@ class RungeKutta:
         return t + c * h
 
     def _buffer(self, like, busy):
-        for buf in self._pool:
+        for buf in self.pool:
             if buf.shape == like.shape and buf.dtype == like.dtype and buf.device == like.device and \
                     all(buf is not b for b in busy):
                 return buf
         buf = torch.empty_like(like, memory_format=torch.contiguous_format)
-        self._pool.append(buf)
+        self.pool.append(buf)
         return buf
 
     def _coefficients(self, plan_base, m_t, m_y, slope, h, device, use_alternative=False):

@@ -18,16 +18,14 @@ import math
 
 import torch
 
+from genflow.engine.adaptive import StepController, initial_step, iterate, rms
+from genflow.engine.rk import RungeKutta
+from genflow.engine.tableau import DOPRI5
 from genflow.models import conversion
 from genflow.ops.fused_update import fused_update_unchecked, seed_tensor, use_kernel
-from genflow.solvers.base import NonFiniteError, Point, Solver, diverged_rows
+from genflow.solvers.base import NonFiniteError, Point, Solver
 
 __all__ = ["AdaptiveSolver", "RK45", "SDEAdaptive"]
-
-
-def _rms(v: torch.Tensor) -> torch.Tensor:
-    """Per-sample root mean square of v (Tensor[B, *D]) as float64 [B] on the host."""
-    return v.reshape(v.shape[0], -1).double().square().mean(1).sqrt().cpu()
 
 
 def _rows(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -120,48 +118,7 @@ class AdaptiveSolver(Solver):
         batch = x.shape[0]
         t_start = self.ts[0].to(torch.float64).expand(batch).clone()
         t_end = self.ts[-1].to(torch.float64).expand(batch).clone()
-        span = t_start - t_end
-        t = t_start.clone()
-        self.accepted_steps = torch.zeros(batch, dtype=torch.int64)
-        self.rejected_steps = torch.zeros(batch, dtype=torch.int64)
-        done = torch.zeros(batch, dtype=torch.bool)
-        h = self._start(x, t, span)
-        nonfinite_err = torch.zeros(batch, dtype=torch.bool)
-        i = 0
-        while not bool(done.all()):
-            if i >= self.max_steps:
-                raise RuntimeError(f"{self.name!r} reached max_steps={self.max_steps} with {int((~done).sum())} "
-                                   f"samples short of t_end (at t={t[~done][:4].tolist()}...); raise max_steps "
-                                   f"or loosen rtol/atol")
-            remaining = t - t_end
-            last = (1.01 * h >= remaining) & ~done  # land on t_end exactly rather than just short of it
-            h = torch.where(done, 0.0, torch.where(last, remaining, h))
-            tiny = ~done & (h <= 1e-13 * torch.maximum(t.abs(), span))
-            if self.check_finite and bool((tiny & nonfinite_err).any()):
-                self._diverged(nonfinite_err, t, h, "its error norm is NaN/Inf at every step size down to")
-            if tiny.any():
-                raise RuntimeError(f"{self.name!r}: step size underflow (h={h[tiny][:4].tolist()} at "
-                                   f"t={t[tiny][:4].tolist()}); the model output may be non-finite or the "
-                                   f"tolerances too tight for {x.dtype}")
-            err = self._attempt(x, t, h)
-            nonfinite_err = ~done & ~torch.isfinite(err)  # retried with smaller h: raises at underflow
-            err = torch.where(done, 0.0, torch.where(torch.isnan(err), math.inf, err))
-            accept = (err <= 1.0) & ~done
-            h_next = self._control(err, h, accept)
-            x = self._commit(x, accept, done)
-            if self.check_finite:
-                bad = diverged_rows(x)
-                if bool(bad.any()):
-                    self._diverged(bad, t, h, "an accepted step made the state NaN/Inf; step")
-            t_next = torch.where(accept, torch.where(last, t_end, t - h), t)
-            done = done | (accept & last)
-            self.accepted_steps += accept
-            self.rejected_steps += ~accept & ~done
-            progress = float(((t_start - t_next) / span).min())
-            info = {"i": i, "t": t, "t_next": t_next, "h": h, "accepted": accept, "error": err,
-                    "accepted_steps": self.accepted_steps.clone()}
-            yield x, info, progress
-            t, h, i = t_next, h_next, i + 1
+        return iterate(self, x, t_start, t_end, max_steps=self.max_steps, check_finite=self.check_finite)
 
     @abc.abstractmethod
     def _start(self, x, t, span):
@@ -180,33 +137,21 @@ class AdaptiveSolver(Solver):
         """Keep the attempted state where accepted; return the state."""
 
 
-# Dormand & Prince (1980), Table 2; Hairer, Norsett & Wanner, "Solving ODEs I", Table II.5.2.
-_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_A = ((),
-      (1 / 5,),
-      (3 / 40, 9 / 40),
-      (44 / 45, -56 / 15, 32 / 9),
-      (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-      (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-      (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
-# e = b - b_hat (5th minus embedded 4th order weights), over k1..k7
-_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
-
-
 class RK45(AdaptiveSolver):
     """Dormand–Prince RK5(4) with FSAL on the probability-flow ODE ``dx/dt = velocity(x, t)``.
 
-    Dormand & Prince (1980); Hairer et al., "Solving ODEs I", §II.4–II.5 (DOPRI5): the 5th-order
-    solution is propagated, the embedded 4th-order one gives ``err = h sum_i e_i k_i`` and
+    Dormand & Prince (1980); Hairer et al., "Solving ODEs I", §II.4–II.5 (DOPRI5): the
+    ``dopri5`` tableau of ``genflow.engine.tableau`` run by the engine's Runge–Kutta step
+    (``genflow.engine.rk``), the velocity a linear view ``alpha x + beta out`` of the network
+    output folded into the stage coefficients (the four process quantities ``alpha, sigma,
+    alpha', sigma'`` at the seven stage times per attempt). The 5th-order solution is
+    propagated, the embedded 4th-order one gives ``err = h sum_i e_i k_i`` and
     ``||err|| = sqrt(mean((err / (atol + rtol max(|y|, |y'|)))^2))`` per sample; a step is
-    accepted where ``||err|| <= 1``. Step sizes follow DOPRI5's PI controller (Lund
-    stabilisation ``beta = 0.04``, safety 0.9, factor in [0.2, 10], no growth right after a
-    rejection); the first step is Hairer's automatic choice (§II.4, 1 extra NFE) unless
-    ``h_init`` is given. 6 NFE per attempted step (plus 1 to start).
-
-    Each stage ``y + h sum_j a_ij k_j`` is one fused update (two for the 5- and 6-term
-    combinations); ``k_i`` is the velocity, materialised from the network output in one pass
-    (none for ``prediction="velocity"`` networks, e.g. flow matching).
+    accepted where ``||err|| <= 1``. Step sizes follow DOPRI5's PI controller
+    (``genflow.engine.adaptive.StepController``: Lund stabilisation ``beta = 0.04``, safety 0.9,
+    factor in [0.2, 10], no growth right after a rejection); the first step is Hairer's automatic
+    choice (§II.4, 1 extra NFE) unless ``h_init`` is given. 6 NFE per attempted step (plus 1 to
+    start).
 
     Options: ``rtol``, ``atol`` (default 1e-5 each, as Song et al. 2021's RK45 sampler),
     ``h_init`` (first step in ``t``), ``max_steps`` (attempted steps; exceeding it raises).
@@ -218,78 +163,73 @@ class RK45(AdaptiveSolver):
     name = "rk45"
     order = 5
     nfe_per_step = 6
-    _beta, _safety, _fac_min, _fac_max = 0.04, 0.9, 0.2, 10.0
 
     def __init__(self, model, ts, *, rtol: float = 1e-5, atol: float = 1e-5, **kwargs):
         super().__init__(model, ts, rtol=rtol, atol=atol, **kwargs)
         self._check_finite(["velocity"], "velocity")
+        self.controller = StepController(DOPRI5.error_order, beta=0.04)
+        self.engine = None
 
-    def velocity(self, x, p: Point, out=None):
-        """``k = velocity(x, p.t)``: one NFE, and one fused pass unless the network predicts it."""
-        term, [(a, b)] = self.view(x, self.evaluate(x, p), p, ["velocity"])
-        if type(a) is float and a == 0.0 and type(b) is float and b == 1.0:
-            return term
-        return self.update(x, [term], [a, b], out=out)
+    def velocity_view(self, t):
+        """``(alpha, beta)`` with ``velocity(x, t) = alpha x + beta term`` at the times ``t``."""
+        pr = self.process
+        with torch.no_grad():
+            alpha, sigma, dalpha, dsigma = pr.alpha(t), pr.sigma(t), pr.dalpha(t), pr.dsigma(t)
+        if self.threshold is None:
+            return conversion(self.model.prediction, "velocity", alpha, sigma, dalpha, dsigma)
+        # velocity = alpha' x0 + sigma' eps = (sigma'/sigma) x + (alpha' - sigma' alpha/sigma) x0
+        return dsigma / sigma, dalpha - dsigma * alpha / sigma
+
+    def term(self, x, t):
+        """One model evaluation at per-sample times ``t``: the raw output (or thresholded x0)."""
+        p = self.at(t) if self.threshold is not None else Point(t, *([None] * 7))
+        out = self.evaluate(x, p)
+        if self.threshold is None:
+            return out
+        term, _, _ = self.x0_view(x, out, p)
+        return term
+
+    def velocity(self, x, t, term):
+        """``alpha x + beta term`` materialised (one fused pass), for the starting step size."""
+        a, b = self.velocity_view(t)
+        return self.update(x, [term], [a, b])
 
     def _start(self, y, t, span):
-        self._k = [None] * 7
-        self._buffers = [torch.empty_like(y) for _ in range(9)]  # k1..k7, stage, y'
-        self._k[0] = self.velocity(y, self.at(t), out=self._buffers[0])
-        self._facold = torch.full_like(t, 1e-4)
-        self._rejected = torch.zeros(t.shape, dtype=torch.bool)
+        self.engine = RungeKutta(DOPRI5, self.term, view=self.velocity_view, kernel=use_kernel(self.backend, y.device))
+        self._buffers = [torch.empty_like(y) for _ in range(9)]  # [0..6]: stage states, [7]: error, [8]: y'
+        self.engine.pool = self._buffers[:7]
+        self.controller.reset(y.shape[0])
+        self._first = self.engine.evaluate(y, t)
         if self.h_init is not None:
             return torch.minimum(torch.full_like(t, float(self.h_init)), span)
-        # Hairer et al., §II.4, "Starting step size" (p = 4: the error estimator's order)
-        f0 = self._k[0]
-        scale = self.atol + self.rtol * y.abs()
-        d0, d1 = _rms(y / scale), _rms(f0 / scale)
-        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1.clamp_min(1e-300))
-        h0 = torch.minimum(h0, span)
-        y1 = self.update(y, [f0], [1.0, -h0])
-        f1 = self.velocity(y1, self.at(t - h0))
-        d2 = _rms((f1 - f0) / scale) / h0
-        dmax = torch.maximum(d1, d2)
-        h1 = torch.where(dmax <= 1e-15, torch.clamp_min(h0 * 1e-3, 1e-6), (0.01 / dmax.clamp_min(1e-300)) ** 0.2)
-        return torch.minimum(torch.minimum(100 * h0, h1), span)
+        f0 = self.velocity(y, t, self._first)
+
+        def euler(h0):
+            return self.update(y, [f0], [1.0, -h0])
+
+        return initial_step(y, f0, euler, lambda y1, h0: self.velocity(y1, t - h0, self.engine.evaluate(y1, t - h0)),
+                            span, rtol=self.rtol, atol=self.atol, error_order=DOPRI5.error_order)
 
     def _attempt(self, y, t, h):
-        dt = -h
-        k, buf = self._k, self._buffers
-        stage = buf[7]
-        for i in range(1, 6):
-            self.combine(y, 1.0, k[:i], [dt * a for a in _A[i]], out=stage)
-            k[i] = self.velocity(stage, self.at(t + _C[i] * dt), out=buf[i])
-        b = _A[6]
-        y_new = self.combine(y, 1.0, [k[0], k[2], k[3], k[4], k[5]], [dt * b[j] for j in (0, 2, 3, 4, 5)], out=buf[8])
-        k[6] = self.velocity(y_new, self.at(t + dt), out=buf[6])
-        err = self.combine(k[0], dt * _E[0], [k[j] for j in (2, 3, 4, 5, 6)], [dt * _E[j] for j in (2, 3, 4, 5, 6)],
-                           out=stage)
+        engine = self.engine
+        engine.nonfinite, engine.step_index = self.nonfinite, self.step_index
+        y_new = engine.step(y, t, -h, first=self._first, out=self._buffers[8])
         scale = torch.maximum(y.abs(), y_new.abs()).mul_(self.rtol).add_(self.atol)
-        return _rms(err.div_(scale))
+        err = engine.combine("error", out=self._buffers[7])
+        return rms(err.div_(scale))
 
     def _control(self, err, h, accept):
-        # DOPRI5 (Hairer et al., §II.4 and the code's PI step size control)
-        fac11 = err ** (0.2 - 0.75 * self._beta)
-        fac = (fac11 / self._facold ** self._beta / self._safety).clamp(1 / self._fac_max, 1 / self._fac_min)
-        h_accept = h / fac
-        h_accept = torch.where(self._rejected, torch.minimum(h_accept, h), h_accept)
-        h_reject = h / torch.clamp(fac11 / self._safety, max=1 / self._fac_min)
-        self._facold = torch.where(accept, err.clamp_min(1e-4), self._facold)
-        self._rejected = ~accept & (h > 0)
-        return torch.where(accept, h_accept, h_reject)
+        return self.controller(err, h, accept)
 
     def _commit(self, y, accept, done):
-        y_new, k = self._buffers[8], self._k
+        y_new, last = self._buffers[8], self.engine.terms[-1]
         if bool((accept | done).all()):  # the common case: swap buffers instead of copying
-            self._buffers[8], self._buffers[0], self._buffers[6] = y, self._buffers[6], self._buffers[0]
-            k[0] = k[6]
+            self._buffers[8] = y
+            self._first = last
             return y_new
         mask = _rows(accept, y)
         y.copy_(torch.where(mask, y_new, y))
-        if k[0] is self._buffers[0]:
-            k[0].copy_(torch.where(mask, k[6], k[0]))
-        else:  # a velocity network's own output tensors
-            k[0] = torch.where(mask, k[6], k[0])
+        self._first = torch.where(mask, last, self._first)
         return y
 
 
@@ -391,7 +331,7 @@ class SDEAdaptive(AdaptiveSolver):
         self._noisy(x, [x1, term2], [0.5, 0.5 + dt * a2 / 2, dt * b2 / 2], self.eta / 2 * torch.sqrt(q.g2 * h), drawn,
                     out=x2)
         delta = torch.maximum(x1.abs(), self._x_prev.abs()).mul_(self.rtol).clamp_min_(self.atol)
-        return _rms((x1 - x2).div_(delta))
+        return rms((x1 - x2).div_(delta))
 
     def _control(self, err, h, accept):
         factor = torch.where(torch.isinf(err), 0.1, self.safety * err ** -self.exponent)

@@ -9,9 +9,14 @@ Stage points and coefficient tables are computed once per solve, in float64.
 """
 import torch
 
-from genflow.solvers.base import Solver, _table, where
+from genflow.engine.rk import RungeKutta
+from genflow.engine.tableau import MIDPOINT, ButcherTableau
+from genflow.engine.tableau import RK4 as RK4_TABLEAU
+from genflow.models import conversion
+from genflow.ops.fused_update import use_kernel
+from genflow.solvers.base import Point, Solver, point
 
-__all__ = ["Midpoint", "RK4", "LMS"]
+__all__ = ["Midpoint", "RK4", "RK4_RALSTON_END", "LMS"]
 
 
 def _rows(col: torch.Tensor) -> list:
@@ -19,88 +24,118 @@ def _rows(col: torch.Tensor) -> list:
     return col.tolist() if col.dim() == 1 else list(col.unbind(0))
 
 
-class _VelocitySolver(Solver):
-    """Shared: the probability-flow velocity of a model output, through ``x0_view``."""
+# RK4 with its last stage moved off t' (where sigma = 0 and the velocity is undefined): Ralston's
+# third-order stage k4 = v(x + 3h/4 k2, t + 3h/4), x' = x + h (2 k1 + 3 k2 + 4 k4) / 9 (Ralston 1962);
+# RK4's third stage is still evaluated (weight 0) so that every step costs 4 NFE.
+RK4_RALSTON_END = ButcherTableau("rk4_ralston_end", 3, (0.0, 0.5, 0.5, 0.75),
+                                 ((), (0.5,), (0.0, 0.5), (0.0, 0.75, 0.0)), (2 / 9, 1 / 3, 0.0, 4 / 9),
+                                 reference="Ralston 1962, Runge-Kutta methods with minimum error bounds")
 
-    def velocity_view(self, x, out, p):
-        """``(term, a, b)`` with ``velocity(x, p.t) = a x + b term`` (thresholding applied to x0)."""
+
+class _TableauSolver(Solver):
+    """A Butcher tableau on the probability-flow ODE ``dx/dt = velocity(x, t)``, run by the
+    engine (``genflow.engine.rk``) with the velocity as a linear view ``alpha x + beta out`` of
+    the network output ``out`` (the conversion folded into the stage coefficients; with
+    thresholding ``out`` is the thresholded data prediction). A step runs ``tableau``, or for
+    the samples ``use_alternative`` marks, ``alternative``; the views' coefficients at every
+    stage time are computed once per solve."""
+
+    tableau: ButcherTableau
+    alternative = None
+
+    def __init__(self, model, ts, **kwargs):
+        super().__init__(model, ts, **kwargs)
+        self.switch = self.use_alternative(ts)
+        h = ts[1:] - ts[:-1]
+        self.coefficients = []
+        c = torch.tensor(self.tableau.c, dtype=torch.float64)
+        c_alt = c if self.alternative is None else torch.tensor(self.alternative.c, dtype=torch.float64)
+        with torch.no_grad():
+            for i, switch in enumerate(self.switch):
+                if ts.dim() == 1:
+                    times = ts[i] + (c_alt if switch else c) * h[i]
+                else:
+                    mask = torch.as_tensor(switch).expand(ts.shape[1])
+                    stage_c = torch.where(mask[None, :], c_alt[:, None], c[:, None])
+                    times = ts[i][None, :] + stage_c * h[i][None, :]
+                alpha, beta = self.velocity_view(times.to(torch.float64))
+                self.coefficients.append((alpha.tolist(), beta.tolist()) if ts.dim() == 1 else (alpha, beta))
+        self._engine = None
+
+    def use_alternative(self, ts):
+        """Per step: False, True or a bool [B] mask of the samples that run ``alternative``."""
+        return [False] * (ts.shape[0] - 1)
+
+    def velocity_view(self, t):
+        """``(alpha, beta)`` with ``velocity(x, t) = alpha x + beta term`` (float64, t's shape)."""
+        pr = self.process
+        alpha, sigma, dalpha, dsigma = (v.to(torch.float64) for v in (pr.alpha(t), pr.sigma(t), pr.dalpha(t),
+                                                                      pr.dsigma(t)))
         if self.threshold is None:
-            a, b = self.coef("velocity", p)
-            return out, a, b
-        term, a0, b0 = self.x0_view(x, out, p)
+            a, b = conversion(self.model.prediction, "velocity", alpha, sigma, dalpha, dsigma)
+            return torch.as_tensor(a, dtype=torch.float64).expand(t.shape), torch.as_tensor(
+                b, dtype=torch.float64).expand(t.shape)
         # velocity = alpha' x0 + sigma' eps = (sigma'/sigma) x + (alpha' - sigma' alpha/sigma) x0
-        ax, a_x0 = p.dsigma / p.sigma, p.dalpha - p.dsigma * p.alpha / p.sigma
-        return term, ax + a_x0 * a0, a_x0 * b0
+        return dsigma / sigma, dalpha - dsigma * alpha / sigma
 
-    def stage(self, x, p):
-        """One model evaluation at ``(x, p)`` as a velocity view."""
-        return self.velocity_view(x, self.evaluate(x, p), p)
+    def term(self, x, t):
+        """One model evaluation at ``(x, t)``: the raw output, or the thresholded data prediction."""
+        p = point(self.process, t) if self.threshold is not None else Point(t, *([None] * 7))
+        out = self.evaluate(x, p)
+        if self.threshold is None:
+            return out
+        term, _, _ = self.x0_view(x, out, p)
+        return term
+
+    def step(self, i, x):
+        if self._engine is None:
+            self._engine = RungeKutta(self.tableau, self.term, linear=True, kernel=use_kernel(self.backend, x.device),
+                                      alternative=self.alternative)
+        engine = self._engine
+        engine.nonfinite, engine.step_index = self.nonfinite, self.step_index
+        t, t_next = self.grid[i].t, self.grid[i + 1].t
+        alpha, beta = self.coefficients[i]
+        return engine.step(x, t, t_next - t, alpha=alpha, beta=beta, out=x, use_alternative=self.switch[i])
 
 
-class Midpoint(_VelocitySolver):
+class Midpoint(_TableauSolver):
     """The explicit midpoint method on the probability-flow ODE ``dx/dt = velocity(x, t)``.
 
     ``x_m = x + h/2 velocity(x, t)``, ``x' = x + h velocity(x_m, t + h/2)`` with ``h = t' - t``
-    (Hairer, Nørsett & Wanner, *Solving ODEs I*, §II.1, eq. 1.7). Order 2, 2 NFE per step;
-    the model is never evaluated at ``t'``, so a last step to ``sigma = 0`` needs no special case.
+    (Hairer, Nørsett & Wanner, *Solving ODEs I*, §II.1, eq. 1.7; the ``midpoint`` tableau of
+    ``genflow.engine.tableau``). Order 2, 2 NFE per step; the model is never evaluated at ``t'``,
+    so a last step to ``sigma = 0`` needs no special case.
     """
 
     name = "midpoint"
     order = 2
     nfe_per_step = 2
-
-    def __init__(self, model, ts, **kwargs):
-        super().__init__(model, ts, **kwargs)
-        self.mid = _table(self.process, ts[:-1] + 0.5 * (ts[1:] - ts[:-1]))
-
-    def step(self, i, x):
-        p, m = self.grid[i], self.mid[i]
-        h = self.grid[i + 1].t - p.t
-        out, a, b = self.stage(x, p)
-        x_mid = self.update(x, [out], [1 + h / 2 * a, h / 2 * b])
-        out, a, b = self.stage(x_mid, m)
-        return self.update(x, [x_mid, out], [1.0, h * a, h * b], out=x)
+    tableau = MIDPOINT
 
 
-class RK4(_VelocitySolver):
+class RK4(_TableauSolver):
     """The classic fourth-order Runge–Kutta method on ``dx/dt = velocity(x, t)``.
 
     ``k1 = v(x, t)``, ``k2 = v(x + h/2 k1, t + h/2)``, ``k3 = v(x + h/2 k2, t + h/2)``,
     ``k4 = v(x + h k3, t')``, ``x' = x + h/6 (k1 + 2 k2 + 2 k3 + k4)`` (Kutta 1901; Hairer,
-    Nørsett & Wanner, *Solving ODEs I*, Table II.1.2). Written in the stage states
-    ``x2, x3, x4`` (``h k1 = 2 (x2 - x)`` ...) so the final combination is one fused update.
-    Order 4, 4 NFE per step. A step ending where ``sigma = 0`` (velocity undefined there)
-    replaces the last stage by Ralston's third-order stage ``k3' = v(x + 3h/4 k2, t + 3h/4)``,
-    ``x' = x + h (2 k1 + 3 k2 + 4 k3') / 9`` (Ralston 1962), which keeps the global order 4.
+    Nørsett & Wanner, *Solving ODEs I*, Table II.1.2; the ``rk4`` tableau of
+    ``genflow.engine.tableau``). Order 4, 4 NFE per step. A step ending where ``sigma = 0``
+    (velocity undefined there) runs ``RK4_RALSTON_END``, whose last stage is Ralston's
+    third-order stage ``k4 = v(x + 3h/4 k2, t + 3h/4)``, ``x' = x + h (2 k1 + 3 k2 + 4 k4) / 9``
+    (Ralston 1962), which keeps the global order 4.
     """
 
     name = "rk4"
     order = 4
     nfe_per_step = 4
+    tableau = RK4_TABLEAU
+    alternative = RK4_RALSTON_END
 
-    def __init__(self, model, ts, **kwargs):
-        super().__init__(model, ts, **kwargs)
-        h = ts[1:] - ts[:-1]
+    def use_alternative(self, ts):
         zero = self.process.sigma(ts[1:]) == 0
-        self.mid = _table(self.process, ts[:-1] + 0.5 * h)
-        self.last = _table(self.process, torch.where(zero, ts[:-1] + 0.75 * h, ts[1:]))
-        self.full = _rows(~zero)  # True: classic RK4; False: Ralston's third stage
-
-    def step(self, i, x):
-        p, m, r, full = self.grid[i], self.mid[i], self.last[i], self.full[i]
-        h = self.grid[i + 1].t - p.t
-        out, a, b = self.stage(x, p)
-        x2 = self.update(x, [out], [1 + h / 2 * a, h / 2 * b])
-        out, a, b = self.stage(x2, m)
-        x3 = self.update(x, [x2, out], [1.0, h / 2 * a, h / 2 * b])
-        out, a, b = self.stage(x3, m)
-        # x4 = x + h k3 (RK4), or x + 3h/4 k2 = x + 3/2 (x3 - x) (Ralston)
-        w, hk = where(full, 0.0, 1.5), where(full, h, 0.0)
-        x4 = self.update(x, [x3, out], [1 - w, w + hk * a, hk * b])
-        out, a, b = self.stage(x4, r)
-        coefs = [where(full, -1 / 3, -1 / 9), where(full, 1 / 3, 4 / 9), 2 / 3,
-                 where(full, 1 / 3 + h / 6 * a, 4 / 9 * h * a), where(full, h / 6 * b, 4 / 9 * h * b)]
-        return self.update(x, [x2, x3, x4, out], coefs, out=x)
+        if ts.dim() == 1:
+            return zero.tolist()
+        return [bool(z.all()) if bool(z.all()) or not bool(z.any()) else z for z in zero]
 
 
 _LMS_COEFS = {}  # (id(process), id(ts), ts._version, order) -> (process, ts, coefficient rows)
