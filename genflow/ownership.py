@@ -86,10 +86,10 @@ class OutputOwnership:
         ``where()`` names the call in the error message)."""
         if self.copy_all:
             return out.clone(memory_format=torch.contiguous_format)
-        ptr = storage_id(out)
+        ptr = out.untyped_storage().data_ptr()  # storage_id, inlined: this runs on every model call
         if ptr == 0:  # empty output: nothing to share
             return out
-        if ptr == storage_id(x):  # the model returned (a view of) its input
+        if ptr == x.untyped_storage().data_ptr():  # the model returned (a view of) its input
             return out.clone(memory_format=torch.contiguous_format)
         if ptr in self.recent_ids:
             if ptr == self.first and len(self.recent_ids) == 1:  # one static buffer: copy from now on

@@ -198,13 +198,15 @@ class Solver(abc.ABC):
         output the solver may still hold is copied, and a model that writes into its input
         raises ``InputMutationError`` (``genflow.ownership``)."""
         self.evaluations += 1
-        arg = x if self.model_dtype is None or x.dtype == self.model_dtype else x.to(self.model_dtype)
-        version = arg._version
-        out = self.model.call(arg, self.model.prepare_time(p.t, arg))
-        if arg._version != version:
-            check_input_unchanged(arg, version, self.where(p))
-        if out.dtype != x.dtype:
+        if self.model_dtype is not None and x.dtype != self.model_dtype:
+            arg = x.to(self.model_dtype)
+            out = self.model.call(arg, self.model.prepare_time(p.t, arg))
+            check_input_unchanged(arg, 0, self.where(p))
             return out.to(x.dtype)  # a new tensor, owned by the solver
+        version = x._version
+        out = self.model.call(x, self.model.prepare_time(p.t, x))
+        if x._version != version:
+            check_input_unchanged(x, version, self.where(p))
         return self.ownership.own(out, x, self.where)
 
     def where(self, p: Optional[Point] = None) -> str:
