@@ -6,6 +6,7 @@ Fixed-grid solvers are stepped over the time grid; adaptive solvers (class attri
 """
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from genflow._checks import check_int, did_you_mean
@@ -59,6 +60,15 @@ def _grid(process, steps, schedule, t_start, t_end, rho) -> torch.Tensor:
     if rho is not None:
         raise ValueError(f"rho={rho} applies to the 'karras' schedule, not to an explicit grid")
     return ts
+
+
+def _plain_number(value):
+    """A NumPy scalar or 0-d tensor as the Python number it holds (int, float or bool), so every
+    solver option accepts them; anything else unchanged."""
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.dim() == 0
+                                         and not value.requires_grad and not value.is_complex()):
+        return value.item()
+    return value
 
 
 def _check_dtype(name: str, dtype) -> torch.dtype:
@@ -162,6 +172,7 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
     if final_step not in (None, "x0"):
         raise ValueError(f"final_step must be None or 'x0', got {final_step!r}")
     solver_cls = get_solver(solver)
+    solver_options = {name: _plain_number(value) for name, value in solver_options.items()}
     if backend not in ("auto", "torch", "cpu", "cuda"):
         raise ValueError(f"backend must be 'auto', 'torch', 'cpu' or 'cuda', got {backend!r}")
     device = check_device("device", device)

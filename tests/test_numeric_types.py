@@ -52,6 +52,8 @@ def test_gf_sample_rejects_other_types_naming_the_argument(argument, value):
     ("rk45", "rtol", _floats(2.0 ** -10)), ("rk45", "atol", _floats(2.0 ** -10)),
     ("pc", "snr", _floats(0.125)), ("pc", "n_corrector", _ints(2)),
     ("ald", "n_steps_each", _ints(2)), ("dpmpp_2m", "dynamic_thresholding_ratio", _floats(0.875)),
+    ("lms", "order", _ints(3)), ("rk45", "max_steps", _ints(500)), ("deis", "solver_order", _ints(2)),
+    ("sde_adaptive", "safety", _floats(0.75)), ("dpmpp_2m_sde", "eta", _floats(0.5)),
 ])
 def test_solver_options_accept_every_numeric_type(solver, argument, values):
     extra = {"thresholding": True} if argument == "dynamic_thresholding_ratio" else {}
