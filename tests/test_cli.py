@@ -241,6 +241,17 @@ def test_a_checkpoint_of_another_width_is_named(trained_run, tmp_path, capsys):
     assert "size mismatch" in err
 
 
+def test_a_checkpoint_of_another_family_is_named(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    saved = json.loads((run / "run.json").read_text())
+    saved["family"] = "rectified-flow"  # the same networks: the weights would load without a word
+    (run / "run.json").write_text(json.dumps(saved))
+    err = _exit_message(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "x.npy")], capsys)
+    assert f"checkpoint '{run / 'checkpoint.pt'}' holds family 'flow-matching', but {run / 'run.json'} " \
+           "describes 'rectified-flow'" in err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--family", "rectified-flow"], "--family (family): the run directory has 'flow-matching', this run "
                                      "'rectified-flow'"),

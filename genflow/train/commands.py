@@ -131,6 +131,7 @@ def load_run(directory: str):
             checkpoint whose weights do not fit the networks ``run.json`` describes.
     """
     from genflow.train.checkpoint import load_latest
+    from genflow.train.trainer import family_name
 
     path = os.path.join(directory, RUN_FILE)
     if not os.path.isfile(path):
@@ -143,6 +144,10 @@ def load_run(directory: str):
     state, used = load_latest(directory)
     if state is None:
         raise ValueError(f"{directory!r} holds no checkpoint yet")
+    saved_name = state.get("family_name")
+    if saved_name is not None and saved_name != family_name(family):
+        raise ValueError(f"checkpoint {used!r} holds family {saved_name!r}, but {path} describes "
+                         f"{family_name(family)!r}")
     try:
         family.load_state_dict(state["family"])
         if state.get("ema") is not None:
@@ -255,12 +260,13 @@ def run_train(args) -> int:
 
 def _train_family(args, family, data, out: str) -> None:
     """Fit or train ``family`` into the run directory ``out``, then report quality and save the figure."""
-    from genflow.train.trainer import TrainConfig, plot_samples, train
+    from genflow.train.trainer import TrainConfig, family_name, plot_samples, train
 
     if not family.phases:  # fitted in closed form / by EM, not by gradient steps
         family.fit(data.data, seed=args.seed)
         from genflow.train.checkpoint import save_checkpoint
-        save_checkpoint(os.path.join(out, "checkpoint.pt"), {"step": 0, "family": family.state_dict(), "ema": None})
+        save_checkpoint(os.path.join(out, "checkpoint.pt"), {"step": 0, "family": family.state_dict(), "ema": None,
+                                                             "family_name": family_name(family)})
     else:
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                              decay=args.decay, grad_clip=args.grad_clip or None, ema=args.ema or None, bf16=args.bf16,

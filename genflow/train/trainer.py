@@ -40,8 +40,8 @@ from genflow.train.checkpoint import (CHECKPOINT_NAME, CheckpointError, get_rng_
                                       save_checkpoint, set_rng_states)
 from genflow.train.data import Dataset, load_dataset
 
-__all__ = ["EMA", "DECAYS", "NONFINITE_POLICIES", "TrainConfig", "TrainResult", "learning_rate", "plot_samples",
-           "sample_plotter", "sample_seeds", "train"]
+__all__ = ["EMA", "DECAYS", "NONFINITE_POLICIES", "TrainConfig", "TrainResult", "family_name", "learning_rate",
+           "plot_samples", "sample_plotter", "sample_seeds", "train"]
 
 DECAYS = ("cosine", "constant", "linear")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -277,7 +277,8 @@ def _truncate_log(path: str, step: int) -> None:
         f.writelines(kept)
 
 
-def _family_name(family) -> str:
+def family_name(family) -> str:
+    """The name a checkpoint records for ``family`` (its ``name``, else its class name)."""
     return str(getattr(family, "name", type(family).__name__))
 
 
@@ -296,9 +297,9 @@ def _checkpoint_to_resume(checkpoint_dir: str, family, resume: bool) -> Tuple[Op
     if state is None:
         return None, None
     saved = state.get("family_name")
-    if saved is not None and saved != _family_name(family):
+    if saved is not None and saved != family_name(family):
         raise CheckpointError(f"run directory {checkpoint_dir!r} holds a checkpoint of family {saved!r} ({path!r}); "
-                              f"this run trains family {_family_name(family)!r}: use another directory")
+                              f"this run trains family {family_name(family)!r}: use another directory")
     return (state, path) if resume else (None, None)
 
 
@@ -390,7 +391,7 @@ class _Run:
             return
         save_checkpoint(self.ckpt_path, {
             "step": step, "config": self.config.to_dict(), "family": self.family.state_dict(),
-            "family_name": _family_name(self.family),
+            "family_name": family_name(self.family),
             "optimizers": {phase: opt.state_dict() for phase, opt in self.optimizers.items()},
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "data_generator": self.generator.get_state(), "rng": get_rng_states(),
