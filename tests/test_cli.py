@@ -287,3 +287,17 @@ def test_train_into_a_run_directory_in_use_exits_1(trained_run, tmp_path, capsys
         holder.wait()
     assert main(_train_argv(run, "--steps", "5")) == 0  # a dead holder's lock is taken over
     assert not (run / "train.lock").exists()
+
+
+def test_train_on_data_with_a_nan_row_names_the_row(tmp_path, capsys):
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(size=(40, 2)).astype(np.float32)
+    x[9, 1] = np.nan
+    np.save(tmp_path / "bad.npy", x)
+    argv = _train_argv(tmp_path / "run")
+    argv[argv.index("--data") + 1] = str(tmp_path / "bad.npy")
+    del argv[argv.index("--n"):argv.index("--n") + 2]
+    err = _exit_message(argv + ["--on-nonfinite", "skip"], capsys)
+    assert "data set 'bad' has non-finite values (NaN/Inf) in 1 of 40 rows; the first is row 9" in err
+    assert not (tmp_path / "run" / "run.json").exists()

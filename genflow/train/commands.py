@@ -59,6 +59,8 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a family option, e.g. --option process=EDM --option coupling=ot (repeatable)")
     parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--on-nonfinite", default="raise", choices=("raise", "skip"),
+                        help="a NaN/Inf loss stops training naming the step (raise) or its update is dropped (skip)")
     parser.add_argument("--out", default=None, help="run directory (default runs/<family>-<data>)")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even if --out has a checkpoint")
     parser.add_argument("--no-progress", action="store_true")
@@ -270,7 +272,8 @@ def _train_family(args, family, data, out: str) -> None:
     else:
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                              decay=args.decay, grad_clip=args.grad_clip or None, ema=args.ema or None, bf16=args.bf16,
-                             seed=args.seed, checkpoint_every=args.checkpoint_every)
+                             seed=args.seed, checkpoint_every=args.checkpoint_every,
+                             on_nonfinite=args.on_nonfinite)
         result = train(family, data, config, checkpoint_dir=out, resume=not args.no_resume,
                        progress=not args.no_progress)
         if result.ema is not None:
