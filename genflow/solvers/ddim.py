@@ -1,6 +1,17 @@
 """DDIM and DDPM (ancestral) updates, written for any ``x_t = alpha x0 + sigma eps`` process."""
 from genflow.solvers.base import Solver, exp, expm1, sqrt
 
+__all__ = ["DDIM", "DDPM", "ddim_noise_split"]
+
+
+def ddim_noise_split(h, sigma_next, eta):
+    """``(c, r)``: DDIM's noise scale ``c = eta sigma' sqrt(1 - e^{-2h})`` and the factor
+    ``r = sqrt(1 - eta^2 (1 - e^{-2h}))`` with ``sqrt(sigma'^2 - c^2) = sigma' r``, the weight of
+    the noise prediction in ``x' = alpha' x0 + sigma' r eps + c z`` (Song et al. 2021a, eq. 12,
+    ``h = lambda' - lambda``; for VP processes ``c`` is DDIM's ``sigma_t(eta)``). Floats or [B] tensors."""
+    one_minus = -expm1(-2 * h)
+    return eta * sigma_next * sqrt(one_minus), sqrt(1 - eta ** 2 * one_minus)
+
 
 class DDIM(Solver):
     """DDIM (Song et al. 2021a, eq. 12; seed 001 §6.5.4) with churn ``eta``.
@@ -18,10 +29,9 @@ class DDIM(Solver):
     def step(self, i, x):
         p, q = self.grid[i], self.grid[i + 1]
         h = q.lam - p.lam
-        c = self.eta * q.sigma * sqrt(-expm1(-2 * h))
-        # x' = alpha' x0 + k eps with eps = (x - alpha x0) / sigma and k = sqrt(sigma'^2 - c^2)
-        #    = (sigma'/sigma) r x + alpha' (1 - e^{-h} r) x0,  r = sqrt(1 - eta^2 (1 - e^{-2h}))
-        r = sqrt(1 - self.eta ** 2 * -expm1(-2 * h))
+        c, r = ddim_noise_split(h, q.sigma, self.eta)
+        # x' = alpha' x0 + sigma' r eps with eps = (x - alpha x0) / sigma
+        #    = (sigma'/sigma) r x + alpha' (1 - e^{-h} r) x0
         cx = (q.sigma / p.sigma) * r
         c0 = q.alpha * (-expm1(-h) + exp(-h) * (1 - r))
 

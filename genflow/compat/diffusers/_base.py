@@ -452,12 +452,13 @@ def fused(x: torch.Tensor, terms: Sequence[torch.Tensor], coefs: Sequence, noise
     kernel = _KERNEL.get(device)
     if kernel is None:
         kernel = _KERNEL[device] = use_kernel("auto", device)
-    if noise is None and all(type(v) is float for v in values) and not (
+    if all(type(v) is float for v in values) and not (
             torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in kept))):
-        # the common step: host coefficients, no noise, no autograd: the out= op alone
+        # the common step: host coefficients, no autograd: the out= op alone
         if out is None:
             out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        return fused_update_packed(x, kept, host_tensor(values, torch.float64, "d"), kernel=kernel, out=out)
+        if noise is None:
+            return fused_update_packed(x, kept, host_tensor(values, torch.float64, "d"), kernel=kernel, out=out)
     batch = x.shape[0] if x.dim() > 0 else 1
     for k, v in enumerate(values):
         if type(v) is not float:

@@ -7,10 +7,18 @@ from typing import Optional
 import torch
 
 from genflow.solvers.base import dynamic_threshold
+from genflow.solvers.ddim import ddim_noise_split
 
 from ._base import (Scheduler, SchedulerOutput, check_choice, check_prediction_type, fused, randn_like_diffusers, spaced_timesteps, TIMESTEP_SPACINGS, x0_eps_coefficients)
 
 __all__ = ["DDIMScheduler"]
+
+
+def _log_snr(abar: float) -> float:
+    """``lambda = log(alpha/sigma) = log(abar/(1 - abar))/2`` (infinite at abar = 0 or 1)."""
+    if abar <= 0.0 or abar >= 1.0:
+        return -math.inf if abar <= 0.0 else math.inf
+    return 0.5 * math.log(abar / (1.0 - abar))
 
 
 class DDIMScheduler(Scheduler):
@@ -85,8 +93,9 @@ class DDIMScheduler(Scheduler):
         elif cfg.clip_sample:
             x0.clamp_(-cfg.clip_sample_range, cfg.clip_sample_range)
 
-        std = eta * math.sqrt((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s))
-        direction = math.sqrt(max(1.0 - a_s - std * std, 0.0))
+        # x' = sqrt(abar_s) x0 + sigma_s r eps + std z, the native DDIM split of the noise
+        std, r = ddim_noise_split(_log_snr(a_s) - _log_snr(a_t), math.sqrt(1.0 - a_s), eta)
+        direction = math.sqrt(1.0 - a_s) * r
         noise = None
         if eta > 0:
             if variance_noise is not None and generator is not None:
