@@ -322,13 +322,14 @@ def kernel_weighted_mean(queries: torch.Tensor, keys: torch.Tensor, values: Opti
     use_op = _dispatch(backend, queries.device)
     sigma = check_sigma(sigma)
     scale = 0.5 / sigma / sigma  # 0 for sigma > ~1e154 (weights softmax(lw)); inf below ~1e-154
+    use_op = use_op and scale > 0  # the ops take scale > 0; the reference computes scale = 0 exactly
     selected = None
     if log_weights is not None:
         log_weights, selected = _select_infinite(log_weights)
     if scale > torch.finfo(queries.dtype).max / 4:  # 2 scale |q - k|^2 overflows: the sigma -> 0 limit
         out, lse = _NearestKeyMean.apply(queries, keys, values, log_weights, scale)
     else:
-        out, lse = _engine(queries, keys, values, log_weights, scale, precision, use_op and scale > 0)
+        out, lse = _engine(queries, keys, values, log_weights, scale, precision, use_op)
         if not torch.compiler.is_compiling():
             out, lse = _overflowed_rows(queries, keys, values, log_weights, scale, precision, use_op, out, lse)
     if selected is not None:

@@ -336,6 +336,8 @@ def test_huge_sigma_gives_softmax_of_the_log_weights(backend, dtype, sigma):
     torch.testing.assert_close(lse.double(), torch.logsumexp(lw.double(), 0).expand(13), rtol=RTOL[dtype], atol=0)
     out = kernel_weighted_mean(q, k, v, sigma=sigma, backend=backend)
     torch.testing.assert_close(out.double(), v.double().mean(0).expand(13, 2), rtol=RTOL[dtype], atol=0)
+    dead = torch.full_like(lw, -math.inf)  # no live key: NaN, as at any sigma
+    assert torch.isnan(kernel_weighted_mean(q, k, v, sigma=sigma, log_weights=dead, backend=backend)).all()
     # continuous with a large sigma on the ordinary path
     near = kernel_weighted_mean(q, k, v, sigma=1e6, backend=backend)
     torch.testing.assert_close(near, out, rtol=1e-5, atol=1e-6)
