@@ -123,10 +123,15 @@ class Process(abc.ABC, metaclass=_Frozen):
 
     def cache_key(self) -> tuple:
         """The process's type and parameter values: equal keys mean equal processes (the key
-        of every cache that depends on a process, ``genflow._cache``)."""
-        params = tuple((name, value_key(value)) for name, value in sorted(vars(self).items())
-                       if name != "_frozen" and not isinstance(value, dict))
-        return (type(self),) + params
+        of every cache that depends on a process, ``genflow._cache``). Computed once: the
+        process is immutable."""
+        key = self.__dict__.get("_cache_key")
+        if key is None:
+            params = tuple((name, value_key(value)) for name, value in sorted(vars(self).items())
+                           if name not in ("_frozen", "_cache_key") and not isinstance(value, dict))
+            key = (type(self),) + params
+            object.__setattr__(self, "_cache_key", key)
+        return key
 
     # -- primitives (float64 tensor in, float64 tensor out) ----------------------------------
     @abc.abstractmethod

@@ -6,6 +6,7 @@ Coefficients are Python floats for a shared time grid, or float64 [B] tensors wh
 sample has its own times; the helpers below work on both.
 """
 import abc
+import itertools
 import math
 from typing import NamedTuple, Optional
 
@@ -70,9 +71,16 @@ def where(cond, a, b):
 
 class Grid(list):
     """The ``Point``s of a time grid, with ``key``: the values they were computed from (the
-    process's ``cache_key`` and the grid's times), which the step-plan cache is keyed on."""
+    process's ``cache_key`` and the grid's times), and ``serial``: a number no other grid ever
+    gets (a counter, never reused), which the step-plan cache is keyed on. Grids are only made
+    by ``table``, which returns the same grid for equal values while it is cached, so equal
+    values share step plans and a recomputed grid starts afresh."""
 
     key: tuple = ()
+    serial: int = -1
+
+
+_SERIALS = itertools.count()
 
 
 _TABLES = LRU(64)  # (process values, grid values) -> Grid
@@ -101,7 +109,7 @@ def _compute_table(process, ts: torch.Tensor, key: tuple) -> Grid:
     else:
         rows = zip(*(c.unbind(0) for c in cols))
     grid = Grid(Point(*row) for row in rows)
-    grid.key = key
+    grid.key, grid.serial = key, next(_SERIALS)
     return grid
 
 
@@ -123,7 +131,7 @@ def _is_zero(c):
     return not isinstance(c, torch.Tensor) and c == 0.0
 
 
-_STEP_PLANS = LRU(4096)  # (grid values, solver class, prediction, options, step) -> packed coefficients
+_STEP_PLANS = LRU(4096)  # (grid serial, solver class, prediction, options, step) -> packed coefficients
 
 
 _NO_PLAN = object()
@@ -300,7 +308,7 @@ class Solver(abc.ABC):
         the same grid; None when they cannot be reused (per-sample grid, thresholding, noise)."""
         if self.threshold is not None or type(self.grid[i].t) is not float:
             return None
-        key = (self.grid.key, type(self), self.model.prediction, options, i)
+        key = (self.grid.serial, type(self), self.model.prediction, options, i)
         packed = _STEP_PLANS.get(key, _NO_PLAN)
         if packed is _NO_PLAN:
             packed = _STEP_PLANS.put(key, self.pack(*coefficients()))
