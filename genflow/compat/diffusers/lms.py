@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._base import SchedulerOutput, TIMESTEP_SPACINGS, check_choice, check_prediction_type, fused
+from ._base import SchedulerOutput, TIMESTEP_SPACINGS, check_choice, check_prediction_type, fused_planned, pack
 from ._sigmas import SigmaScheduler
 
 __all__ = ["LMSDiscreteScheduler"]
@@ -73,6 +73,20 @@ class LMSDiscreteScheduler(SigmaScheduler):
         antiderivative = poly.integ()
         return float(antiderivative(s[t + 1]) - antiderivative(s[t]))
 
+    def _step_plans(self, i: int, q: int):
+        """Packed coefficients of step ``i`` of order ``q``: ``x0 = a y + b out``, the drift
+        ``d = (y - x0)/sigma = ((1 - a) y - b out)/sigma`` and ``y' = y + sum_k c_k d_{-k}``."""
+        sigma = self._sig[i]
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            a, b = 1.0, -sigma
+        elif kind == "v_prediction":
+            a, b = 1.0 / (sigma * sigma + 1.0), -sigma / (sigma * sigma + 1.0) ** 0.5
+        else:
+            a, b = 0.0, 1.0
+        coefs = [self.get_lms_coefficient(q, i, k) for k in range(q)]
+        return pack([a, b]), pack([(1.0 - a) / sigma, -b / sigma]), pack([1.0] + coefs)
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4,
              return_dict: bool = True):
         """One linear multistep step from ``timestep`` (see the class docstring).
@@ -89,23 +103,15 @@ class LMSDiscreteScheduler(SigmaScheduler):
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
-        sigma = self._sig[i]
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            a, b = 1.0, -sigma
-        elif kind == "v_prediction":
-            a, b = 1.0 / (sigma * sigma + 1.0), -sigma / (sigma * sigma + 1.0) ** 0.5
-        else:
-            a, b = 0.0, 1.0
-        x0 = fused(sample, [model_output], [a, b])
-        # d = (y - x0) / sigma = ((1 - a) y - b out) / sigma
-        self.derivatives.append(fused(sample, [model_output], [(1.0 - a) / sigma, -b / sigma]))
+        q = min(i + 1, order)
+        plans = self._plans.get(("lms", i, q))
+        if plans is None:
+            plans = self._plans[("lms", i, q)] = self._step_plans(i, q)
+        x0 = fused_planned(sample, [model_output], plans[0])
+        self.derivatives.append(fused_planned(sample, [model_output], plans[1]))
         if len(self.derivatives) > order:
             self.derivatives.pop(0)
-        q = min(i + 1, order)
-        coefs = [self.get_lms_coefficient(q, i, k) for k in range(q)]
-        drifts = list(reversed(self.derivatives))[:q]
-        prev = fused(sample, drifts, [1.0] + coefs)
+        prev = fused_planned(sample, list(reversed(self.derivatives))[:q], plans[2])
         self._step_index += 1
         if not return_dict:
             return prev, x0
