@@ -2,9 +2,14 @@
 
 ``pipe.scheduler = gf.compat.diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)``
 swaps one into a diffusers pipeline. Each class has diffusers' name, config fields, ``timesteps``,
-``sigmas`` and ``step`` interface and gives diffusers' results (to float32 rounding); the step
-coefficients are computed in float64 on the host and each update is one fused kernel pass.
-diffusers itself is not needed.
+``sigmas`` and ``step`` interface and gives diffusers' results (to float32 rounding). The step
+coefficients come from genflow's native solvers (``genflow.solvers.dpm_solver.dpm_weights`` /
+``dpm_multistep_coefficients`` with ``variant="diffusers"``, ``unipc.unipc_coefficients``,
+``deis.deis_coefficients``, ``ddim.ddim_noise_split``; one dynamic threshold,
+``genflow.solvers.base.dynamic_threshold``), computed in float64 on the host and, where they depend
+on the grid alone, packed once per scheduler class, config and sigma grid (``_base.grid_plans``);
+each update is one fused kernel pass into a new tensor (the caller's ``sample`` and
+``model_output`` are never written). diffusers itself is not needed.
 """
 from ._base import Config, Scheduler, SchedulerOutput
 from .ddim import DDIMScheduler
