@@ -10,9 +10,11 @@ import torch
 from tqdm.auto import tqdm, trange
 
 from genflow._checks import check_int, check_real
+from genflow.compat.k_diffusion import glue
 from genflow.compat.k_diffusion.glue import as_state, check_callables, check_sigmas, check_x
 from genflow.compat.k_diffusion.noise import sde_noise_sampler
 from genflow.ops.fused_update import MAX_TERMS, fused_update_unchecked, use_kernel
+from genflow.solvers import get as get_solver
 
 __all__ = ["sample_dpm_adaptive", "sample_dpm_fast", "sample_dpmpp_sde"]
 
@@ -208,6 +210,15 @@ class _DPMSolver:
 
 
 def _dpm_setup(name, model, x, sigma_min, sigma_max, extra_args, callback, eta, s_noise, noise_sampler):
+    t_start, t_end, eta, s_noise = _dpm_checks(name, model, x, sigma_min, sigma_max, extra_args, callback, eta,
+                                               s_noise, noise_sampler)
+    run = _Run(model, x, extra_args, None)
+    noise_sampler = _default_noise_sampler(run) if noise_sampler is None else noise_sampler
+    return run, t_start, t_end, eta, s_noise, noise_sampler
+
+
+def _dpm_checks(name, model, x, sigma_min, sigma_max, extra_args, callback, eta, s_noise, noise_sampler):
+    """The checked arguments and k-diffusion's end times ``t = -log torch.tensor(sigma)``."""
     check_x(x)
     check_callables(model, extra_args, callback, noise_sampler)
     smin = check_real("sigma_min", sigma_min)
@@ -220,14 +231,43 @@ def _dpm_setup(name, model, x, sigma_min, sigma_max, extra_args, callback, eta, 
     t_end = _t_of(torch.as_tensor(sigma_min).detach().cpu())
     if not t_end > t_start and eta:
         raise ValueError(f"eta must be 0 for reverse sampling (sigma_min > sigma_max), got eta={eta}")
-    run = _Run(model, x, extra_args, None)
-    noise_sampler = _default_noise_sampler(run) if noise_sampler is None else noise_sampler
-    return run, t_start, t_end, eta, s_noise, noise_sampler
+    return t_start, t_end, eta, s_noise
 
 
 def _emit_dpm(callback, info):
     if callback is not None:
         callback({'sigma': _sigma_of(info['t']), 'sigma_hat': _sigma_of(info['t_up']), **info})
+
+
+class _ByOrder:
+    """Native DPM-Solver-1/2/3 steppers on one grid, step ``i`` taken by the one of order ``orders[i]``."""
+
+    def __init__(self, solvers, orders):
+        self.solvers, self.orders = solvers, orders
+
+    @property
+    def evaluations(self):
+        return sum(s.evaluations for s in self.solvers.values())
+
+    def step(self, i, x):
+        return self.solvers[self.orders[i]].step(i, x)
+
+
+def _fast_plan(ts, eta):
+    """The plan of ``sample_dpm_fast`` on the time grid ``ts`` (``t = -log sigma``): step ``k`` from
+    ``sigma(t_k)`` to ``sigma(t_down_k)``, ``t_down = min(t_end, -log sigma_down)``, then noise
+    ``sqrt(sigma(t_{k+1})^2 - sigma(t_down)^2)`` (every step draws, as in k-diffusion)."""
+    sig = _sigma_of(ts)
+    n = sig.shape[0] - 1
+    if not eta:
+        grid = sig.to(torch.float64)
+        return glue.Plan(grid, grid, list(range(n)), None, [0.0] * n, [0.0] * n, [True] * n)
+    s, s1 = sig[:-1], sig[1:]
+    up = torch.minimum(s1, eta * (s1 ** 2 * (s ** 2 - s1 ** 2) / s ** 2) ** 0.5)
+    t_down = torch.minimum(ts[-1], _t_of((s1 ** 2 - up ** 2) ** 0.5))
+    post = ((s1 ** 2 - _sigma_of(t_down) ** 2) ** 0.5).tolist()
+    ts_native = torch.stack([s, _sigma_of(t_down)], dim=1).reshape(-1).to(torch.float64)
+    return glue.Plan(ts_native, sig.to(torch.float64), [2 * k for k in range(n)], None, [0.0] * n, post, [True] * n)
 
 
 @torch.no_grad()
@@ -236,29 +276,29 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     to spend exactly ``n`` model evaluations.
 
     ``m = floor(n/3) + 1`` uniform steps from ``-log sigma_max`` to ``-log sigma_min``, of orders
-    ``[3]*(m-2) + [2, 1]`` when ``3 | n``, else ``[3]*(m-1) + [n mod 3]``; each a DPM-Solver-k
-    step (``x' = x - sigma' expm1(h) eps + ...``), with ``eta > 0`` an ancestral one. Matches
-    k-diffusion's ``sample_dpm_fast`` (including its float32 time grid).
+    ``[3]*(m-2) + [2, 1]`` when ``3 | n``, else ``[3]*(m-1) + [n mod 3]``; each the native
+    ``dpm_solver_1|2|3`` step (``x' = x - sigma' expm1(h) eps + ...``), with ``eta > 0`` an
+    ancestral one. Matches k-diffusion's ``sample_dpm_fast`` (its time grid is in torch's
+    default dtype, float32 unless changed: set float64 for agreement to 1e-12).
     """
-    run, t_start, t_end, eta, s_noise, noise_sampler = _dpm_setup("sample_dpm_fast", model, x, sigma_min, sigma_max,
-                                                                  extra_args, callback, eta, s_noise, noise_sampler)
+    t_start, t_end, eta, s_noise = _dpm_checks("sample_dpm_fast", model, x, sigma_min, sigma_max, extra_args,
+                                               callback, eta, s_noise, noise_sampler)
     n = check_int("n", n, low=1)
     m = n // 3 + 1
     ts = torch.linspace(t_start, t_end, m + 1)
     orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
-    with tqdm(total=n, disable=disable) as pbar:
-        solver = _DPMSolver(run, pbar)
-        for i, order in enumerate(orders):
-            cache = {}
-            t, t_next = ts[i], ts[i + 1]
-            t_down, sigma_up = solver.noisy_target(t, t_next, t_end, eta)
-            e = solver.eps(cache, 'eps', x, t)
-            _emit_dpm(callback, {'x': x, 'i': i, 't': t, 't_up': t, 'denoised': e[1]})
-            step = (solver.step_1, solver.step_2, solver.step_3)[order - 1]
-            parts = step(x, t, t_down, cache)
-            noise = run.draw(noise_sampler, _sigma_of(t), _sigma_of(t_next))
-            x = run.combine(parts, noise, float(sigma_up * s_noise))
-    return x
+    plan = _fast_plan(ts, eta)
+    denoiser = glue.Denoiser(model, extra_args, callback)
+    net = glue.model_of(denoiser)
+    solvers = {k: get_solver(f"dpm_solver_{k}")(net, plan.ts) for k in set(orders)}
+    stepper = _ByOrder(solvers, {plan.index[k]: order for k, order in enumerate(orders)})
+    sig = _sigma_of(ts)
+
+    def info(k, x):
+        return {"sigma": sig[k], "sigma_hat": sig[k], "x": x.clone(), "i": k, "t": ts[k], "t_up": ts[k]}
+    noise_sampler = glue.default_noise(x) if noise_sampler is None else noise_sampler
+    return glue.run("sample_dpm_fast", stepper, x, plan, sig, denoiser, disable, noise_sampler=noise_sampler,
+                    s_noise=s_noise, info=info)
 
 
 @torch.no_grad()

@@ -223,10 +223,17 @@ class KStep:
     ``index[k]``; then, where ``draw[k]``, ``noise_sampler(sigmas[k], sigmas[k+1])`` added with
     scale ``s_noise post[k]``."""
 
-    def __init__(self, solver, plan_: Plan, sigmas, denoiser: Denoiser, noise_sampler, s_noise, churn_noise):
+    def __init__(self, solver, plan_: Plan, sigmas, denoiser: Denoiser, noise_sampler, s_noise, churn_noise,
+                 info=None):
         self.solver, self.plan, self.sigmas, self.denoiser = solver, plan_, sigmas, denoiser
         self.noise_sampler, self.s_noise, self.churn_noise = noise_sampler, s_noise, churn_noise
+        self.info = self.sigma_info if info is None else info
         self.nonfinite, self.step_index = None, 0
+
+    def sigma_info(self, k, x):
+        """The callback dict of the sigma-schedule samplers (``denoised`` is added at the call)."""
+        hat = self.sigmas[k] if self.plan.sigma_hat is None else self.plan.sigma_hat[k]
+        return {"x": x.clone(), "i": k, "sigma": self.sigmas[k], "sigma_hat": hat}
 
     @property
     def evaluations(self):
@@ -239,8 +246,7 @@ class KStep:
             if plan_.pre[k]:
                 x.add_(z, alpha=self.s_noise * plan_.pre[k])
         if self.denoiser.callback is not None:
-            hat = sigmas[k] if plan_.sigma_hat is None else plan_.sigma_hat[k]
-            self.denoiser.pending = {"x": x.clone(), "i": k, "sigma": sigmas[k], "sigma_hat": hat}
+            self.denoiser.pending = self.info(k, x)
         x = self.solver.step(plan_.index[k], x)
         if plan_.draw[k]:
             z = as_state(self.noise_sampler(sigmas[k], sigmas[k + 1]), x, "noise_sampler")
@@ -250,11 +256,12 @@ class KStep:
 
 
 def run(name, solver, x, plan_: Plan, sigmas, denoiser: Denoiser, disable, *, noise_sampler=None, s_noise=1.0,
-        churn_noise=False):
-    """Step ``solver`` (built on ``plan_.ts``) over k-diffusion's steps (``KStep``) from a copy of
-    ``x``, through the engine's time loop, with k-diffusion's progress bar (``disable``)."""
+        churn_noise=False, info=None):
+    """Step ``solver`` (built on ``plan_.ts``) over k-diffusion's steps (``KStep``; ``info(k, x)``
+    builds the callback dict) from a copy of ``x``, through the engine's time loop, with
+    k-diffusion's progress bar (``disable``)."""
     x = x.clone(memory_format=torch.contiguous_format)
-    stepper = KStep(solver, plan_, sigmas, denoiser, noise_sampler, s_noise, churn_noise)
+    stepper = KStep(solver, plan_, sigmas, denoiser, noise_sampler, s_noise, churn_noise, info)
     steps = grid_steps(stepper, plan_.grid, x, name, check_finite=False, caller=f"gf.compat.k_diffusion.{name}")
     for x, _, _ in tqdm(steps, total=len(plan_.index), disable=disable):
         pass
