@@ -14,6 +14,7 @@ from genflow._checks import check_bool, did_you_mean
 from genflow.engine.brownian import rows, span
 from genflow.engine.sde_adaptive import SDEAdaptive
 from genflow.engine.sde_base import SDESolver, reciprocal
+from genflow.ops.fused_update import randn
 
 __all__ = ["SDE_SOLVERS", "SDEAdaptive", "SDESolver", "get_sde_solver"]
 
@@ -24,7 +25,8 @@ class EulerMaruyama(SDESolver):
     Strong order 0.5 (1.0 for additive noise), weak order 1.0; 2 evaluations per step.
     Kloeden & Platen (1992), §10.2. With the Philox source and a diffusion of one
     value per sample (``g`` of shape [B] or 0-d: ``g I``) the noise is drawn inside the fused
-    kernel (one pass, no noise tensor); otherwise ``g dW`` is formed first. torchsde:
+    kernel (one pass, no noise tensor); otherwise ``g z`` is formed first (``z`` standard normal,
+    ``sqrt(h)`` folded into the fused pass). torchsde:
     ``method="euler"``; diffrax: ``Euler``.
     """
 
@@ -38,8 +40,11 @@ class EulerMaruyama(SDESolver):
         t, t_next = self.interval(i)
         dt = t_next - t
         f, g = self.f(i, 0, y), self.g(i, 0, y)
-        if self.brownian.in_kernel and self.isotropic(g, y):
+        if self.brownian.in_kernel:  # dW = scale N(seed, offset)
             seed, offset, scale = self.brownian.kernel_noise(t, t_next, y)
+            if not self.isotropic(g, y):  # g * z formed first, sqrt(h) folded into the fused pass
+                z = randn(self.term.brownian_shape(y), seed=seed, offset=offset, dtype=y.dtype, device=y.device)
+                return self.combine(y, [f, self.prod(g, z)], [1.0, dt, scale], out=self.target(i, y))
             scale = g.to(torch.float64).reshape(-1).expand(y.shape[0]) * torch.as_tensor(scale, dtype=torch.float64,
                                                                                          device=g.device)
             return self.combine(y, [f], [1.0, dt], scale, seed=seed, offset=offset, out=self.target(i, y))
@@ -78,7 +83,7 @@ class Milstein(SDESolver):
             shifted = self.combine(y, drift + [g], [1.0] + ([dt] if drift else []) + [root])
             return (self.g(i, 0, shifted) - g).mul_(rows(0.5 * reciprocal(root), g)) * (
                 v if self.term.noise != "scalar" else rows(v, g))
-        create_graph = torch.is_grad_enabled() and y.requires_grad
+        create_graph = torch.is_grad_enabled()  # the diffusion's parameters may require grad (as torchsde)
         with torch.enable_grad():
             z = y if y.requires_grad else y.detach().requires_grad_(True)
             gz = self.full(self.check_diffusion(self.term.diffusion(self.time(i, 0, z), z), z), z)

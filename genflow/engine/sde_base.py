@@ -180,8 +180,9 @@ class SDESolver:
         ``ceil(K / 4)`` fused passes (terms with an exact 0 coefficient skipped). ``out`` (usually
         the state) is ignored while autograd records the inputs: the functional form is used."""
         kept = [(t, _float(c)) for t, c in zip(terms, coefs[1:]) if not _is_zero(c)]
-        if out is not None and torch.is_grad_enabled() and any(
-                isinstance(v, torch.Tensor) and v.requires_grad for v in (x, noise_scale, *coefs, *terms)):
+        recording = torch.is_grad_enabled() and any(
+            isinstance(v, torch.Tensor) and v.requires_grad for v in (x, noise_scale, *coefs, *terms))
+        if recording:
             out = None
         if self._kernel is None:
             self._kernel = use_kernel(self.backend, x.device)
@@ -195,4 +196,4 @@ class SDESolver:
                                        nonfinite=self.nonfinite, step=self.step_index)
             if last:
                 return x
-            c0, out = 1.0, x if out is None else out
+            c0, out = 1.0, x if out is None and not recording else out

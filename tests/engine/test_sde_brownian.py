@@ -221,3 +221,37 @@ def test_bad_brownian_arguments():
                  brownian=lambda ta, tb: torch.zeros(4, 3))
     with pytest.raises(TypeError, match="derivative_free must be True or False"):
         _solve(term, "milstein", derivative_free="yes")
+
+
+# ---------------------------------------------------------------- dtypes, gradients
+
+@pytest.mark.parametrize("solver", FIXED)
+def test_float32_state_on_odd_shapes_is_close_to_float64(solver):
+    """The same Philox stream (per-sample seeds) in float32 and float64 on a [3, 5, 7] state."""
+    cls = SDE_SOLVERS[solver]
+    term = term_for(cls)
+    y0 = torch.linspace(-1, 1, 105, dtype=torch.float64).reshape(3, 5, 7)
+    y64 = gf.solve(term, y0, 0.0, 1.0, solver=solver, steps=7, generator=[1, 2, 3])
+    y32 = gf.solve(term, y0.float(), 0.0, 1.0, solver=solver, steps=7, generator=[1, 2, 3])
+    assert y32.dtype == torch.float32 and y32.shape == (3, 5, 7)
+    assert torch.allclose(y32.double(), y64, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["euler_maruyama", "milstein", "sri", "sra", "reversible_heun"])
+def test_gradients_through_the_solve_match_finite_differences(solver):
+    cls = SDE_SOLVERS[solver]
+    noise = "diagonal" if "diagonal" in cls.noise_types else "additive"
+    theta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+
+    def solve(th):
+        diffusion = ((lambda t, y: th * torch.cos(y)) if noise == "diagonal"
+                     else (lambda t, y: (th * (1 + column(t, y))).expand_as(y)))
+        term = SDE(lambda t, y: -th * y + torch.sin(y), diffusion, noise=noise, sde_type=cls.sde_types[0])
+        return gf.solve(term, torch.ones(2, 3, dtype=torch.float64), 0.0, 1.0, solver=solver, steps=5,
+                        generator=[4, 5]).square().sum()
+
+    solve(theta).backward()
+    eps = 1e-6
+    with torch.no_grad():
+        numeric = (solve(theta + eps) - solve(theta - eps)) / (2 * eps)
+    assert abs(theta.grad.item() - numeric.item()) <= 1e-6 * max(1.0, abs(numeric.item()))
