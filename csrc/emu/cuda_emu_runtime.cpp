@@ -67,7 +67,8 @@ struct Emulator {
   uint64_t barrier_gen = 0;
   const void* barrier_site = nullptr;
   char barrier_token[2];  // TSan sync addresses of __syncthreads, by generation parity
-  char block_token;       // host -> block threads -> host
+  char start_token;       // host -> the block's threads (launch arguments, previous blocks)
+  char done_token;        // the block's threads -> host (never back to a thread of the block)
   ucontext_t main_ctx;
   void* main_fake_stack = nullptr;
   const void* main_bottom = nullptr;
@@ -177,9 +178,9 @@ void fiber_main() {
 #if defined(GENFLOW_EMU_ASAN)
   __sanitizer_finish_switch_fiber(nullptr, &g.main_bottom, &g.main_size);
 #endif
-  tsan_acquire(&g.block_token);
+  tsan_acquire(&g.start_token);
   g.entry(g.entry_ctx);
-  tsan_release(&g.block_token);
+  tsan_release(&g.done_token);
   fiber_exit(f);
   switch_out(f, true);
   fail("a finished thread was resumed");
@@ -223,7 +224,7 @@ void run_block() {
   g.live = g.threads;
   g.arrived = 0;
   poison_shared();
-  tsan_release(&g.block_token);
+  tsan_release(&g.start_token);
   while (g.live > 0) {
     bool ran = false;
     for (unsigned i = 0; i < g.threads; ++i) {
@@ -233,7 +234,7 @@ void run_block() {
     }
     if (!ran) deadlock();
   }
-  tsan_acquire(&g.block_token);
+  tsan_acquire(&g.done_token);
   ++g.blocks_run;
 }
 

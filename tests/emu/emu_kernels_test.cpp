@@ -179,7 +179,8 @@ void probes_case(Rng& r, Dtype dtype, Failures& fails) {
 template <typename T>
 void probe_dot_case(Rng& r, Dtype dtype, Failures& fails, bool normal_only) {
   const int64_t B = r.uniform(1, 4);
-  const int64_t P = r.coin(0.2) ? 0 : (r.coin(0.3) ? r.pick<int64_t>({1024, 1025, 3000, 5121}) : r.pick(kSizes));
+  // mostly several summation blocks of 1024 (all eight warp sums of a block in the tree)
+  const int64_t P = r.coin(0.1) ? 0 : (r.coin(0.7) ? r.pick<int64_t>({1024, 1025, 2047, 3000, 5121}) : r.pick(kSizes));
   const double special = normal_only ? 0.0 : r.pick<double>({0.0, 0.0, 0.01});
   Buf<T> probe = random_buf<T>(r, B * P, special), v = random_buf<T>(r, B * P, special);
   genflow::ProbeDotParams p{};
