@@ -74,34 +74,38 @@ class Milstein(SDESolver):
         super().__init__(term, ts, **kwargs)
         self.derivative_free = check_bool("derivative_free", derivative_free) and term.noise != "additive"
 
-    def correction(self, i, y, g, v, root, dt, f):
-        """``1/2 g g' v``."""
-        if self.term.noise == "additive":
-            return None
-        if self.derivative_free:
+    def diffusion_and_correction(self, i, y, v, root, dt, f):
+        """``(g, 1/2 g g' v)`` at ``(t_i, y)``: one diffusion call (two derivative-free)."""
+        if self.term.noise == "additive" or self.derivative_free:
+            g = self.g(i, 0, y)
+            if self.term.noise == "additive":
+                return g, None
             drift = [f] if self.term.sde_type == "ito" else []
             shifted = self.combine(y, drift + [g], [1.0] + ([dt] if drift else []) + [root])
-            return (self.g(i, 0, shifted) - g).mul_(rows(0.5 * reciprocal(root), g)) * (
-                v if self.term.noise != "scalar" else rows(v, g))
+            scale = v if self.term.noise != "scalar" else rows(v, g)
+            return g, (self.g(i, 0, shifted) - g).mul_(rows(0.5 * reciprocal(root), g)) * scale
         create_graph = torch.is_grad_enabled()  # the diffusion's parameters may require grad (as torchsde)
         with torch.enable_grad():
             z = y if y.requires_grad else y.detach().requires_grad_(True)
-            gz = self.full(self.check_diffusion(self.term.diffusion(self.time(i, 0, z), z), z), z)
+            g = self.g(i, 0, z)
+            full = self.full(g, z)
             if self.term.noise == "scalar":  # (dg/dy) g by double backward: d/du of u^T (dg/dy) at g
-                u = torch.zeros_like(gz, requires_grad=True)
-                vjp, = torch.autograd.grad(gz, z, u, create_graph=True, allow_unused=True)
-                jvp = None if vjp is None else torch.autograd.grad(vjp, u, g, create_graph=create_graph)[0]
-                return torch.zeros_like(y) if jvp is None else jvp * rows(0.5 * v, g)
-            vjp, = torch.autograd.grad(gz, z, gz * (0.5 * v), create_graph=create_graph, allow_unused=True)
-        return torch.zeros_like(y) if vjp is None else vjp
+                u = torch.zeros_like(full, requires_grad=True)
+                vjp, = torch.autograd.grad(full, z, u, create_graph=True, allow_unused=True)
+                gdg = None if vjp is None else torch.autograd.grad(vjp, u, full, create_graph=create_graph)[0]
+                gdg = None if gdg is None else gdg * rows(0.5 * v, g)
+            else:
+                gdg, = torch.autograd.grad(full, z, full * (0.5 * v), create_graph=create_graph, allow_unused=True)
+        g = g if create_graph else g.detach()
+        return g, torch.zeros_like(y) if gdg is None else gdg
 
     def step(self, i, y):
         t, t_next = self.interval(i)
         dt, root = span(t, t_next)
         dw = self.brownian.increment(t, t_next, y)
         v = dw * dw if self.term.sde_type == "stratonovich" else dw * dw - rows(root * root, dw)
-        f, g = self.f(i, 0, y), self.g(i, 0, y)
-        gdg = self.correction(i, y, g, v, root, dt, f)
+        f = self.f(i, 0, y)
+        g, gdg = self.diffusion_and_correction(i, y, v, root, dt, f)
         terms = [f, self.prod(g, dw)] + ([] if gdg is None else [gdg])
         return self.combine(y, terms, [1.0, dt, 1.0, 1.0][:len(terms) + 1], out=self.target(i, y))
 
