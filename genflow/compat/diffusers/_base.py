@@ -494,14 +494,20 @@ def pack(coefs: Sequence[float]):
 def fused_planned(x: torch.Tensor, terms: Sequence[torch.Tensor], plan) -> torch.Tensor:
     """``fused(x, terms, coefs)`` (a new tensor) with ``plan = pack(coefs)``: the op call alone."""
     kept, coef = plan
-    terms = [t if t.dtype is x.dtype and t.shape == x.shape else _like(t, x, "terms") for t, k in zip(terms, kept) if k]
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in terms)):
-        return fused(x, terms, coef[:-1].tolist())
+    live, grad = [], False
+    for t, k in zip(terms, kept):
+        if k:
+            if t.dtype is not x.dtype or t.shape != x.shape:
+                t = _like(t, x, "terms")
+            grad = grad or t.requires_grad
+            live.append(t)
+    if (grad or x.requires_grad) and torch.is_grad_enabled():
+        return fused(x, live, coef[:-1].tolist())
     device = x.device
     kernel = _KERNEL.get(device)
     if kernel is None:
         kernel = _KERNEL[device] = use_kernel("auto", device)
-    return fused_update_packed(x, terms, coef, kernel=kernel,
+    return fused_update_packed(x, live, coef, kernel=kernel,
                                out=torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
