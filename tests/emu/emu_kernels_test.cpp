@@ -12,7 +12,7 @@
 // per-sample coefficients, scales and seeds, NaN/Inf/subnormal inputs, 1 to 3 emulated SMs
 // (grid-stride loops with several iterations per thread). The kernels take contiguous arrays only
 // (csrc/ops/ makes strided inputs contiguous), so there are no strided cases; 64-bit indexing is
-// tested by huge_index_cases (64-bit_index.cpp).
+// tested by huge_index_cases (emu_special_cases.cpp).
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
