@@ -8,18 +8,20 @@
 #      in-place CPU build of the main environment (genflow/_C*.so, build/temp.*) is untouched;
 #   3. .ci/check_cuda_ops.py: imports genflow._C on the CPU and asks the dispatcher whether every
 #      op with a CPU kernel has a CUDA kernel too.
-# Reruns are cheap: pip keeps its download and wheel cache (~4 GB on a first run), the venv is
-# reused when its torch is already the right one, and the source copy keeps its ninja build
-# folder, so only changed sources recompile.
+# Reruns are cheap: the work folder outside the checkout (so CI's fresh clones reuse it) keeps the
+# downloaded wheels (~3.5 GB, a wheelhouse: pip's HTTP cache keeps none of them here), the venv
+# (reused while its torch is the right one) and a source copy that rewrites only files whose
+# content changed, so its ninja build folder recompiles only those. A lock serialises runs.
 #
-#   bash .ci/cuda_build.sh            # work folder build/cuda-ci (GENFLOW_CUDA_CI_DIR overrides)
+#   bash .ci/cuda_build.sh    # work folder ~/.cache/genflow/cuda-ci (GENFLOW_CUDA_CI_DIR overrides)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-work=${GENFLOW_CUDA_CI_DIR:-$root/build/cuda-ci}
+work=${GENFLOW_CUDA_CI_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/genflow/cuda-ci}
 venv=$work/venv
 src=$work/src
 torch_version=2.13.0
+requirements=("torch==$torch_version" "setuptools>=77.0.3" wheel ninja numpy scipy tqdm matplotlib)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
 export GENFLOW_BUILD_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -37,29 +39,42 @@ echo "nvcc: $nvcc ($("$nvcc" --version | grep -o 'release [0-9.]*')), CUDA_HOME=
 
 # pip from PyPI alone: this machine's pip configuration adds a local folder holding the CPU wheel
 # torch-2.13.0+cpu, which would win over PyPI's CUDA wheel (a local version sorts higher), and a
-# constraints file. Its download/wheel cache stays the default one, shared by every run.
+# constraints file.
 pypi_pip() { env -u PIP_FIND_LINKS -u PIP_CONSTRAINT -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL \
                  PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip "$@"; }
 
+mkdir -p "$work"
+exec 9>"$work/lock"
+flock 9
 started=$SECONDS
 if [ ! -x "$venv/bin/python" ]; then
   python -m venv "$venv"
 fi
-have=$("$venv/bin/python" -c "import torch; print(torch.__version__, torch.version.cuda)" 2>/dev/null || true)
-if [ "$have" = "${have#"$torch_version "}" ] || [ "${have##* }" = "None" ]; then
+# the venv's torch as "<version without +local> <CUDA version>", e.g. "2.13.0 13.0"
+have=$("$venv/bin/python" -c "import torch; print(torch.__version__.split('+')[0], torch.version.cuda)" 2>/dev/null || true)
+if [ "${have% *}" != "$torch_version" ] || [ "${have#* }" = "None" ]; then
   echo "installing the CUDA build of torch $torch_version into $venv (was: ${have:-none})"
-  pypi_pip install --quiet "torch==$torch_version" "setuptools>=77.0.3" wheel ninja numpy scipy tqdm matplotlib
+  # into a wheelhouse in the work folder first: pip's own HTTP cache keeps none of these downloads
+  # here (the index's answers are not stored), and a venv made again should not fetch ~3.5 GB again
+  pypi_pip download --quiet --dest "$work/wheels" "${requirements[@]}"
+  pypi_pip install --quiet --no-index --find-links "$work/wheels" "${requirements[@]}"
 fi
 "$venv/bin/python" -c "import torch; print('venv torch', torch.__version__, 'CUDA', torch.version.cuda)"
 echo "venv ready in $((SECONDS - started)) s"
 
-# A copy of the working tree's files (tracked and untracked-not-ignored; mtimes kept, so the
-# copy's own build/ folder rebuilds only what changed). Sources deleted since the last copy must
-# not linger: setup.py globs csrc/, so everything but the copy's build/ is replaced.
+# A copy of the working tree's files (tracked and untracked-not-ignored). A file is rewritten only
+# when its content differs, so unchanged sources keep their old times and the copy's build/ folder
+# recompiles only what changed; files gone from the tree are removed (setup.py globs csrc/).
 mkdir -p "$src"
-find "$src" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
-git ls-files -z --cached --others --exclude-standard |
-  tar --null --files-from=- --ignore-failed-read -cf - | tar -xf - -C "$src"
+git ls-files -z --cached --others --exclude-standard | sort -z >"$work/files"
+(cd "$src" && find . -path ./build -prune -o -path './*.egg-info' -prune -o -type f -printf '%P\0' | sort -z) >"$work/copied"
+comm -z -13 "$work/files" "$work/copied" | (cd "$src" && xargs -0 -r rm -f --)
+while IFS= read -r -d '' file; do
+  if [ -f "$file" ] && ! cmp -s "$file" "$src/$file"; then
+    mkdir -p "$src/$(dirname "$file")"
+    cp "$file" "$src/$file"
+  fi
+done <"$work/files"
 
 built=$SECONDS
 if ! (cd "$src" && pypi_pip install --no-build-isolation --no-deps --force-reinstall .) >"$work/build.log" 2>&1; then
