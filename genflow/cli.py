@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         from genflow.train import commands
 
         from genflow.solvers.base import NonFiniteError
-        from genflow.train.checkpoint import RunLockedError
+        from genflow.checkpoint import RunLockedError
 
         run = {"train": commands.run_train, "sample": commands.run_sample, "table2": commands.run_table2}[args.command]
         try:

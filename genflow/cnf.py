@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from genflow.likelihood import _FIXED, _fixed, _stage, _stage_differentiable
 from genflow.noise import _seed
 from genflow.ops import hutchinson as _hutch
-from genflow.train.checkpoint import resume_loop_state, save_loop_state
+from genflow.checkpoint import resume_loop_state, save_loop_state
 
 __all__ = ["CNFNet", "cnf_log_likelihood", "train_cnf"]
 
@@ -221,7 +221,7 @@ def train_cnf(net: nn.Module, data: Union[torch.Tensor, Callable], *, steps: int
         generator: None (fresh seed), an int seed or a torch.Generator (CPU) of minibatches
             and probes; on resume its state is replaced by the checkpoint's.
         checkpoint (path, optional): the checkpoint file, written atomically and read safely by
-            ``genflow.train.checkpoint`` (``save_loop_state`` / ``resume_loop_state``: the previous
+            ``genflow.checkpoint`` (``save_loop_state`` / ``resume_loop_state``: the previous
             file is kept as ``.prev`` and used when the newest is broken; ``CheckpointError`` when
             none is usable). checkpoint_every (int >= 1).
         progress (bool): show a tqdm progress bar with the running negative log-likelihood.

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from genflow._checks import (check_bool, check_int, check_points, check_real, did_you_mean, make_generator,
                              per_step)
-from genflow.train.checkpoint import resume_loop_state, save_loop_state
+from genflow.checkpoint import resume_loop_state, save_loop_state
 from genflow.distributed import kernel_weighted_mean as sharded_mean
 from genflow.engine.solve import solve
 from genflow.engine.terms import ODE

@@ -7,7 +7,7 @@
 """
 from genflow.train import families, objectives, sd_generator  # sd_generator registers "sdflow"
 from genflow.train.classic import CLASSIC_FAMILIES
-from genflow.train.checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
+from genflow.checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
 from genflow.train.data import TOY_SETS, Dataset, available_datasets, load_dataset, toy_sample
 from genflow.train.families import FAMILIES, Family, make_family, reflow_pairs, register_family
 from genflow.train.nets import MLP, UNet, time_embedding

@@ -7,7 +7,7 @@ options, ``--no-resume`` restarts it), writes ``run.json`` (what to rebuild the 
 figure of samples, and prints the final loss and sample quality (MMD to the data; for 2D sets
 also the KL of seed 003's Table 2). A run directory holds one configuration: a ``train`` whose
 family, options, data or seed differ from its ``run.json`` is refused naming the option, and a
-second trainer on a directory in use is refused by its lock file (``genflow.train.checkpoint.run_lock``).
+second trainer on a directory in use is refused by its lock file (``genflow.checkpoint.run_lock``).
 ``genflow sample --checkpoint runs/fm --n 2000 --out x.npy`` rebuilds the family from
 ``run.json``, loads the newest good checkpoint (EMA weights when saved) and draws samples.
 """
@@ -132,7 +132,7 @@ def load_run(directory: str):
         ValueError: naming the file: no or a corrupt/incomplete ``run.json``, no checkpoint, or a
             checkpoint whose weights do not fit the networks ``run.json`` describes.
     """
-    from genflow.train.checkpoint import load_latest
+    from genflow.checkpoint import load_latest
     from genflow.train.trainer import family_name
 
     path = os.path.join(directory, RUN_FILE)
@@ -233,7 +233,7 @@ def _write_run(directory: str, run: dict) -> None:
 
 
 def run_train(args) -> int:
-    from genflow.train.checkpoint import run_lock
+    from genflow.checkpoint import run_lock
     from genflow.train.data import load_dataset
 
     _check_train_args(args)
@@ -266,7 +266,7 @@ def _train_family(args, family, data, out: str) -> None:
 
     if not family.phases:  # fitted in closed form / by EM, not by gradient steps
         family.fit(data.data, seed=args.seed)
-        from genflow.train.checkpoint import save_checkpoint
+        from genflow.checkpoint import save_checkpoint
         save_checkpoint(os.path.join(out, "checkpoint.pt"), {"step": 0, "family": family.state_dict(), "ema": None,
                                                              "family_name": family_name(family)})
     else:

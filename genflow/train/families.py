@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import genflow.processes as processes
-from genflow import cnf  # the module, not names: genflow.cnf imports genflow.train
+from genflow import cnf
 from genflow._checks import check_choice, check_int, check_real, did_you_mean
 from genflow.engine.solve import solve
 from genflow.engine.terms import SDE

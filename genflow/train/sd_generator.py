@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import distributed as dist
 
-from genflow import sdflow  # the module, not names: genflow.sdflow imports genflow.train
+from genflow import sdflow
 from genflow._checks import check_choice, check_int, check_real
 from genflow.ops import kernel_weighted_mean
 from genflow.train.families import Family, register_family

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from genflow._checks import check_bool, check_choice, check_int, check_real
 from genflow.noise import _mix
 from genflow.solvers.base import NonFiniteError
-from genflow.train.checkpoint import (CHECKPOINT_NAME, CheckpointError, get_rng_states, load_latest, run_lock,
+from genflow.checkpoint import (CHECKPOINT_NAME, CheckpointError, get_rng_states, load_latest, run_lock,
                                       save_checkpoint, set_rng_states)
 from genflow.train.data import Dataset, load_dataset
 
@@ -453,7 +453,7 @@ def train(family, data, config: TrainConfig, *, checkpoint_dir: Optional[str] = 
         checkpoint_dir (str, optional): where ``checkpoint.pt`` (+ ``.prev``) and ``metrics.jsonl``
             go (rank 0 writes). While training, rank 0 holds the directory's lock file
             ``train.lock``: a second trainer on the same directory gets
-            :class:`~genflow.train.checkpoint.RunLockedError` (the lock of a dead process is taken over).
+            :class:`~genflow.checkpoint.RunLockedError` (the lock of a dead process is taken over).
         resume (bool): continue from the newest good checkpoint in ``checkpoint_dir``, if any
             (a broken newest file falls back to ``.prev`` with a warning). Settings other than
             ``steps``, the periods and ``on_nonfinite`` must match the checkpoint's, and its

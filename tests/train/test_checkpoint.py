@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import genflow as gf
-from genflow.train.checkpoint import (FORMAT, VERSION, CheckpointError, load_checkpoint, load_latest,
+from genflow.checkpoint import (FORMAT, VERSION, CheckpointError, load_checkpoint, load_latest,
                                       resume_loop_state, save_checkpoint, save_loop_state)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,7 +109,7 @@ KILLED_WRITER = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 import torch
-from genflow.train import checkpoint
+from genflow import checkpoint
 path = {path!r}
 checkpoint.save_checkpoint(path, {{"step": 1, "x": torch.zeros(1000)}})
 if {where!r} == "write":

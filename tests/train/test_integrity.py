@@ -14,7 +14,7 @@ import torch
 
 from genflow.solvers.base import NonFiniteError
 from genflow.train import CheckpointError, Dataset, TrainConfig, load_checkpoint, load_dataset, train
-from genflow.train.checkpoint import LOCK_NAME, RunLockedError, run_lock
+from genflow.checkpoint import LOCK_NAME, RunLockedError, run_lock
 from tests.train.test_trainer import REPO, TinyFamily, make_data
 
 

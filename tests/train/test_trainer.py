@@ -13,7 +13,7 @@ from torch import nn
 import genflow.ops
 from genflow.train import (CheckpointError, Dataset, TrainConfig, learning_rate, load_checkpoint, load_latest,
                            sample_plotter, sample_seeds, save_checkpoint, train)
-from genflow.train.checkpoint import FORMAT
+from genflow.checkpoint import FORMAT
 from genflow.train.trainer import plot_samples
 
 
