@@ -255,3 +255,13 @@ def test_gradients_through_the_solve_match_finite_differences(solver):
     with torch.no_grad():
         numeric = (solve(theta + eps) - solve(theta - eps)) / (2 * eps)
     assert abs(theta.grad.item() - numeric.item()) <= 1e-6 * max(1.0, abs(numeric.item()))
+
+
+@pytest.mark.parametrize("solver", FIXED)
+def test_evaluations_match_the_declared_nfe(solver):
+    """Drift plus diffusion calls per solve: ``nfe_per_step * steps`` (reversible Heun: 2 more at the start)."""
+    cls = SDE_SOLVERS[solver]
+    infos = []
+    gf.solve(term_for(cls), torch.ones(2, 3, dtype=torch.float64), 0.0, 1.0, solver=solver, steps=6, generator=0,
+             callback=infos.append)
+    assert infos[-1]["nfe"] == cls.nfe(6) + (2 if solver == "reversible_heun" else 0)
