@@ -131,3 +131,14 @@ def test_explicit_grid_and_conflicting_steps():
         _sample("euler", steps=5, schedule=grid)
     with pytest.raises(ValueError, match="rho"):
         _sample("euler", steps=6, schedule=grid, rho=5.0)
+
+
+def test_precision_and_ownership_options_of_the_solver_section():
+    paragraph = re.search(r"Precision and memory: (.*?)\n\n", README, re.S).group(1)
+    options = set(re.findall(r"([a-z_]+)=", " ".join(re.findall(r"`([^`]*)`", paragraph))))
+    assert options >= {"state_dtype", "model_reuses_buffers"}
+    half = X_T.half()
+    result = gf.sample(MODEL, x_T=half, solver="dpmpp_2m", steps=6, state_dtype=torch.float64)
+    assert result.dtype == torch.float16
+    assert not torch.equal(result, gf.sample(MODEL, x_T=half, solver="dpmpp_2m", steps=6, state_dtype=torch.float16))
+    assert torch.equal(_sample("dpmpp_2m", model_reuses_buffers=True), _sample("dpmpp_2m"))
