@@ -193,8 +193,9 @@ class SRI(SDESolver):
                                               + beta3_s I_(1,0)/dt + beta4_s I_(1,1,1)/h)
 
     with ``I_(1,1) = (dW^2 - h)/2`` and ``I_(1,1,1) = (dW^3 - 3 h dW)/6`` (Rößler 2010).
-    Strong order 1.5 where each ``g_i`` depends on ``y_i`` alone (1.0 otherwise), weak order
-    1.5 (as torchsde declares); 7 evaluations per step (``f`` of the last stage has weight 0).
+    Strong order 1.5 where each ``g_i`` depends on ``y_i`` alone (otherwise the mixed iterated
+    integrals it omits lower the order), weak order 1.5 (as torchsde declares); 7 evaluations
+    per step (``f`` of the last stage has weight 0).
     Needs ``I_(1,0)`` (``brownian=None`` or torchsde's space-time ``BrownianInterval``).
     diffrax: no diagonal-noise SRI scheme (its SRA1/ShARK take additive noise).
     """
