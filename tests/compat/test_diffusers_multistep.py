@@ -535,3 +535,18 @@ def test_unipc_and_deis_coefficient_functions_are_the_natives():
         deis.deis_coefficients(0.1, [0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="variant"):
         unipc.unipc_coefficients(0.1, [], 1.0, 1.0, corrector=False, variant="bh3")
+
+
+def test_dpm_weights_per_sample_tensors_equal_floats():
+    """Per-sample [B] tensors (genflow's per-sample grids) give each sample's float weights."""
+    from genflow.solvers.dpm_solver import dpm_weights
+
+    hs, a0, s0, a1, s1 = [0.2, 0.5], [0.8, 0.7], [0.6, 0.71], [0.9, 0.85], [0.43, 0.5]
+    for eta, variant in [(0.0, "taylor"), (1.0, "diffusers")]:
+        as_tensor = [torch.tensor(v, dtype=torch.float64) for v in (hs, a0, s0, a1, s1)]
+        batched = dpm_weights(*as_tensor, eta=eta, variant=variant)
+        for b in range(2):
+            single = dpm_weights(hs[b], a0[b], s0[b], a1[b], s1[b], eta=eta, variant=variant)
+            for w_batch, w in zip(batched, single):
+                w_batch = torch.as_tensor(w_batch, dtype=torch.float64).expand(2)  # s = 0.0 stays a float
+                assert float(w_batch[b]) == pytest.approx(w, rel=1e-12, abs=1e-15)
