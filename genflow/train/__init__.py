@@ -5,8 +5,7 @@
     family = make_family("flow-matching", data_shape=data.data_shape)
     result = train(family, data, TrainConfig(steps=2000, batch_size=256), checkpoint_dir="runs/moons")
 """
-from genflow.train import families, objectives, sd_generator  # sd_generator registers "sdflow"
-from genflow.train.classic import CLASSIC_FAMILIES
+from genflow.train import classic, families, objectives, sd_generator  # importing a module registers its families
 from genflow.checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
 from genflow.train.data import TOY_SETS, Dataset, available_datasets, load_dataset, toy_sample
 from genflow.train.families import FAMILIES, Family, make_family, reflow_pairs, register_family
@@ -18,6 +17,3 @@ __all__ = [
     "available_datasets", "families", "make_family", "objectives", "reflow_pairs", "register_family", "learning_rate", "load_checkpoint", "load_dataset", "load_latest", "sample_plotter",
     "sample_seeds", "save_checkpoint", "time_embedding", "toy_sample", "train",
 ]
-
-for _name, _cls in CLASSIC_FAMILIES.items():  # gmm, vae, realnvp, gan (seed 003, Table 2)
-    register_family(_name, _cls)

@@ -5,8 +5,8 @@ and RealNVP in one phase ``"main"``, the GAN in ``("discriminator", "generator")
 randomness of sample ``b`` drawn from ``seeds[b]``. The GMM is fitted by expectation-maximisation
 (``GMMFamily.fit``) and has no phases: the Trainer has nothing to do for it.
 
-``CLASSIC_FAMILIES = {name: class}`` lists them for ``families.make_family``'s registry
-(``register_family(name, cls)`` for each).
+Each registers itself under its ``name`` when defined (``Family.__init_subclass__``);
+``CLASSIC_FAMILIES = {name: class}`` groups the four for Table 2.
 """
 from __future__ import annotations
 
@@ -525,9 +525,4 @@ class GANFamily(Family):
             return self.generate(z)
 
 
-CLASSIC_FAMILIES = {
-    "gmm": GMMFamily,
-    "vae": VAEFamily,
-    "realnvp": RealNVPFamily,
-    "gan": GANFamily,
-}
+CLASSIC_FAMILIES = {cls.name: cls for cls in (GMMFamily, VAEFamily, RealNVPFamily, GANFamily)}  # Table 2's classics

@@ -69,15 +69,38 @@ def _labels_or_none(labels, n: int, device):
     return labels.to(torch.int64)
 
 
+FAMILIES: Dict[str, type] = {}  # name -> Family subclass, filled as the classes are defined
+
+
+def register_family(name: str, cls) -> None:
+    """Add a family class (constructed as ``cls(data_shape=..., num_classes=..., **options)``);
+    a ``Family`` subclass that declares ``name`` is registered by this when it is defined."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Family)):
+        raise TypeError(f"cls must be a Family subclass, got {cls!r}")
+    taken = FAMILIES.get(name)
+    if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"family name {name!r} is already taken by {taken.__module__}.{taken.__qualname__}")
+    FAMILIES[name] = cls
+
+
 class Family:
     """Base class: trainable ``modules`` plus ``loss``/``sample``/``log_likelihood``.
 
     Subclasses set ``name`` and build ``self.modules`` (an ``nn.ModuleDict``); the default
-    ``parameters``, ``state_dict`` and ``load_state_dict`` cover every module in it.
+    ``parameters``, ``state_dict`` and ``load_state_dict`` cover every module in it. Declaring
+    ``name`` in a subclass's body registers it in ``FAMILIES`` (``make_family(name, ...)``,
+    ``genflow train --family name``), as declaring a solver's ``name`` registers the solver.
     """
 
     name: str = "family"
     phases: tuple = ("main",)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            register_family(cls.name, cls)
 
     def __init__(self, modules: Dict[str, nn.Module], data_shape, num_classes: Optional[int] = None):
         self.modules = nn.ModuleDict(modules)
@@ -500,22 +523,6 @@ class SlicedScoreFamily(_ODEFamily):
                          solver="euler_maruyama", steps=steps, generator=seed)
 
 
-FAMILIES = {
-    "diffusion": DiffusionFamily,
-    "flow-matching": FlowMatchingFamily,
-    "rectified-flow": RectifiedFlowFamily,
-    "cnf": CNFFamily,
-    "sliced-score": SlicedScoreFamily,
-}
-
-
-def register_family(name: str, cls) -> None:
-    """Add a family class (constructed as ``cls(data_shape=..., num_classes=..., **options)``)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-    if not (isinstance(cls, type) and issubclass(cls, Family)):
-        raise TypeError(f"cls must be a Family subclass, got {cls!r}")
-    FAMILIES[name] = cls
 
 
 def make_family(name: str, *, data_shape, num_classes: Optional[int] = None, **options) -> Family:

@@ -23,7 +23,7 @@ from torch import distributed as dist
 from genflow import sdflow
 from genflow._checks import check_choice, check_int, check_real
 from genflow.ops import kernel_weighted_mean
-from genflow.train.families import Family, register_family
+from genflow.train.families import Family
 from genflow.train.objectives import draw_normal
 
 __all__ = ["SDFlowGeneratorFamily"]
@@ -95,5 +95,3 @@ class SDFlowGeneratorFamily(Family):
         with torch.no_grad():
             return self.modules["generator"](eps)
 
-
-register_family("sdflow", SDFlowGeneratorFamily)
