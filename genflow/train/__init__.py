@@ -14,6 +14,6 @@ from genflow.train.trainer import EMA, TrainConfig, TrainResult, learning_rate, 
 
 __all__ = [
     "EMA", "FAMILIES", "MLP", "TOY_SETS", "CheckpointError", "Dataset", "Family", "TrainConfig", "TrainResult", "UNet",
-    "available_datasets", "families", "make_family", "objectives", "reflow_pairs", "register_family", "learning_rate", "load_checkpoint", "load_dataset", "load_latest", "sample_plotter",
-    "sample_seeds", "save_checkpoint", "time_embedding", "toy_sample", "train",
+    "available_datasets", "classic", "families", "make_family", "objectives", "reflow_pairs", "register_family", "learning_rate", "load_checkpoint", "load_dataset", "load_latest", "sample_plotter",
+    "sample_seeds", "save_checkpoint", "sd_generator", "time_embedding", "toy_sample", "train",
 ]
