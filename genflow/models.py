@@ -18,7 +18,7 @@ from typing import Callable, Optional, Union
 import torch
 from genflow._checks import did_you_mean
 
-__all__ = ["KINDS", "Model", "conversion", "guided"]
+__all__ = ["KINDS", "Model", "basis", "conversion", "guided"]
 
 KINDS = ("eps", "x0", "score", "v", "velocity")
 
@@ -29,8 +29,10 @@ def _kind_error(name: str, value) -> ValueError:
     return ValueError(f"{name} must be one of {KINDS}, got {value!r}{hint}")
 
 
-def _basis(kind, alpha, sigma, dalpha, dsigma):
-    """Return (p, q) with ``kind = p * x0 + q * eps``."""
+def basis(kind, alpha, sigma, dalpha, dsigma):
+    """``(p, q)`` with the prediction ``kind = p x0 + q eps`` at ``x_t = alpha x0 + sigma eps`` (every
+    conversion goes through this basis; Lim, "An Introduction to Generative Modeling with Flows and
+    Diffusion Models", Table 6.1, plus v and velocity)."""
     if kind == "eps":
         return 0.0, 1.0
     if kind == "x0":
@@ -53,10 +55,10 @@ def conversion(src, dst, alpha, sigma, dalpha=0.0, dsigma=0.0):
     ``dalpha``/``dsigma`` (time derivatives) are needed only when ``velocity`` is involved.
     """
     if src == dst:
-        _basis(src, alpha, sigma, dalpha, dsigma)  # validates the name
+        basis(src, alpha, sigma, dalpha, dsigma)  # validates the name
         return 0.0, 1.0
-    p, q = _basis(src, alpha, sigma, dalpha, dsigma)
-    p2, q2 = _basis(dst, alpha, sigma, dalpha, dsigma)
+    p, q = basis(src, alpha, sigma, dalpha, dsigma)
+    p2, q2 = basis(dst, alpha, sigma, dalpha, dsigma)
     det = alpha * q - sigma * p
     return (p2 * q - q2 * p) / det, (q2 * alpha - p2 * sigma) / det
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from genflow._checks import did_you_mean
 
-__all__ = ["BrownianTreeNoise", "NOISE_KINDS", "PhiloxNoise", "SuppliedNoise", "generator_seed", "noise_source"]
+__all__ = ["BrownianTreeNoise", "NOISE_KINDS", "PhiloxNoise", "SuppliedNoise", "generator_seed", "mix_keys", "noise_source"]
 
 NOISE_KINDS = ("philox", "brownian_tree")
 
@@ -73,7 +73,7 @@ def _splitmix64(z: np.ndarray) -> np.ndarray:
         return z ^ (z >> _U64(31))
 
 
-def _mix(a: np.ndarray, b) -> np.ndarray:
+def mix_keys(a: np.ndarray, b) -> np.ndarray:
     """A 64-bit key from two 64-bit words (uint64 arrays, broadcast)."""
     return _splitmix64(a ^ _splitmix64(np.asarray(b, dtype=_U64)))
 
@@ -141,10 +141,10 @@ class BrownianTreeNoise(PhiloxNoise):
                 if self.seed.numel() != batch:
                     raise ValueError(f"{self.seed.numel()} per-sample seeds for a batch of {batch}")
                 seeds = self.seed.detach().cpu().reshape(-1).numpy().astype(np.int64).view(_U64)
-                self._bases = _mix(seeds, _BATCH_TAG)
+                self._bases = mix_keys(seeds, _BATCH_TAG)
             else:
                 seed = np.array([int(self.seed) % 2 ** 64], dtype=_U64)
-                self._bases = _mix(seed, np.arange(batch, dtype=_U64))
+                self._bases = mix_keys(seed, np.arange(batch, dtype=_U64))
         return self._bases
 
     def _paths(self, s: np.ndarray):
@@ -197,7 +197,7 @@ class BrownianTreeNoise(PhiloxNoise):
         used = np.any(coef != 0.0, axis=0)
         if not used.any():
             return acc.to(like.dtype)
-        keys = _mix(self._sample_keys(batch)[:, None], nodes[:, used])  # [B, J']
+        keys = mix_keys(self._sample_keys(batch)[:, None], nodes[:, used])  # [B, J']
         keys = torch.from_numpy(np.ascontiguousarray(keys.T).view(np.int64)).to(like.device)
         coef = coef[:, used]
         per_sample = coef.shape[0] > 1

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genflow.noise import _seed
+from genflow.noise import generator_seed
 from genflow.ops import randn
 from genflow.train import objectives as obj
 from genflow._checks import check_choice, check_int, check_real
@@ -225,7 +225,7 @@ class GMMFamily(Family):
         check_int("n", n, low=1)
         if labels is not None or kwargs:
             raise ValueError(f"the gmm family takes no labels or sampling options, got {sorted(kwargs) or 'labels'}")
-        seed = _seed(generator, n)
+        seed = generator_seed(generator, n)
         u = _uniform(n, seed, _MIX, "cpu")
         k = torch.searchsorted(torch.cumsum(self.weights, 0), u * float(self.weights.sum())).clamp_max(self.components - 1)
         z = randn((n, self.dim), seed=seed, offset=_LATENT, dtype=torch.float64)
@@ -312,7 +312,7 @@ class VAEFamily(Family):
         check_int("n", n, low=1)
         if labels is not None or kwargs:
             raise ValueError(f"the vae family takes no labels or sampling options, got {sorted(kwargs) or 'labels'}")
-        seed = _seed(generator, n)
+        seed = generator_seed(generator, n)
         z = randn((n, self.latent), seed=seed, offset=_LATENT, device=self.device)
         with torch.no_grad():
             x = self.modules["decoder"](z)
@@ -439,7 +439,7 @@ class RealNVPFamily(Family):
         check_int("n", n, low=1)
         if labels is not None or kwargs:
             raise ValueError(f"the realnvp family takes no labels or sampling options, got {sorted(kwargs) or 'labels'}")
-        z = randn((n, self.dim), seed=_seed(generator, n), offset=_LATENT, device=self.device)
+        z = randn((n, self.dim), seed=generator_seed(generator, n), offset=_LATENT, device=self.device)
         with torch.no_grad():
             return self.inverse(z)
 
@@ -520,7 +520,7 @@ class GANFamily(Family):
         check_int("n", n, low=1)
         if labels is not None or kwargs:
             raise ValueError(f"the gan family takes no labels or sampling options, got {sorted(kwargs) or 'labels'}")
-        z = randn((n, self.latent), seed=_seed(generator, n), offset=_LATENT, device=self.device)
+        z = randn((n, self.latent), seed=generator_seed(generator, n), offset=_LATENT, device=self.device)
         with torch.no_grad():
             return self.generate(z)
 

@@ -23,7 +23,7 @@ from genflow.engine.solve import solve
 from genflow.engine.terms import SDE
 from genflow.likelihood import log_likelihood as _log_likelihood
 from genflow.models import Model, guided
-from genflow.noise import _seed
+from genflow.noise import generator_seed
 from genflow.ops import randn
 from genflow.sample import sample as _sample
 from genflow.solvers import available as _solvers
@@ -383,7 +383,7 @@ def reflow_pairs(family: FlowMatchingFamily, n: int, *, steps: int = 20, solver:
     check_choice("solver", solver, tuple(info))
     if info[solver].stochastic:
         raise ValueError(f"solver must be deterministic (an ODE solver) for reflow, got stochastic {solver!r}")
-    seed = _seed(generator, n)
+    seed = generator_seed(generator, n)
     z = randn((n,) + family.data_shape, seed=seed, device=family.device)
     model = family.model()
     with torch.no_grad():
@@ -508,7 +508,7 @@ class SlicedScoreFamily(_ODEFamily):
                                   solver=solver, steps=steps, **kwargs)
         check_int("n", n, low=1)
         cond = {} if labels is None else {"labels": _labels_or_none(labels, n, self.device)}
-        seed = _seed(generator, n)
+        seed = generator_seed(generator, n)
         shape = (n,) + self.data_shape
         eta = self.langevin_step * self.single ** 2
         steps = steps or self.steps

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from genflow._checks import check_int
-from genflow.models import KINDS, Model, _basis
+from genflow.models import KINDS, Model, basis
 from genflow.ops import kernel_weighted_mean, randn
 
 __all__ = [
@@ -154,7 +154,7 @@ def dsm_weight(process, t: torch.Tensor, prediction: str, weighting: str, *, gam
         s = sigma / alpha
         w_x0 = (s ** 2 + sigma_data ** 2) / (s * sigma_data) ** 2
     dalpha, dsigma = (process.dalpha(t), process.dsigma(t)) if prediction == "velocity" else (0.0, 0.0)
-    p, q = _basis(prediction, alpha, sigma, dalpha, dsigma)
+    p, q = basis(prediction, alpha, sigma, dalpha, dsigma)
     c_kind = (alpha * q - sigma * p) / alpha
     return w_x0 / snr / c_kind ** 2
 
@@ -186,7 +186,7 @@ def dsm_loss(model: Model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
     alpha, sigma = process.alpha(t), process.sigma(t)
     x_t = _coef(alpha, x0) * x0 + _coef(sigma, x0) * eps
     dalpha, dsigma = (process.dalpha(t), process.dsigma(t)) if kind == "velocity" else (0.0, 0.0)
-    p, q = _basis(kind, alpha, sigma, dalpha, dsigma)
+    p, q = basis(kind, alpha, sigma, dalpha, dsigma)
     p = p if isinstance(p, torch.Tensor) else torch.full_like(t, p)
     q = q if isinstance(q, torch.Tensor) else torch.full_like(t, q)
     target = _coef(p, x0) * x0 + _coef(q, x0) * eps

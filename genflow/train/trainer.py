@@ -34,7 +34,7 @@ from torch import distributed as dist
 from tqdm.auto import tqdm
 
 from genflow._checks import check_bool, check_choice, check_int, check_real
-from genflow.noise import _mix
+from genflow.noise import mix_keys
 from genflow.solvers.base import NonFiniteError
 from genflow.checkpoint import (CHECKPOINT_NAME, CheckpointError, get_rng_states, load_latest, run_lock,
                                       save_checkpoint, set_rng_states)
@@ -143,9 +143,9 @@ def sample_seeds(seed: int, step: int, phase: int, start: int, stop: int, device
     ``seeds[b] = H(H(H(seed, step), phase), b) >> 1`` with ``H`` SplitMix64 mixing: a function of
     the run seed, the step, the phase and the global row only.
     """
-    key = _mix(np.array([seed], dtype=np.uint64), np.uint64(step))
-    key = _mix(key, np.uint64(phase))
-    rows = _mix(key, np.arange(start, stop, dtype=np.uint64)) >> np.uint64(1)
+    key = mix_keys(np.array([seed], dtype=np.uint64), np.uint64(step))
+    key = mix_keys(key, np.uint64(phase))
+    rows = mix_keys(key, np.arange(start, stop, dtype=np.uint64)) >> np.uint64(1)
     return torch.from_numpy(rows.astype(np.int64)).to(device)
 
 
