@@ -70,13 +70,12 @@ def where(cond, a, b):
 
 
 class Grid(list):
-    """The ``Point``s of a time grid, with ``key``: the values they were computed from (the
-    process's ``cache_key`` and the grid's times), and ``serial``: a number no other grid ever
-    gets (a counter, never reused), which the step-plan cache is keyed on. Grids are only made
-    by ``table``, which returns the same grid for equal values while it is cached, so equal
-    values share step plans and a recomputed grid starts afresh."""
+    """The ``Point``s of a time grid, with ``serial``: a number no other grid ever gets (a
+    counter, never reused), which the step-plan cache is keyed on. Grids are only made by
+    ``table``, which returns the same grid for equal values (the process's parameters and the
+    times) while it is cached, so equal values share step plans and a recomputed grid starts
+    afresh."""
 
-    key: tuple = ()
     serial: int = -1
 
 
@@ -92,14 +91,14 @@ def table(process, ts: torch.Tensor) -> Grid:
     key = (process.cache_key(), tensor_key(ts))
     points = _TABLES.get(key)
     if points is None:
-        points = _TABLES.put(key, _compute_table(process, ts, key))
+        points = _TABLES.put(key, _compute_table(process, ts))
     return points
 
 
 _table = table  # the name the solver modules import
 
 
-def _compute_table(process, ts: torch.Tensor, key: tuple) -> Grid:
+def _compute_table(process, ts: torch.Tensor) -> Grid:
     with torch.no_grad():
         cols = [ts, process.alpha(ts), process.sigma(ts), process.log_snr(ts), process.f(ts),
                 process.g2(ts), process.dalpha(ts), process.dsigma(ts)]
@@ -109,7 +108,7 @@ def _compute_table(process, ts: torch.Tensor, key: tuple) -> Grid:
     else:
         rows = zip(*(c.unbind(0) for c in cols))
     grid = Grid(Point(*row) for row in rows)
-    grid.key, grid.serial = key, next(_SERIALS)
+    grid.serial = next(_SERIALS)
     return grid
 
 
