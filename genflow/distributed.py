@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from genflow.ops.kernel_mean import _check_args, _dispatch
+from genflow.ops.kernel_mean import check_kernel_mean_args, use_kernel_mean_op
 from genflow.ops.kernel_mean import kernel_weighted_mean as _local_mean
 
 __all__ = ["kernel_weighted_mean", "shard"]
@@ -84,8 +84,8 @@ def kernel_weighted_mean(queries: torch.Tensor, keys_local: torch.Tensor, values
         out, lse = _local_mean(queries, keys_local, values, sigma=sigma, log_weights=log_weights, return_lse=True,
                                precision=precision, backend=backend)
     else:  # checked as the engine checks a non-empty shard, then the empty shard's neutral element
-        _check_args(queries, keys_local, values, sigma, log_weights, precision, empty_keys_ok=True)
-        _dispatch(backend, queries.device)  # validates backend as the engine does
+        check_kernel_mean_args(queries, keys_local, values, sigma, log_weights, precision, empty_keys_ok=True)
+        use_kernel_mean_op(backend, queries.device)  # validates backend as the engine does
         out = queries.new_zeros((queries.shape[0], values.shape[1]))
         lse = queries.new_full((queries.shape[0],), -math.inf)
     m = lse.clone()

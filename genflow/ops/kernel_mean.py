@@ -39,7 +39,7 @@ from genflow._extension import HAS_EXTENSION
 from genflow.ops._reference import check_devices
 from genflow.ops.fused_update import use_op
 
-__all__ = ["PRECISIONS", "kernel_weighted_mean"]
+__all__ = ["PRECISIONS", "check_kernel_mean_args", "kernel_weighted_mean", "use_kernel_mean_op"]
 
 PRECISIONS = ("highest", "tf32", "bf16")  # the codes of KernelPrecision in kernel_mean.h
 _DTYPES = (torch.float32, torch.float64)
@@ -49,7 +49,7 @@ _BLOCK_ELEMS = 1 << 22
 _KEY_CHUNK = 1024
 
 
-def _dispatch(backend: str, device: torch.device) -> bool:
+def use_kernel_mean_op(backend: str, device: torch.device) -> bool:
     """True: the compiled op; False: the reference (also for backend="auto" without the op)."""
     return use_op(backend, device, _HAS_OP, "the kernel_weighted_mean op")
 
@@ -234,7 +234,7 @@ def check_sigma(sigma) -> float:
         raise ValueError(f"sigma must be a finite number > 0, got {float(sigma)}") from None
 
 
-def _check_args(queries, keys, values, sigma, log_weights, precision, empty_keys_ok: bool = False) -> None:
+def check_kernel_mean_args(queries, keys, values, sigma, log_weights, precision, empty_keys_ok: bool = False) -> None:
     """ValueError/TypeError for bad arguments (``empty_keys_ok``: M = 0, an empty shard of the keys)."""
     for name, t in (("queries", queries), ("keys", keys), ("values", values), ("log_weights", log_weights)):
         if t is not None and not isinstance(t, torch.Tensor):
@@ -318,8 +318,8 @@ def kernel_weighted_mean(queries: torch.Tensor, keys: torch.Tensor, values: Opti
     """
     if values is None:
         values = keys
-    _check_args(queries, keys, values, sigma, log_weights, precision)
-    use_op = _dispatch(backend, queries.device)
+    check_kernel_mean_args(queries, keys, values, sigma, log_weights, precision)
+    use_op = use_kernel_mean_op(backend, queries.device)
     sigma = check_sigma(sigma)
     scale = 0.5 / sigma / sigma  # 0 for sigma > ~1e154 (weights softmax(lw)); inf below ~1e-154
     use_op = use_op and scale > 0  # the ops take scale > 0; the reference computes scale = 0 exactly
