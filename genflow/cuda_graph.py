@@ -27,7 +27,7 @@ import torch
 from genflow.engine.loop import NO_STEP, grid_steps, raise_diverged
 from genflow.noise import PhiloxNoise, _seed
 
-__all__ = ["clear", "check_capturable", "graphed_solve"]
+__all__ = ["clear", "check_capturable", "graphed_solve", "record"]
 
 _MAX_GRAPHS = 8
 _GRAPHS: "OrderedDict[tuple, _Captured]" = OrderedDict()
@@ -100,6 +100,12 @@ def _record(body, device):
     with torch.cuda.graph(graph):
         out = body()
     return graph.replay, out
+
+
+def record(body, device):
+    """Warm ``body()`` up on a side stream, then capture it as a CUDA graph: ``(replay, out)``.
+    The entry point for the other front ends (``gf.solve``); the same capture as ``gf.sample``'s."""
+    return _record(body, device)
 
 
 def _capture(model, solver_cls, ts, x0, seed, eta, backend, final_step, options, check_finite) -> _Captured:

@@ -6,20 +6,23 @@ schemes of ``genflow.engine.sde.SDE_SOLVERS`` on the Brownian motion of
 ``genflow.engine.brownian.make_brownian``. Both run through the one time loop
 (``genflow.engine.loop.run``: callback, progress bar, divergence check).
 """
+import warnings
+from collections import OrderedDict
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from genflow._checks import check_bool, check_choice, check_int, check_real
-from genflow.engine.loop import run
+from genflow.engine.loop import NO_STEP, grid_steps, raise_diverged, run
 from genflow.engine.ode import AdaptiveRK, FixedRK
 from genflow.engine.tableau import TABLEAUX
 from genflow.engine.terms import ODE, SDE
 from genflow.ops.fused_update import use_kernel
 
-__all__ = ["Solution", "solve"]
+__all__ = ["Solution", "clear_graphs", "graphed_solve", "solve"]
 
 BACKENDS = ("auto", "torch", "cpu", "cuda")
+DRIFT_ADVICE = "the drift at these times (a NaN/Inf output, or a solution that blows up there)"
 ERROR_NORMS = ("sample", "batch")
 
 
@@ -139,7 +142,7 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
           rtol: Optional[float] = None, atol: Optional[float] = None, generator=None, brownian=None, saveat=None,
           dense: bool = False, callback: Optional[Callable] = None, progress: bool = False, check_finite: bool = True,
           backend: str = "auto", error_norm: str = "sample", h_init=None, max_steps: int = 10_000,
-          **solver_options):
+          cuda_graph: bool = False, **solver_options):
     """Integrate ``term`` (``gf.ODE`` or ``gf.SDE``) from ``y0`` at ``t0`` to ``t1``.
 
     Args:
@@ -166,6 +169,9 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
             rms over the batch, as torchdiffeq).
         h_init: the first adaptive step (default: Hairer's automatic choice, 1 NFE).
         max_steps: bound on the adaptive iterations.
+        cuda_graph: capture the fixed-grid ODE solve (drift calls included) as a CUDA graph on its
+            first call and replay it on later calls with the same term, solver, grid, shape and
+            dtype (``graphed_solve``); CUDA tensors, a shared grid, no saveat/callback/progress.
         **solver_options: passed to an SDE solver.
 
     Returns:
@@ -183,6 +189,7 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
     check_choice("error_norm", error_norm, ERROR_NORMS)
     check_finite, dense, progress = (check_bool("check_finite", check_finite), check_bool("dense", dense),
                                      check_bool("progress", progress))
+    cuda_graph = check_bool("cuda_graph", cuda_graph)
     max_steps = check_int("max_steps", max_steps, low=1)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
@@ -218,8 +225,87 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
         grid = None
     else:
         grid = _grid(ts, steps, t0, t1, batch)
+        if cuda_graph:
+            _check_capturable(y0, grid, saveat, callback, progress)
+            return graphed_solve(term, solver, y0, grid, kernel=kernel, check_finite=check_finite)
         stepper = FixedRK(tableau, _drift(term, y0, grid.dim() == 1), grid, kernel=kernel)
+    if cuda_graph:
+        raise ValueError("cuda_graph=True cannot capture this solve: the solver is adaptive (its step count "
+                         "depends on the data); pass steps= or ts=")
     return _finish(stepper, y0, grid, solver, saveat, callback, progress, check_finite, dense)
+
+
+_GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()  # key -> (term, replay, static y0, out, flag)
+_MAX_GRAPHS = 8
+
+
+def clear_graphs() -> None:
+    """Release every captured ``gf.solve`` graph and its static buffers."""
+    _GRAPHS.clear()
+
+
+def _check_capturable(y0, grid, saveat, callback, progress):
+    reasons = [(grid.dim() != 1, "per-sample time grids; use shared t0/t1"),
+               (saveat is not None, "saveat copies states during the solve"),
+               (callback is not None, "callback runs Python per step"),
+               (progress, "a progress bar runs Python per step"),
+               (y0.requires_grad, "y0 requires grad (backpropagation needs the eager solve)"),
+               (y0.device.type != "cuda" or not torch.cuda.is_available(),
+                f"the solve must run on a CUDA device, got y0 on {y0.device}")]
+    for failed, reason in reasons:
+        if failed:
+            raise ValueError(f"cuda_graph=True cannot capture this solve: {reason}")
+
+
+def graphed_solve(term: ODE, solver: str, y0: torch.Tensor, grid: torch.Tensor, *, kernel: bool,
+                  check_finite: bool) -> torch.Tensor:
+    """The fixed-grid ODE solve of ``gf.solve`` as a replay of a CUDA graph captured on the first
+    call for this term, solver, grid, shape, dtype and device (``genflow.cuda_graph.record``:
+    warm-up on a side stream, then capture; at most 8 kept, ``clear_graphs()`` frees them). Each
+    call copies ``y0`` into the graph's static input and replays it; a drift that cannot be
+    captured (host syncs) runs eagerly with a warning. ``check_finite``: the fused updates flag
+    the first step writing NaN/Inf inside the graph; the flag is read once after the replay."""
+    from genflow import cuda_graph
+
+    key = (id(term), solver, grid.numpy().tobytes(), tuple(y0.shape), y0.dtype, str(y0.device), kernel, check_finite)
+    entry = _GRAPHS.get(key)
+    if entry is None or entry[0] is not term:
+        static = y0.detach().clone()
+        flag = torch.full((1,), NO_STEP, dtype=torch.int32, device=y0.device) if check_finite else None
+
+        def body():
+            stepper = FixedRK(TABLEAUX[solver], _drift(term, static, True), grid, kernel=kernel)
+            stepper.nonfinite = flag
+            y = static
+            for y, _, _ in grid_steps(stepper, grid, static, solver, check_finite=False):
+                pass
+            return y
+
+        try:
+            replay, out = cuda_graph.record(body, y0.device)
+        except RuntimeError as error:  # a host sync or an uncapturable op in the drift
+            if y0.device.type == "cuda":
+                torch.cuda.synchronize(y0.device)
+            warnings.warn(f"cuda_graph=True: the solve could not be captured as a CUDA graph ({error}); running it "
+                          "eagerly", RuntimeWarning, stacklevel=3)
+            stepper = FixedRK(TABLEAUX[solver], _drift(term, y0, True), grid, kernel=kernel)
+            return run(stepper, y0, ts=grid, solver=solver, check_finite=check_finite, caller="gf.solve",
+                       advice=DRIFT_ADVICE)[0]
+        entry = _GRAPHS[key] = (term, replay, static, out, flag)
+        while len(_GRAPHS) > _MAX_GRAPHS:
+            _GRAPHS.popitem(last=False)
+    _GRAPHS.move_to_end(key)
+    _, replay, static, out, flag = entry
+    static.copy_(y0)
+    if flag is not None:
+        flag.fill_(NO_STEP)
+    replay()
+    y = out.clone()
+    if flag is not None:
+        first = int(flag.item())
+        if first != NO_STEP:
+            raise_diverged(solver, first, grid, y, grid.shape[0] - 1, "gf.solve", DRIFT_ADVICE)
+    return y
 
 
 def _finish(stepper, y0, grid, solver, saveat, callback, progress, check_finite, dense):
@@ -240,9 +326,8 @@ def _finish(stepper, y0, grid, solver, saveat, callback, progress, check_finite,
             if user_callback is not None:
                 user_callback(info)
 
-    advice = "the drift at these times (a NaN/Inf output, or a drift that blows up there)"
     y, _ = run(stepper, y0, ts=grid, solver=solver, check_finite=check_finite, callback=callback, progress=progress,
-               caller="gf.solve", advice=advice)
+               caller="gf.solve", advice=DRIFT_ADVICE)
     if saveat is None and not dense:
         return y
     stats = {"nfe": stepper.evaluations}

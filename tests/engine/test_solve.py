@@ -186,3 +186,52 @@ def test_dense_output_needs_an_adaptive_solve():
     dense = gf.solve(gf.ODE(rhs), Y0, 0.0, 1.0, solver="dopri5", dense=True)
     with pytest.raises(ValueError, match="t must lie in each sample's interval"):
         dense.evaluate(1.5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, "must run on a CUDA device"),
+    ({"rtol": 1e-3, "steps": None}, "the solver is adaptive"),
+    ({"t0": torch.tensor([0.0, 0.5])}, "per-sample time grids"),
+    ({"saveat": [1.0]}, "saveat"),
+    ({"callback": print}, "callback"),
+    ({"progress": True}, "progress bar"),
+])
+def test_uncapturable_solves_are_refused_up_front(kwargs, match):
+    args = {"t0": 0.0, "steps": 4}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        gf.solve(gf.ODE(lambda t, y: -y), torch.ones(2, 2), args.pop("t0"), 1.0, solver="dopri5", cuda_graph=True,
+                 **args)
+
+
+def test_graphed_solve_plumbing_replays_the_captured_body(monkeypatch):
+    """On the CPU with a recorder whose 'replay' re-runs the captured body: the first call
+    captures, later calls with the same term reuse it with their own y0, and equal the eager solve."""
+    import importlib
+
+    from genflow import cuda_graph
+    from genflow.ops.fused_update import use_kernel
+
+    solve_module = importlib.import_module("genflow.engine.solve")  # the module (gf.engine.solve is the function)
+
+    captures = []
+
+    def rerun(body, device):
+        captures.append(device)
+        out = body()
+        return (lambda: out.copy_(body())), out
+
+    monkeypatch.setattr(cuda_graph, "_record", rerun)
+    solve_module.clear_graphs()
+    term = gf.ODE(rhs)
+    grid = torch.linspace(0.0, 2.0, 7, dtype=torch.float64)
+    for seed in (0, 1):
+        y0 = torch.rand(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) + 0.5
+        graphed = solve_module.graphed_solve(term, "rk4", y0, grid, kernel=use_kernel("auto", y0.device),
+                                             check_finite=True)
+        assert torch.equal(graphed, gf.solve(term, y0, 0.0, 2.0, solver="rk4", ts=grid))
+    assert len(captures) == 1
+    with pytest.raises(gf.NonFiniteError, match="gf.solve: solver 'rk4' produced NaN/Inf"):
+        solve_module.graphed_solve(gf.ODE(lambda t, y: y * y * 1e3), "rk4", torch.ones(2, 2, dtype=torch.float64),
+                                   grid, kernel=use_kernel("auto", torch.device("cpu")), check_finite=True)
+    solve_module.clear_graphs()
