@@ -334,7 +334,7 @@ def stage_bench(check: Check) -> None:
         check.skip("bench", "the CUDA build did not pass")
         return
     else:
-        device = ["--device", "cuda"]
+        device = ["--device", "cuda", "--rounds", "3"]
     parts = check.out / "bench-groups"
     parts.mkdir(exist_ok=True)
     argvs = [[check.python, "-m", "genflow.cli", "bench", "--only", group, "--no-compile", "--no-results",
