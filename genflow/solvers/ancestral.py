@@ -86,7 +86,44 @@ class DPM2(Solver):
         self.mid = _table(self.process, t_mid)
         self.euler = _rows(euler)
 
+    def _plan(self, i, stage):
+        """``(coefs, 0.0)`` of step ``i``'s noise-free ``stage`` on a scalar grid: ``"euler"``
+        (``x' = (sigma'/sigma) x + alpha' (1 - s'/s) x0``), ``"mid"`` (``x_m``) or ``"final"``
+        (``x' = (alpha'/alpha) x - (alpha'/alpha) sigma (1 - s'/s) eps_m``)."""
+        p, m, q = self.grid[i], self.mid[i], self.grid[i + 1]
+        _, _, one_minus, _ = _ancestral(p, q, 0.0)
+        a0, b0 = self.coef("x0", p)
+        if stage == "euler":
+            c0 = q.alpha * one_minus
+            return [q.sigma / p.sigma + c0 * a0, c0 * b0], 0.0
+        if stage == "mid":
+            c0 = m.alpha * -expm1(-(m.lam - p.lam))
+            return [m.sigma / p.sigma + c0 * a0, c0 * b0], 0.0
+        a_m, b_m = self.coef("eps", m)
+        ratio = q.alpha / p.alpha
+        c_m = -ratio * p.sigma * one_minus
+        return [ratio, 0.0, c_m * a_m, c_m * b_m], 0.0
+
+    def _planned_step(self, i, x):
+        """A noise-free step of a scalar grid with packed coefficients reused across solves; None
+        when the step cannot be planned (noise, thresholding, per-sample times)."""
+        euler = self.euler[i]
+        first = self.step_plan(i, ("euler" if euler else "mid",), lambda: self._plan(i, "euler" if euler else "mid"))
+        if first is None:
+            return None
+        out = self.evaluate(x, self.grid[i])
+        if euler:
+            return self.update_packed(x, [out], first, out=x)
+        x_m = self.update_packed(x, [out], first, out=torch.empty_like(x))
+        out_m = self.evaluate(x_m, self.mid[i])
+        final = self.step_plan(i, ("final",), lambda: self._plan(i, "final"))
+        return self.update_packed(x, [out, x_m, out_m], final, out=x)
+
     def step(self, i, x):
+        if not self.eta and not isinstance(self.euler[i], torch.Tensor):
+            planned = self._planned_step(i, x)
+            if planned is not None:
+                return planned
         p, m, q, euler = self.grid[i], self.mid[i], self.grid[i + 1], self.euler[i]
         r, rho, one_minus, up = _ancestral(p, q, self.eta or 0.0)
         out = self.evaluate(x, p)

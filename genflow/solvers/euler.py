@@ -72,8 +72,25 @@ class Heun(Solver):
     order = 2
     nfe_per_step = 2
 
+    def _predictor(self, p, q):
+        (a, b), h = self.coef("velocity", p), q.t - p.t
+        return [1 + h * a, h * b], 0.0
+
+    def _corrector(self, p, q):
+        (a, b), (a2, b2), h = self.coef("velocity", p), self.coef("velocity", q), q.t - p.t
+        return [1 + h * a / 2, h * b / 2, h * a2 / 2, h * b2 / 2], 0.0
+
     def step(self, i, x):
         p, q = self.grid[i], self.grid[i + 1]
+        predictor = self.step_plan(i, ("predictor",), lambda: self._predictor(p, q))
+        if predictor is not None:  # a scalar grid: both stages' packed coefficients are reused
+            out = self.evaluate(x, p)
+            if q.sigma == 0:
+                return self.update_packed(x, [out], predictor, out=x)
+            x_euler = self.update_packed(x, [out], predictor, out=torch.empty_like(x))
+            out2 = self.evaluate(x_euler, q)
+            corrector = self.step_plan(i, ("corrector",), lambda: self._corrector(p, q))
+            return self.update_packed(x, [out, x_euler, out2], corrector, out=x)
         h = q.t - p.t
         out, [(a, b)] = self.views(x, self.evaluate(x, p), p, "velocity")
         at_zero = q.sigma == 0

@@ -1,8 +1,10 @@
 """k-diffusion's DPM-Solver samplers on a log-sigma time grid (``sample_dpm_fast``,
 ``sample_dpm_adaptive``) and its stochastic DPM-Solver++ (``sample_dpmpp_sde``).
 
-These still run their own steps (``_Run``, ``_DPMSolver``, ``_PIDController``) with
-k-diffusion's scalar arithmetic; they are the part of this package not yet on the native solvers.
+``sample_dpm_fast`` runs the native ``dpm_solver_1|2|3`` steps. ``sample_dpm_adaptive`` (its
+DPM-Solver-12/23 pairs share evaluations, and its PID controller is not the engine's) and
+``sample_dpmpp_sde`` (no native counterpart) still take their steps here (``_Run``,
+``_DPMSolver``, ``_PIDController``) with k-diffusion's scalar arithmetic.
 """
 import math
 
