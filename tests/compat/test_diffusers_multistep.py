@@ -424,8 +424,8 @@ def test_each_step_is_one_fused_call(monkeypatch):
     from genflow.compat.diffusers import _multistep
 
     calls = []
-    real = _multistep.fused
-    monkeypatch.setattr(_multistep, "fused", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    real = _multistep.fused_planned  # (x, terms, (kept, coef)): count the terms the op reads
+    monkeypatch.setattr(_multistep, "fused_planned", lambda *a: calls.append(sum(a[2][0])) or real(*a))
     s = compat.DPMSolverMultistepScheduler(solver_order=3)
     s.set_timesteps(6)
     x = torch.randn(SHAPE)

@@ -21,7 +21,7 @@ import torch
 from genflow.solvers.base import dynamic_threshold
 
 from ._base import (Config, Scheduler, SchedulerOutput, alphas_cumprod_for, betas_for, check_choice,
-                    check_prediction_type, fused, x0_eps_coefficients)
+                    check_prediction_type, fused, fused_planned, grid_plans, pack, x0_eps_coefficients)
 from ._sigmas import beta_sigmas, exponential_sigmas, karras_sigmas, sigma_to_t
 
 __all__ = ["MultistepScheduler", "multistep_timesteps", "flow_sigmas"]
@@ -143,6 +143,7 @@ class MultistepScheduler(Scheduler):
     def _grid(self, sigmas: torch.Tensor) -> None:
         """Per-index float64 ``alpha``, ``sigma``, ``lambda`` of the float32 ``sigmas`` table."""
         self._s = sigmas.double().tolist()
+        self._plans = grid_plans(self, self._s)
         flow = self.config.get("use_flow_sigmas", False)
         self._alpha, self._sigma, self._lam = [], [], []
         for s in self._s:
@@ -198,38 +199,34 @@ class MultistepScheduler(Scheduler):
         a, b = self._x0_coefs(i) if data else self._eps_coefs(i)
         return model_output, a, b
 
-    @staticmethod
-    def _materialise(sample, view) -> torch.Tensor:
+    def _materialise(self, sample, view, i: int) -> torch.Tensor:
+        """The prediction ``a sample + b term`` of ``view = (term, a, b)`` at grid index ``i`` as a tensor."""
         term, a, b = view
         if (a, b) == (0.0, 1.0):
             return term
-        return fused(sample, [term], [a, b])
+        plan = self._plans.get(("m", i, a, b))
+        if plan is None:
+            plan = self._plans[("m", i, a, b)] = pack([a, b])
+        return fused_planned(sample, [term], plan)
 
-    @staticmethod
-    def _update(x, cx, sample, view, history=(), cm=(0.0,), noise_scale=0.0, noise=None) -> torch.Tensor:
+    def _update(self, key, x, sample, view, history, coefficients, noise=None) -> torch.Tensor:
         """One fused call ``x' = cx x + cm[0] m0 + sum_j cm[j] history[j-1] + noise_scale z`` with
-        ``m0 = a sample + b term`` for ``view = (term, a, b)``; zero coefficients are dropped and
-        ``sample`` is folded into ``cx`` when it is ``x``."""
+        ``m0 = a sample + b term`` for ``view = (term, a, b)`` and ``(cx, cm, noise_scale) =
+        coefficients()``; ``sample`` is folded into ``cx`` when it is ``x``. Noise-free coefficients
+        depend on the grid and ``key`` alone: they are computed and packed once per grid."""
         term, a, b = view
-        terms, coefs = [], [cx]
-
-        def add(t, c):
-            if c == 0.0:
-                return
-            if t is x:
-                coefs[0] += c
-            else:
-                terms.append(t)
-                coefs.append(c)
-
-        add(term, cm[0] * b)
-        if a != 0.0:
-            add(sample, cm[0] * a)
-        for t, c in zip(history, cm[1:]):
-            add(t, c)
-        if noise_scale == 0.0:
-            return fused(x, terms, coefs)
-        return fused(x, terms, coefs, noise_scale, noise=noise)
+        terms = [term, sample, *history]
+        key = (key, sample is x, a, b)
+        plan = self._plans.get(key)
+        if plan is None:
+            cx, cm, noise_scale = coefficients()
+            coefs = [cx, cm[0] * b, cm[0] * a, *cm[1:]]
+            if sample is x:
+                coefs[0], coefs[2] = coefs[0] + coefs[2], 0.0
+            if noise_scale != 0.0:
+                return fused(x, terms, coefs, noise_scale, noise=noise)
+            plan = self._plans[key] = pack(coefs)
+        return fused_planned(x, terms, plan)
 
     # -- bookkeeping and forward noising -------------------------------------------------------
     def index_for_timestep(self, timestep, schedule_timesteps: Optional[torch.Tensor] = None) -> int:

@@ -101,7 +101,7 @@ class DEISMultistepScheduler(MultistepScheduler):
         view = (term, (1.0 - al_i * a) / s_i, -al_i * b / s_i)
         keep = c.solver_order > 1 and i + 1 < n
         if keep:
-            view = (self._materialise(sample, view), 0.0, 1.0)
+            view = (self._materialise(sample, view, i), 0.0, 1.0)
         self.model_outputs = self.model_outputs[1:] + [view[0] if keep else None]
         final = i == n - 1 and c.lower_order_final and n < 15
         second = i == n - 2 and c.lower_order_final and n < 15
@@ -111,9 +111,9 @@ class DEISMultistepScheduler(MultistepScheduler):
             order = 2
         else:
             order = 3
-        cx, cm = self._coefficients(i, order)
         history = [self.model_outputs[-1 - j] for j in range(1, order)]
-        prev = self._update(sample, cx, sample, view, history, cm)
+        prev = self._update(("deis", i, order), sample, sample, view, history,
+                            lambda: (*self._coefficients(i, order), 0.0))
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1
         self._step_index += 1

@@ -189,15 +189,14 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         view = self._view(out, x, i, algorithm.endswith("++"), c.thresholding)
         keep = c.solver_order > 1 and i + 1 < len(self.timesteps)
         if keep:
-            view = (self._materialise(x, view), 0.0, 1.0)
+            view = (self._materialise(x, view, i), 0.0, 1.0)
         self.model_outputs = self.model_outputs[1:] + [view[0] if keep else None]
         noise = None
         if algorithm.startswith("sde"):
             noise = variance_noise if variance_noise is not None else randn_like_diffusers(
                 model_output.shape, generator, model_output.device, torch.float32)
-        cx, cm, scale = self._coefficients(i, order)
         history = [self.model_outputs[-1 - j] for j in range(1, order)]
-        prev = self._update(x, cx, x, view, history, cm, scale, noise)
+        prev = self._update(("dpm", i, order), x, x, view, history, lambda: self._coefficients(i, order), noise)
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1
         self._step_index += 1
@@ -309,7 +308,7 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
         view = self._view(out, sample, i, c.algorithm_type.endswith("++"), c.thresholding)
         keep = c.solver_order > 1 and i + 1 < len(self.timesteps)
         if keep:
-            view = (self._materialise(sample, view), 0.0, 1.0)
+            view = (self._materialise(sample, view, i), 0.0, 1.0)
         self.model_outputs = self.model_outputs[1:] + [view[0] if keep else None]
         noise = None
         if c.algorithm_type == "sde-dpmsolver++":
@@ -319,9 +318,9 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
             order -= 1
         if order == 1:
             self.sample = sample
-        cx, cm, scale = self._coefficients(i, order)
         history = [self.model_outputs[-1 - j] for j in range(1, order)]
-        prev = self._update(self.sample, cx, sample, view, history, cm, scale, noise)
+        prev = self._update(("dpm", i, order), self.sample, sample, view, history,
+                            lambda: self._coefficients(i, order), noise)
         self._step_index += 1
         return self._output(prev, return_dict)
 

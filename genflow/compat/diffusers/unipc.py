@@ -141,6 +141,11 @@ class UniPCMultistepScheduler(MultistepScheduler):
                                   corrector=corrector, variant=self.config.solver_type,
                                   data_prediction=self.predict_x0)
 
+    @staticmethod
+    def _split(coefs):
+        """``(c_x, [c_m0, ..], 0.0)`` from ``[c_x, c_m0, ..]`` (``_update``'s form; UniPC adds no noise)."""
+        return coefs[0], coefs[1:], 0.0
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """Correct the previous step with ``model_output`` (UniC), then predict the next point (UniP).
 
@@ -159,12 +164,12 @@ class UniPCMultistepScheduler(MultistepScheduler):
         view = self._view(model_output, sample, i, self.predict_x0, c.thresholding and self.predict_x0)
         keep = i + 1 < len(self.timesteps)
         if keep or use_corrector:
-            view = (self._materialise(sample, view), 0.0, 1.0)
+            view = (self._materialise(sample, view, i), 0.0, 1.0)
         if use_corrector:  # UniC for the step i - 1 -> i, from its start last_sample
             k = self.this_order
-            coefs = self._coefficients(i - 1, k, corrector=True)
             terms = self.model_outputs[::-1][:k] + [view[0]]
-            sample = self._update(self.last_sample, coefs[0], sample, (terms[0], 0.0, 1.0), terms[1:], coefs[1:])
+            sample = self._update(("unic", i - 1, k), self.last_sample, sample, (terms[0], 0.0, 1.0), terms[1:],
+                                  lambda: self._split(self._coefficients(i - 1, k, corrector=True)))
         self.model_outputs = self.model_outputs[1:] + [view[0] if keep else None]
         self.timestep_list = self.timestep_list[1:] + [timestep]
         order = min(c.solver_order, len(self.timesteps) - i) if c.lower_order_final else c.solver_order
@@ -173,9 +178,10 @@ class UniPCMultistepScheduler(MultistepScheduler):
         if self.solver_p is not None:
             prev = self.solver_p.step(model_output, self.timestep_list[-1], sample).prev_sample
         else:
-            coefs = self._coefficients(i, self.this_order, corrector=False)
-            history = [self.model_outputs[-1 - j] for j in range(1, self.this_order)]
-            prev = self._update(sample, coefs[0], sample, view, history, coefs[1:])
+            k = self.this_order
+            history = [self.model_outputs[-1 - j] for j in range(1, k)]
+            prev = self._update(("unip", i, k), sample, sample, view, history,
+                                lambda: self._split(self._coefficients(i, k, corrector=False)))
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1
         self._step_index += 1
