@@ -7,7 +7,7 @@ Public API (DESIGN.md §3)::
     model = gf.Model(net, process, prediction="eps")    # eps | x0 | score | v | velocity
     x = gf.sample(model, shape=(16, 2), solver="dpmpp_2m", steps=20, generator=0)
 """
-from genflow import compat, distributed, metrics, ops, schedules, solvers
+from genflow import compat, distributed, guidance, metrics, ops, schedules, solvers
 from genflow._extension import HAS_EXTENSION, warn_missing_once
 from genflow.cnf import CNFNet, cnf_log_likelihood, train_cnf
 from genflow.engine import ODE, SDE, Solution, solve
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CNFNet", "EDM", "HAS_EXTENSION", "KINDS", "VE", "VP", "CosineVP", "DiscreteVP", "GaussianMixture",
     "LinearPath", "Model", "NonFiniteError", "ODE", "SDE", "Solution", "Process", "SubVP", "bits_per_dim", "cnf_log_likelihood", "compat", "conversion",
-    "distributed", "guided", "kernel_weighted_mean", "log_likelihood", "metrics", "mmd_flow", "ops", "sample",
+    "distributed", "guidance", "guided", "kernel_weighted_mean", "log_likelihood", "metrics", "mmd_flow", "ops", "sample",
     "schedules", "sd_flow", "solve", "solvers", "svgd", "time_grid", "train_cnf", "train_sd_generator",
 ]
 
