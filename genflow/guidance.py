@@ -44,6 +44,11 @@ def _column(coef, x: torch.Tensor):
     return coef.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
 
 
+def _rows(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A bool [B] mask shaped to select whole samples of x."""
+    return mask.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample inner product over all but the batch dimension, shaped [B, 1, ...]."""
     return (a * b).reshape(a.shape[0], -1).sum(1).reshape((-1,) + (1,) * (a.dim() - 1))
@@ -78,36 +83,30 @@ def _check_interval(interval):
 class NoiseLevels:
     """Per-solve state over the distinct noise levels a solver visits (see the module docstring).
 
-    ``visit(t)`` (float64 [B] process times) returns ``(index, fresh)``: per sample, the
-    0-based index of ``t``'s level in the current solve and whether it is a new level (False
-    for a repeat of the previous time). ``commit(value, previous)`` stores a per-level value
-    and ``previous()`` is the value before the current level (0 at a solve's first level)."""
+    ``visit(t)`` (float64 [B] process times) returns, per sample, the 0-based index of ``t``'s
+    level in the current solve: the previous index for a repeat of the previous time, the next
+    one for a lower time, 0 for a higher time (a new solve). ``previous(like)`` is the value
+    committed before the current level (zeros where a solve starts) and ``commit(value,
+    previous)`` stores the current level's value."""
 
     def __init__(self):
-        self.last_t = None
-        self.index = None
-        self.value = None
-        self.before = None
+        self.last_t = self.index = self.restart = self.repeat = None
+        self.value = self.before = None
 
-    def visit(self, t: torch.Tensor):
+    def visit(self, t: torch.Tensor) -> torch.Tensor:
         if self.last_t is None or self.last_t.shape != t.shape or self.last_t.device != t.device:
             self.last_t, self.index = torch.full_like(t, math.inf), torch.full_like(t, -1, dtype=torch.long)
             self.value = self.before = None
-        restart = t > self.last_t
-        repeat = t == self.last_t
-        index = torch.where(restart, 0, torch.where(repeat, self.index, self.index + 1))
-        self.last_t, self.index = t.clone(), index
-        self._restart, self._repeat = restart, repeat
-        return index
+        self.restart, self.repeat = t > self.last_t, t == self.last_t
+        self.index = torch.where(self.restart, 0, torch.where(self.repeat, self.index, self.index + 1))
+        self.last_t = t.clone()
+        return self.index
 
     def previous(self, like: torch.Tensor) -> torch.Tensor:
-        """The committed value before the current level (zero where a solve starts)."""
         if self.value is None or self.value.shape != like.shape:
             return torch.zeros_like(like)
-        mask = _column(self._restart.to(torch.float64), like) > 0
-        repeat = _column(self._repeat.to(torch.float64), like) > 0
-        prev = torch.where(repeat, self.before, self.value)
-        return torch.where(mask, torch.zeros_like(prev), prev)
+        prev = torch.where(_rows(self.repeat, like), self.before, self.value)
+        return torch.where(_rows(self.restart, like), 0.0, prev)
 
     def commit(self, value: torch.Tensor, previous: torch.Tensor):
         self.before, self.value = previous, value
@@ -166,7 +165,7 @@ class GuidedModel(Model):
             if self.interval is not None:
                 c = _column(a, x) * x + _column(b, x) * c
         if self.interval is not None and not bool(inside.all()):
-            guided = torch.where(_column(inside.to(torch.float64), x) > 0, guided, c)
+            guided = torch.where(_rows(inside, x), guided, c)
         return guided
 
 
@@ -282,7 +281,7 @@ class _ZeroStar:
         if self.zero_init_steps > 0:
             first = self.levels.visit(t) < self.zero_init_steps
             if bool(first.any()):
-                guided = torch.where(_column(first.to(torch.float64), x) > 0, torch.zeros_like(guided), guided)
+                guided = torch.where(_rows(first, x), 0.0, guided)
         return guided
 
 

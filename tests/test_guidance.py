@@ -200,18 +200,22 @@ def ddim_loop(process, ts, x, x0_of, eps_of, eta=0.0, noises=()):
     return x
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_cfg_pp_equals_paper_ddim(eta):
-    """CFG++ on ddim (eta = 0, and eta = 1: the SDE/ancestral case) equals Chung et al.'s
-    Algorithm 2: x0 from the guided eps, renoising with the unconditional eps."""
-    process, lam = gf.VP(), 0.6
+@pytest.mark.parametrize("process, solver, eta", [(gf.VP(), "ddim", 0.0), (gf.VP(), "ddim", 1.0),
+                                                  (gf.VP(), "euler_ancestral", 0.5), (gf.EDM(), "euler", 0.0)],
+                         ids=["ddim", "ddim-eta1", "euler_ancestral", "euler-EDM"])
+def test_cfg_pp_equals_paper_ddim(process, solver, eta):
+    """CFG++ equals Chung et al.'s Algorithm 2 (x0 from the guided eps, renoising with the
+    unconditional eps) on ddim with eta = 0 and eta = 1 (the SDE case), on euler_ancestral (DDIM
+    with churn), and on euler under EDM (ComfyUI's euler_cfg_pp: x' = x0_g + sigma' eps_u)."""
+    lam = 0.6
     cond, uncond, truth = branches(process)
     ts = gf.time_grid(process, 6, "logsnr")
     x_T = 2 * torch.randn(5, 2, generator=torch.Generator().manual_seed(7), dtype=F64)
     draws = [torch.randn(5, 2, generator=torch.Generator().manual_seed(10 + k), dtype=F64) for k in range(6)]
     it = iter(draws)
     model = G.cfg_pp(cond, uncond, lam, ts, eta=eta)
-    got = gf.sample(model, x_T=x_T, solver="ddim", schedule=ts, eta=eta, noise_sampler=lambda s, s2: next(it))
+    options = {"eta": eta} if solver != "euler" else {}
+    got = gf.sample(model, x_T=x_T, solver=solver, schedule=ts, noise_sampler=lambda s, s2: next(it), **options)
 
     def eps(x, t, which):
         return as_kind(process, truth(x, t)[which], x, t, "eps")
@@ -222,11 +226,6 @@ def test_cfg_pp_equals_paper_ddim(eta):
 
     want = ddim_loop(process, ts, x_T.clone(), x0_guided, lambda x, t: eps(x, t, 1), eta, draws)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-    if eta > 0:  # euler_ancestral is DDIM: the same CFG++ update
-        it = iter(draws)
-        again = gf.sample(model, x_T=x_T, solver="euler_ancestral", schedule=ts, eta=eta,
-                          noise_sampler=lambda s, s2: next(it))
-        torch.testing.assert_close(again, want, rtol=1e-9, atol=1e-9)
 
 
 def test_cfg_pp_with_sde_samplers():
@@ -259,7 +258,7 @@ def test_every_solver(solver):
     process = gf.VP()
     cond, uncond, _ = branches(process)
     adaptive = getattr(gf.solvers.SOLVERS[solver], "adaptive", False)
-    opts = {"rtol": 1e-2, "atol": 1e-2} if adaptive else {}
+    opts = {"rtol": 0.1, "atol": 0.1} if adaptive else {}
     ts = gf.time_grid(process, 4, "logsnr")
     kw = dict(shape=(5, 2), solver=solver, schedule=ts, generator=1, dtype=F64, **opts)
     torch.testing.assert_close(gf.sample(G.cfg(cond, uncond, 1.0), **kw), gf.sample(cond, **kw), rtol=0, atol=0)
@@ -268,6 +267,19 @@ def test_every_solver(solver):
         assert x.shape == (5, 2) and torch.isfinite(x).all(), name
         if name == "apg" and not adaptive:  # per-solve state: a second call repeats the first
             torch.testing.assert_close(gf.sample(model, **kw), x, rtol=0, atol=0)
+
+
+def test_guided_is_cfg_of_two_conditionings():
+    """gf.guided (one network, two keyword conditionings) equals guidance.cfg of the two models."""
+    process = gf.VP()
+
+    def net(x, t, label):
+        return (COMP if label == 0 else MIX).posterior_mean(x, t, process)
+
+    x, t = points(process, seed=9)
+    shorthand = gf.guided(gf.Model(net, process, "x0"), cond={"label": 0}, uncond={"label": 1}, scale=3.0)
+    operator = G.cfg(gf.Model(net, process, "x0", label=0), gf.Model(net, process, "x0", label=1), 3.0)
+    torch.testing.assert_close(operator.x0(x, t), shorthand.x0(x, t), rtol=1e-12, atol=1e-12)
 
 
 def test_float32_and_odd_shapes():
