@@ -3,7 +3,8 @@
 Each case runs the sampler with its default options on k-diffusion's 20-step Karras sigmas
 (``sample_dpm_fast``: 20 NFE; ``sample_dpm_adaptive``: its default tolerances between the same
 sigma_min and sigma_max) with a near-free denoiser (``0.5 x``), so the timings compare the
-samplers' own cost. Both sides start from the same x under the same torch seed (the same noise);
+samplers' own cost; the SDE samplers whose default noise is torchsde's Brownian tree (which
+then dominates both sides) get a ``randn_like`` noise_sampler on both sides. Both sides start from the same x under the same torch seed (the same noise);
 ``max_abs_diff`` is the difference of their results. Run as a module or a script:
 
     OMP_NUM_THREADS=1 python -m bench.cases_k_diffusion [--sizes 1x2,48000x64] [--only euler,dpmpp_2m]
@@ -31,8 +32,13 @@ def near_free(x, sigma):
     return 0.5 * x
 
 
+BROWNIAN_DEFAULT = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")
+
+
 def _call(module, name, x, sigmas):
     sampler = getattr(module, f"sample_{name}")
+    if name in BROWNIAN_DEFAULT:  # a randn_like noise_sampler on both sides instead of torchsde's tree
+        return lambda: sampler(near_free, x, sigmas, disable=True, noise_sampler=lambda s, s_next: torch.randn_like(x))
     if name == "dpm_fast":
         return lambda: sampler(near_free, x, SIGMA_MIN, SIGMA_MAX, STEPS, disable=True)
     if name == "dpm_adaptive":
