@@ -280,8 +280,7 @@ class _ZeroStar:
         guided = s * u + self.scale * (c - s * u)
         if self.zero_init_steps > 0:
             first = self.levels.visit(t) < self.zero_init_steps
-            if bool(first.any()):
-                guided = torch.where(_rows(first, x), 0.0, guided)
+            guided = torch.where(_rows(first, x), 0.0, guided)
         return guided
 
 
@@ -314,6 +313,11 @@ class _CFGPlusPlus:
         return f"cfg_pp(scale={self.scale}, steps={self.grid.shape[0] - 1}, eta={self.eta})"
 
     def __call__(self, c, u, x, t):
+        lo, hi = float(self.grid[-1]), float(self.grid[0])
+        outside = (t < lo - 1e-9 * abs(lo)) | (t > hi + 1e-9 * abs(hi))
+        if bool(outside.any()):
+            raise ValueError(f"cfg_pp was built for the grid from t={hi:.6g} to t={lo:.6g} but the model was "
+                             f"evaluated at t={float(t[outside][0]):.6g}: pass the same grid to gf.sample as schedule=")
         step = torch.searchsorted(-self.grid[:-1].to(t.device), -t, right=True) - 1
         w = self.weights.to(t.device)[step.clamp(0, self.weights.shape[0] - 1)]
         return u + _column(w, x) * (c - u)

@@ -282,6 +282,20 @@ def test_guided_is_cfg_of_two_conditionings():
     torch.testing.assert_close(operator.x0(x, t), shorthand.x0(x, t), rtol=1e-12, atol=1e-12)
 
 
+def test_per_sample_times():
+    """Per-sample start times: each sample's own noise levels (CFG at scale 1 is cond exactly;
+    APG's momentum and the interval act per sample)."""
+    process = gf.VP()
+    cond, uncond, _ = branches(process)
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(11), dtype=F64)
+    kw = dict(x_T=x_T, t_start=torch.tensor([1.0, 0.8, 0.6, 0.4], dtype=F64), solver="heun", steps=5)
+    torch.testing.assert_close(gf.sample(G.cfg(cond, uncond, 1.0), **kw), gf.sample(cond, **kw), rtol=0, atol=0)
+    model = G.apg(cond, uncond, 3.0, momentum=-0.5, interval=(0.5, 10.0))
+    first = gf.sample(model, **kw)
+    assert torch.isfinite(first).all()
+    torch.testing.assert_close(gf.sample(model, **kw), first, rtol=0, atol=0)
+
+
 def test_float32_and_odd_shapes():
     process = gf.EDM()
     cond, uncond, truth = branches(process)
@@ -316,6 +330,8 @@ def test_bad_arguments_name_the_argument():
         (ValueError, "scale", lambda: G.cfg_pp(cond, uncond, -0.5, ts)),
         (ValueError, "eta", lambda: G.cfg_pp(cond, uncond, 0.5, ts, eta=2.0)),
     ]
+    mismatched = G.cfg_pp(cond, uncond, 0.5, gf.time_grid(process, 4, "logsnr", t_start=0.5))
+    cases.append((ValueError, "grid", lambda: gf.sample(mismatched, (2, 2), schedule=ts)))
     for error, name, build in cases:
         with pytest.raises(error, match=name):
             build()
