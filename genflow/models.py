@@ -203,7 +203,9 @@ def guided(model: Model, *, cond: Optional[dict] = None, uncond: Optional[dict] 
 
     The guided prediction is ``uncond + scale * (cond - uncond)`` in the model's own kind;
     because every kind is linear in ``(x0, eps)`` at fixed ``x_t``, this is the same guidance
-    in every kind. ``cond``/``uncond`` are keyword arguments for ``net``.
+    in every kind. ``cond``/``uncond`` are keyword arguments for ``net``. The one-network
+    shorthand of ``genflow.guidance.cfg``, which with the other guidance operators there
+    (rescaled CFG, APG, CFG-Zero*, AutoGuidance, CFG++, guidance intervals) takes two models.
     """
     if not isinstance(model, Model):
         raise TypeError(f"model must be a genflow.Model, got {type(model).__name__}")
