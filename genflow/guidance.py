@@ -7,7 +7,7 @@ kind. Solvers call it like any model, so guidance needs no per-sampler code:
 
     cfg          u + w (c - u)                                  Ho & Salimans 2022
     rescaled     phi g std(c)/std(g) + (1 - phi) g, g = cfg       Lin et al. 2024, eqs. 15-16
-    apg          c + (w - 1)(d_perp + eta d_par), d = c - u      Sadat et al. 2024, Algorithm 1
+    apg          c + (w - 1)(d_perp + eta d_par), d = c - u      Sadat et al. 2024
                  (momentum, norm threshold, projection onto c)
     cfg_zero_star  s u + w (c - s u), s = <c, u>/||u||^2;       Fan et al. 2025
                  zero velocity for the first noise levels
@@ -185,7 +185,7 @@ class _CFG:
 
 
 def cfg(cond: Model, uncond: Model, scale: float, *, interval=None) -> GuidedModel:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): ``u + w (c - u)``.
+    """Classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"): ``u + w (c - u)``.
 
     Linear at fixed ``x_t``, hence the same guidance in every prediction kind; 2 NFE per model
     call (1 outside ``interval``). ``scale = 1`` is ``cond``, ``scale = 0`` is ``uncond``."""
@@ -194,7 +194,7 @@ def cfg(cond: Model, uncond: Model, scale: float, *, interval=None) -> GuidedMod
 
 def autoguidance(good: Model, weak: Model, scale: float, *, interval=None) -> GuidedModel:
     """AutoGuidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
-    Itself", eq. 2): ``D = D_weak + w (D_good - D_weak)`` with a weaker model (smaller or less
+    Itself"): ``D = D_weak + w (D_good - D_weak)`` with a weaker model (smaller or less
     trained, same conditioning) in place of the unconditional one. 2 NFE per call."""
     return GuidedModel(good, weak, _CFG(scale), None, interval)
 
@@ -218,7 +218,7 @@ class _Rescaled:
 def rescaled_cfg(cond: Model, uncond: Model, scale: float, *, phi: float = 0.7, kind: Optional[str] = None,
                  interval=None) -> GuidedModel:
     """Rescaled CFG (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
-    Flawed", §3.4, eqs. 15-16): with ``g = u + w (c - u)`` in prediction ``kind`` (default the
+    Flawed", eqs. 15-16): with ``g = u + w (c - u)`` in prediction ``kind`` (default the
     model's own, as diffusers' ``rescale_noise_cfg``; ``"x0"`` or ``"v"`` as in the paper),
     ``g_r = g std(c)/std(g)`` per sample and the result ``phi g_r + (1 - phi) g``. 2 NFE."""
     return GuidedModel(cond, uncond, _Rescaled(scale, phi), _check_kind("kind", kind), interval)
@@ -253,7 +253,7 @@ class _APG:
 def apg(cond: Model, uncond: Model, scale: float, *, eta: float = 0.0, norm_threshold: Optional[float] = None,
         momentum: float = 0.0, kind: str = "x0", interval=None) -> GuidedModel:
     """Adaptive projected guidance (Sadat et al. 2024, "Eliminating Oversaturation and
-    Artifacts of High Guidance Scales in Diffusion Models", Algorithm 1), on the ``x0``
+    Artifacts of High Guidance Scales in Diffusion Models"), on the ``x0``
     prediction by default (the paper's choice):
 
         d = c - u;  d <- d + beta d_prev (momentum, per noise level);  d <- d min(1, r/||d||);
@@ -287,7 +287,7 @@ class _ZeroStar:
 def cfg_zero_star(cond: Model, uncond: Model, scale: float, *, zero_init_steps: int = 1,
                   interval=None) -> GuidedModel:
     """CFG-Zero* (Fan et al. 2025, "CFG-Zero*: Improved Classifier-Free Guidance for Flow
-    Matching Models", eqs. 10-11), on the velocity prediction: ``s* = <v_c, v_u>/||v_u||^2``
+    Matching Models"), on the velocity prediction: ``s* = <v_c, v_u>/||v_u||^2``
     per sample and ``v = s* v_u + w (v_c - s* v_u)``; zero-init: velocity 0 (the state does
     not move) at the first ``zero_init_steps`` noise levels of every solve (``NoiseLevels``).
     2 NFE per call."""
@@ -325,8 +325,8 @@ class _CFGPlusPlus:
 
 def cfg_pp(cond: Model, uncond: Model, scale: float, grid: torch.Tensor, *, eta: float = 0.0,
            interval=None) -> GuidedModel:
-    """CFG++ (Chung et al. 2024, "CFG++: Manifold-constrained Classifier Free Guidance",
-    Algorithm 2) as an operator for the sampling ``grid`` (the times ``gf.sample`` steps
+    """CFG++ (Chung et al. 2024, "CFG++: Manifold-constrained Classifier Free Guidance")
+    as an operator for the sampling ``grid`` (the times ``gf.sample`` steps
     through: pass the same grid as ``schedule=grid``).
 
     CFG++ takes a DDIM step with ``x0`` from the guided prediction ``eps_u + lambda (eps_c -

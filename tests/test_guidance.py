@@ -140,6 +140,44 @@ def test_apg_momentum_per_level_and_reset():
         torch.testing.assert_close(model.x0(xk, t), want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("solver", ["ddim", "heun"])
+def test_apg_momentum_in_a_solve(solver):
+    """APG with momentum in gf.sample equals a hand-written loop that carries the running
+    average once per noise level: DDIM (one level per step) and Heun (its corrector stage at
+    t_{i+1} and the next step's evaluation there are one level: the later one counts)."""
+    process = gf.VP()
+    cond, uncond, truth = branches(process)
+    ts = gf.time_grid(process, 5, "logsnr")
+    x_T = 2 * torch.randn(4, 2, generator=torch.Generator().manual_seed(12), dtype=F64)
+    state = {"prev": None, "before": None, "t": None}
+
+    def x0_apg(x, t):
+        c0, u0 = truth(x, t)
+        base = state["before"] if state["t"] == float(t[0]) else state["prev"]
+        out, running = apg_formula(c0, u0, 3.0, 0.1, 1.5, base, -0.5)
+        state.update(before=base, prev=running, t=float(t[0]))
+        return out
+
+    def velocity(x, t):
+        return as_kind(process, x0_apg(x, t), x, t, "velocity")
+
+    x = x_T.clone()
+    for t, t2 in zip(ts[:-1].tolist(), ts[1:].tolist()):
+        tb, tb2 = (torch.full((4,), v, dtype=F64) for v in (t, t2))
+        if solver == "ddim":
+            h = float(process.log_snr(t2) - process.log_snr(t))
+            x = float(process.sigma(t2) / process.sigma(t)) * x \
+                - float(process.alpha(t2)) * math.expm1(-h) * x0_apg(x, tb)
+        else:
+            d = velocity(x, tb)
+            d2 = velocity(x + (t2 - t) * d, tb2)
+            x = x + (t2 - t) / 2 * (d + d2)
+    model = G.apg(cond, uncond, 3.0, eta=0.1, norm_threshold=1.5, momentum=-0.5)
+    got = gf.sample(model, x_T=x_T, solver=solver, schedule=ts)
+    torch.testing.assert_close(got, x, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gf.sample(model, x_T=x_T, solver=solver, schedule=ts), x, rtol=1e-9, atol=1e-9)
+
+
 def test_noise_levels_indices():
     levels = G.NoiseLevels()
     seq = [1.0, 0.7, 0.7, 0.4, 0.4, 0.4, 0.1, 1.0, 0.5]
@@ -204,7 +242,7 @@ def ddim_loop(process, ts, x, x0_of, eps_of, eta=0.0, noises=()):
                                                   (gf.VP(), "euler_ancestral", 0.5), (gf.EDM(), "euler", 0.0)],
                          ids=["ddim", "ddim-eta1", "euler_ancestral", "euler-EDM"])
 def test_cfg_pp_equals_paper_ddim(process, solver, eta):
-    """CFG++ equals Chung et al.'s Algorithm 2 (x0 from the guided eps, renoising with the
+    """CFG++ equals Chung et al.'s CFG++ DDIM update (x0 from the guided eps, renoising with the
     unconditional eps) on ddim with eta = 0 and eta = 1 (the SDE case), on euler_ancestral (DDIM
     with churn), and on euler under EDM (ComfyUI's euler_cfg_pp: x' = x0_g + sigma' eps_u)."""
     lam = 0.6
