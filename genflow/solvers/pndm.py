@@ -17,7 +17,7 @@ import torch
 
 from genflow.solvers.base import Solver, point
 
-__all__ = ["IPNDM", "IPNDMV", "PLMS", "PNDM", "adams_bashforth_weights", "variable_step_weights"]
+__all__ = ["IPNDM", "IPNDMV", "NoiseAdams", "PLMS", "PNDM", "adams_bashforth_weights", "variable_step_weights"]
 
 # Adams–Bashforth weights of a uniform grid, newest noise prediction first (orders 1..4).
 _AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -68,8 +68,10 @@ def _any_zero(v) -> bool:
     return bool((v == 0).any()) if isinstance(v, torch.Tensor) else v == 0
 
 
-class _EpsAdams(Solver):
-    """Shared machinery: the noise-prediction history and the DDIM transfer of a combination."""
+class NoiseAdams(Solver):
+    """Base of the solvers that move a combination of past noise predictions by the DDIM transfer
+    (not registered): the history, the transfer, and the restart at ``alpha = 0``. Subclasses set
+    ``max_order`` (history length + 1) and ``weights``."""
 
     max_order = 4
 
@@ -127,7 +129,7 @@ def _check_max_order(max_order):
     return max_order
 
 
-class _FixedWeights(_EpsAdams):
+class _FixedWeights(NoiseAdams):
     """Uniform-grid Adams–Bashforth weights up to ``max_order`` (1..4, default 4)."""
 
     @classmethod
@@ -159,7 +161,7 @@ class IPNDM(_FixedWeights):
     order_test_options = ({"max_order": 1}, {"max_order": 2}, {"max_order": 3}, {"max_order": 4})
 
 
-class IPNDMV(_EpsAdams):
+class IPNDMV(NoiseAdams):
     """iPNDM-v: iPNDM with weights recomputed from the step sizes in ``s = sigma/alpha``.
 
     Zhou et al. (2024), "Fast ODE-based Sampling for Diffusion Models in Around 5 Steps" (the
