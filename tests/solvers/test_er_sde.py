@@ -102,3 +102,15 @@ def test_bad_arguments():
             gf.sample(model, (2, 2), solver="er_sde", steps=4, generator=0, **{name: value})
     with pytest.raises(ValueError, match="alpha > 0"):
         gf.sample(mixture().model(gf.LinearPath()), (2, 2), solver="er_sde", steps=4, generator=0)
+
+
+def test_per_sample_start_times_equal_separate_solves():
+    model = mixture().model(gf.VP())
+    t_start = torch.tensor([1.0, 0.6, 0.3, 0.15])
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    seeds = [3, 5, 7, 9]
+    batch = gf.sample(model, x_T=x_T, solver="er_sde", steps=12, t_start=t_start, generator=seeds)
+    for b in range(4):
+        alone = gf.sample(model, x_T=x_T[b:b + 1], solver="er_sde", steps=12, t_start=float(t_start[b]),
+                          generator=[seeds[b]])
+        torch.testing.assert_close(batch[b:b + 1], alone, rtol=1e-12, atol=1e-12)

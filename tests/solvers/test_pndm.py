@@ -149,3 +149,14 @@ def test_bad_arguments(solver):
             gf.sample(model, (2, 2), solver=solver, steps=4, max_order=bad)
     with pytest.raises(ValueError, match="eta"):
         gf.sample(model, (2, 2), solver=solver, steps=4, eta=0.5)
+
+
+@pytest.mark.parametrize("solver", ["ipndm", "ipndm_v", "plms", "pndm", "gradient_estimation"])
+def test_per_sample_start_times_equal_separate_solves(solver):
+    model = mixture().model(gf.VP())
+    t_start = torch.tensor([1.0, 0.6, 0.3, 0.15])
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    batch = gf.sample(model, x_T=x_T, solver=solver, steps=12, t_start=t_start)
+    for b in range(4):
+        alone = gf.sample(model, x_T=x_T[b:b + 1], solver=solver, steps=12, t_start=float(t_start[b]))
+        torch.testing.assert_close(batch[b:b + 1], alone, rtol=1e-12, atol=1e-12)
