@@ -7,7 +7,8 @@ output the solver still holds. Networks that break this are common: one that ret
 captured models, ``torch.compile(mode="reduce-overhead")``, TensorRT-style engines), one that
 modifies its input in place. ``OutputOwnership`` makes the solve correct on purpose for the first
 two and ``check_input_unchanged`` turns the third into a clear error, at the cost of a few
-pointer comparisons per model call when nothing aliases:
+pointer comparisons per model call when nothing aliases (data pointers; whole storages only
+for outputs that are views, whose creation already costs more):
 
 * an output sharing storage with the evaluated state is copied;
 * the first output of a solve is copied, and a later output in the same storage (one static
@@ -86,10 +87,15 @@ class OutputOwnership:
         ``where()`` names the call in the error message)."""
         if self.copy_all:
             return out.clone(memory_format=torch.contiguous_format)
-        ptr = out.untyped_storage().data_ptr()  # storage_id, inlined: this runs on every model call
+        ptr = out.data_ptr()  # cheap; a view is compared by whole storages below
         if ptr == 0:  # empty output: nothing to share
             return out
-        if ptr == x.untyped_storage().data_ptr():  # the model returned (a view of) its input
+        if out._base is not None:  # a view (of its input, of a larger buffer): compare storages
+            storage = storage_id(out)
+            if storage == storage_id(x):
+                return out.clone(memory_format=torch.contiguous_format)
+            ptr = next((r.data_ptr() for r in self.recent if storage_id(r) == storage), ptr)
+        elif ptr == x.data_ptr():  # the model returned its input (or a detached alias of it)
             return out.clone(memory_format=torch.contiguous_format)
         if ptr in self.recent_ids:
             if ptr == self.first and len(self.recent_ids) == 1:  # one static buffer: copy from now on
