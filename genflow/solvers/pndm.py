@@ -77,7 +77,7 @@ class NoiseAdams(Solver):
 
     def __init__(self, model, ts, **kwargs):
         super().__init__(model, ts, **kwargs)
-        self.history = []  # (grid index, eps) of earlier grid points, newest first
+        self.history = []  # noise predictions at the previous grid points, newest first
         self.warm = 0  # steps taken since the start (or the last restart at alpha = 0)
 
     def noise_prediction(self, x, p):
@@ -100,11 +100,10 @@ class NoiseAdams(Solver):
         """The Adams step of the highest order the history allows (``max_order`` at most)."""
         p, q = self.grid[i], self.grid[i + 1]
         k = min(self.max_order, len(self.history) + 1)
-        past = [e for _, e in self.history[: k - 1]]
-        return self.transfer(x, [eps] + past, self.weights(i, k), p, q, out=x)
+        return self.transfer(x, [eps] + self.history[: k - 1], self.weights(i, k), p, q, out=x)
 
-    def remember(self, i, eps):
-        self.history = ([(i, eps)] + self.history)[: self.max_order - 1]
+    def remember(self, eps):
+        self.history = ([eps] + self.history)[: self.max_order - 1]
         self.warm += 1
 
     def start_at_alpha_zero(self, x, p, q):
@@ -119,7 +118,7 @@ class NoiseAdams(Solver):
             return self.start_at_alpha_zero(x, p, q)
         eps = self.noise_prediction(x, p)
         x = self.multistep(i, x, eps)
-        self.remember(i, eps)
+        self.remember(eps)
         return x
 
 
@@ -227,7 +226,7 @@ class PLMS(_FixedWeights):
         eps = self.noise_prediction(x, p)  # the first step: pseudo improved Euler
         x_euler = self.transfer(x, [eps], [1.0], p, q)
         x = self.transfer(x, [eps, self.noise_prediction(x_euler, q)], [0.5, 0.5], p, q, out=x)
-        self.remember(i, eps)
+        self.remember(eps)
         return x
 
 
@@ -271,5 +270,5 @@ class PNDM(_FixedWeights):
         e3 = self.noise_prediction(self.transfer(x, [e2], [1.0], p, m), m)
         e4 = self.noise_prediction(self.transfer(x, [e3], [1.0], p, q), q)
         x = self.transfer(x, [e1, e2, e3, e4], [1 / 6, 1 / 3, 1 / 3, 1 / 6], p, q, out=x)
-        self.remember(i, e1)
+        self.remember(e1)
         return x
