@@ -95,6 +95,11 @@ class _Plan:
         self.m_y = np.concatenate([c.m_y for c in parts], 1)
         self.slope = self.m_t.sum(2)  # beta = 1, alpha = 0: pack = base + slope h
         self.c = np.array([v.c for v in variants])
+        # every row holds at most one stage coefficient: pack = base + weight * [h beta; h alpha][source]
+        stacked = np.concatenate([self.m_t, self.m_y], 2)  # [variants, rows, 2 s]
+        self.source = np.abs(stacked).sum(0).argmax(1)
+        self.weight = np.take_along_axis(stacked, self.source[None, :, None], 2)[..., 0]
+        self.source_t = torch.from_numpy(self.source)
 
 
 def _as_host(values, times):
@@ -160,27 +165,27 @@ class RungeKutta:
         self.pool.append(buf)
         return buf
 
-    def _coefficients(self, plan_base, m_t, m_y, slope, h, device, use_alternative=False):
+    def _coefficients(self, plan, h, device, use_alternative=False):
         """``base + M_T (h beta) + M_Y (h alpha)`` (rows x B), on the device when per-sample
-        (``m_t``, ``m_y``, ``slope`` per variant, picked by ``use_alternative``)."""
+        (the variant picked by ``use_alternative``); each row has one stage coefficient, so this
+        is a gather: ``base + weight * [h beta; h alpha][source]``."""
         if isinstance(use_alternative, torch.Tensor):
-            first = self._coefficients(plan_base, m_t, m_y, slope, h, torch.device("cpu"), False)
-            second = self._coefficients(plan_base, m_t, m_y, slope, h, torch.device("cpu"), True)
+            first = self._coefficients(plan, h, torch.device("cpu"), False)
+            second = self._coefficients(plan, h, torch.device("cpu"), True)
             pack = torch.where(use_alternative[None, :], second, first)
             return pack.pin_memory().to(device, non_blocking=True) if device.type != "cpu" else pack
         v = -1 if use_alternative else 0
-        m_t, m_y, slope = m_t[v], m_y[v], slope[v]
         per_sample = isinstance(h, torch.Tensor)
         if not self.linear:
             if per_sample:
-                pack = torch.from_numpy(plan_base)[:, None] + torch.from_numpy(slope)[:, None] * h[None, :]
+                pack = torch.from_numpy(plan.base)[:, None] + torch.from_numpy(plan.slope[v])[:, None] * h[None, :]
             else:
-                pack = plan_base + slope * h
+                pack = plan.base + plan.slope[v] * h
         elif per_sample:
-            pack = (torch.from_numpy(plan_base)[:, None] + torch.from_numpy(m_t) @ self.h_beta
-                    + torch.from_numpy(m_y) @ self.h_alpha)
+            stages = torch.cat([self.h_beta, self.h_alpha]).index_select(0, plan.source_t)
+            pack = torch.from_numpy(plan.base)[:, None] + torch.from_numpy(plan.weight[v])[:, None] * stages
         else:
-            pack = plan_base + m_t @ self.h_beta + m_y @ self.h_alpha
+            pack = plan.base + plan.weight[v] * np.concatenate([self.h_beta, self.h_alpha])[plan.source]
         if not per_sample:
             return torch.from_numpy(np.ascontiguousarray(pack))
         if device.type != "cpu":
@@ -203,7 +208,7 @@ class RungeKutta:
             self.alpha, self.beta = _as_host(alpha, times), _as_host(beta, times)
             self.h_alpha, self.h_beta = self.alpha * h, self.beta * h
         plan = self.plan
-        self.pack = self._coefficients(plan.base, plan.m_t, plan.m_y, plan.slope, h, y.device, use_alternative)
+        self.pack = self._coefficients(plan, h, y.device, use_alternative)
         if not isinstance(h, torch.Tensor):
             times = times.tolist()
         self.states = [y]
