@@ -15,10 +15,13 @@ exp(-(lambda' - lambda))``: a deterministic step to ``s_down``, then noise ``s_u
 """
 import torch
 
+from genflow._cache import LRU, tensor_key, value_key
 from genflow.solvers.base import Solver, _table, exp, expm1, sqrt, where
 from genflow.solvers.runge_kutta import _rows
 
 __all__ = ["EulerAncestral", "DPM2", "DPM2Ancestral"]
+
+_MIDPOINTS = LRU(64)  # (process, grid values, eta) -> DPM-2's midpoint table and Euler-step flags
 
 
 def _ancestral(p, q, eta):
@@ -73,6 +76,12 @@ class DPM2(Solver):
 
     def __init__(self, model, ts, **kwargs):
         super().__init__(model, ts, **kwargs)
+        key = (value_key(self.process), tensor_key(ts), self.eta or 0.0)
+        self.mid, self.euler = _MIDPOINTS.get_or_compute(key, lambda: self._midpoints(ts))
+
+    def _midpoints(self, ts):
+        """``(table, euler)``: the midpoint ``Point`` of every step and whether it is an Euler step
+        (cached by process, grid values and eta: repeated solves on a grid reuse them)."""
         eta = self.eta or 0.0
         with torch.no_grad():
             lam = self.process.log_snr(ts).to(torch.float64)
@@ -83,8 +92,7 @@ class DPM2(Solver):
         # log-SNR midpoint of s and s_down = rho s': lambda_m = (lambda + lambda' - log rho) / 2
         lam_m = torch.where(euler, 0.0, 0.5 * (lam[:-1] + lam[1:] - torch.log(rho)))
         t_mid = torch.where(euler, ts[:-1], self.process.t_from_log_snr(lam_m).to(torch.float64))
-        self.mid = _table(self.process, t_mid)
-        self.euler = _rows(euler)
+        return _table(self.process, t_mid), _rows(euler)
 
     def _plan(self, i, stage):
         """``(coefs, 0.0)`` of step ``i``'s noise-free ``stage`` on a scalar grid: ``"euler"``

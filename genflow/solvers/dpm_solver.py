@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from genflow._cache import LRU, tensor_key, value_key
 from genflow.solvers.base import Solver, _table, exp, expm1, sqrt, where
 
 __all__ = ["DPMSolver1", "DPMSolver2", "DPMSolver3", "DPMSolverPP2S", "DPMSolverPP2M", "DPMSolverPP3M",
@@ -62,12 +63,21 @@ def _safe(v, ok, fill=1.0):
     return where(ok, v, fill)
 
 
+_STAGE_TABLES = LRU(64)  # (process, grid values, ratios) -> the stage tables
+
+
 def _stage_tables(solver, ratios):
-    """Per-step ``Point``s at ``lambda_i + r h_i`` for each ratio ``r`` (one vectorised pass).
+    """Per-step ``Point``s at ``lambda_i + r h_i`` for each ratio ``r`` (one vectorised pass,
+    cached by the process, the grid's values and the ratios: repeated solves on a grid reuse it).
 
     Steps with an infinite ``h`` (an end with ``sigma = 0`` or ``alpha = 0``) get the step's
     start point instead; their intermediate stages are never used for the update.
     """
+    key = (value_key(solver.process), tensor_key(solver.ts), tuple(ratios))
+    return _STAGE_TABLES.get_or_compute(key, lambda: _compute_stage_tables(solver, ratios))
+
+
+def _compute_stage_tables(solver, ratios):
     ts = solver.ts.to(torch.float64)
     with torch.no_grad():
         lam = solver.process.log_snr(ts).to(torch.float64)
