@@ -11,6 +11,7 @@ import math
 import torch
 from tqdm.auto import tqdm, trange
 
+from genflow._cache import tensor_key
 from genflow._checks import check_int, check_real
 from genflow.compat.k_diffusion import glue
 from genflow.compat.k_diffusion.glue import as_state, check_callables, check_sigmas, check_x
@@ -289,7 +290,7 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     m = n // 3 + 1
     ts = torch.linspace(t_start, t_end, m + 1)
     orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
-    plan = _fast_plan(ts, eta)
+    plan = glue.cached_plan(("dpm_fast", tensor_key(ts), eta), lambda: _fast_plan(ts, eta))
     denoiser = glue.Denoiser(model, extra_args, callback)
     net = glue.model_of(denoiser)
     solvers = {k: get_solver(f"dpm_solver_{k}")(net, plan.ts) for k in set(orders)}

@@ -21,8 +21,8 @@ from genflow.engine.loop import grid_steps
 from genflow.models import Model
 from genflow.processes import EDM
 
-__all__ = ["Denoiser", "KStep", "Plan", "StepNoise", "check_callables", "check_sigmas", "check_x", "default_noise", "plan",
-           "run"]
+__all__ = ["Denoiser", "KStep", "Plan", "StepNoise", "cached_plan", "check_callables", "check_sigmas", "check_x",
+           "default_noise", "plan", "run"]
 
 STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -148,6 +148,11 @@ def plan(kind, sampler, sigmas, *options, decreasing=True) -> Plan:
     def build():
         check_sigma_values(host, sampler, decreasing)
         return _PLAN_KINDS[kind](sigmas, host, *options)
+    return _PLANS.get_or_compute(key, build)
+
+
+def cached_plan(key, build) -> Plan:
+    """The plan stored under ``key`` (hashable values), built by ``build()`` when first seen."""
     return _PLANS.get_or_compute(key, build)
 
 
