@@ -1,4 +1,5 @@
-"""``gf.sample``: the one loop over time (progress bar, callback, trajectory).
+"""``gf.sample``: the diffusion front end of the engine's one time loop (``genflow.engine.loop.run``:
+progress bar, callback, trajectory, divergence check).
 
 Fixed-grid solvers are stepped over the time grid; adaptive solvers (class attribute
 ``adaptive = True``) choose their own steps, and their ``solve(x)`` generator replaces the grid
