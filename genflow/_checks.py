@@ -72,7 +72,7 @@ def check_bool(name: str, value) -> bool:
     """``value`` when it is a bool (or a NumPy bool), else a ``TypeError`` naming ``name``."""
     if isinstance(value, (bool, numpy.bool_)):
         return bool(value)
-    raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
 
 
 def check_points(name: str, x, dim: Optional[int] = None, like: Optional[torch.Tensor] = None,

@@ -165,7 +165,7 @@ def test_gradients_through_an_adaptive_solve():
     ({"max_steps": 2}, RuntimeError, "reached max_steps=2"),
     ({"error_norm": "global"}, ValueError, "error_norm must be one of"),
     ({"backend": "gpu"}, ValueError, "backend must be one of"),
-    ({"check_finite": 1}, TypeError, "check_finite must be True or False"),
+    ({"check_finite": 1}, TypeError, "check_finite must be a bool"),
     ({"saveat": torch.zeros(2, 3)}, ValueError, r"saveat must have shape \[S\] or \[S, B\]"),
     ({"callback": 3}, TypeError, "callback must be callable"),
     ({"term": gf.ODE(lambda t, y: y[:, :1])}, ValueError, r"drift\(t, y\) must return a tensor like y"),

@@ -227,7 +227,7 @@ def test_trainer_numbers_of_every_numeric_type():
     (dict(betas=(0.9,)), ValueError, r"TrainConfig\.betas must be two numbers"),
     (dict(grad_clip=-1), ValueError, r"TrainConfig\.grad_clip must be > 0"),
     (dict(on_nonfinite="ignore"), ValueError, r"TrainConfig\.on_nonfinite must be one of \('raise', 'skip'\)"),
-    (dict(bf16=1), TypeError, r"TrainConfig\.bf16 must be True or False"),
+    (dict(bf16=1), TypeError, r"TrainConfig\.bf16 must be a bool"),
 ])
 def test_trainer_errors_name_the_setting(kw, error, message):
     with pytest.raises(error, match=message):
