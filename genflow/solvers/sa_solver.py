@@ -41,7 +41,8 @@ class SASolver(Solver):
     1 NFE per step), the step is redone with the nodes ``lambda_{i-c+2} .. lambda'`` (``c =
     corrector_order``, the new data prediction included) and the same noise, i.e.
     ``x' += sum_j (b^c_j - b^p_j) x0_j``. Orders grow while the history fills; the final step is not
-    corrected, and a step to ``sigma' = 0`` returns ``alpha' x0``.
+    corrected, and a step to ``sigma' = 0`` returns ``alpha' x0`` (ComfyUI also lowers the orders of
+    the last steps of a grid ending at ``sigma = 0``; genflow does not).
 
     Options: ``predictor_order`` 1..3 (default 3), ``corrector_order`` 0..4 (default 4; 0: no
     corrector), ``eta`` (the tau value, default 1) applied where ``tau_interval[0] T <= t' <=
