@@ -140,6 +140,7 @@ class RungeKutta:
         self.nonfinite: Optional[torch.Tensor] = None
         self.step_index = 0
         self.pool = []
+        self._pack = None  # the per-sample coefficient buffer (CPU float64 [rows, B])
         self.terms = self.states = self.pack = None
         self.alpha = self.beta = self.h_alpha = self.h_beta = None
         self._dense = None
@@ -170,27 +171,32 @@ class RungeKutta:
         (the variant picked by ``use_alternative``); each row has one stage coefficient, so this
         is a gather: ``base + weight * [h beta; h alpha][source]``."""
         if isinstance(use_alternative, torch.Tensor):
-            first = self._coefficients(plan, h, torch.device("cpu"), False)
+            first = self._coefficients(plan, h, torch.device("cpu"), False).clone()  # the buffer is reused
             second = self._coefficients(plan, h, torch.device("cpu"), True)
             pack = torch.where(use_alternative[None, :], second, first)
             return pack.pin_memory().to(device, non_blocking=True) if device.type != "cpu" else pack
         v = -1 if use_alternative else 0
-        per_sample = isinstance(h, torch.Tensor)
-        if not self.linear:
-            if per_sample:
-                pack = torch.from_numpy(plan.base)[:, None] + torch.from_numpy(plan.slope[v])[:, None] * h[None, :]
+        if not isinstance(h, torch.Tensor):
+            if self.linear:
+                pack = plan.base + plan.weight[v] * np.concatenate([self.h_beta, self.h_alpha])[plan.source]
             else:
                 pack = plan.base + plan.slope[v] * h
-        elif per_sample:
-            stages = torch.cat([self.h_beta, self.h_alpha]).index_select(0, plan.source_t)
-            pack = torch.from_numpy(plan.base)[:, None] + torch.from_numpy(plan.weight[v])[:, None] * stages
-        else:
-            pack = plan.base + plan.weight[v] * np.concatenate([self.h_beta, self.h_alpha])[plan.source]
-        if not per_sample:
             return torch.from_numpy(np.ascontiguousarray(pack))
+        # per sample: [rows, B] float64, written into a buffer kept for the solve (a fresh one per
+        # step costs page faults that outweigh the arithmetic at large B)
+        rows, batch = plan.base.shape[0], h.shape[0]
+        if self._pack is None or self._pack.shape != (rows, batch):
+            self._pack = torch.empty(rows, batch, dtype=torch.float64)
+        pack = self._pack
+        if self.linear:
+            torch.index_select(torch.cat([self.h_beta, self.h_alpha]), 0, plan.source_t, out=pack)
+            pack.mul_(torch.from_numpy(plan.weight[v])[:, None])
+        else:
+            torch.mul(torch.from_numpy(plan.slope[v])[:, None], h[None, :], out=pack)
+        pack.add_(torch.from_numpy(plan.base)[:, None])
         if device.type != "cpu":
             return pack.pin_memory().to(device, non_blocking=True)
-        return pack.contiguous()
+        return pack
 
     def step(self, y: torch.Tensor, t, h, *, first: Optional[torch.Tensor] = None, alpha=None, beta=None,
              out: Optional[torch.Tensor] = None, use_alternative=False) -> torch.Tensor:
@@ -246,7 +252,7 @@ class RungeKutta:
             coef = pack[row:row + len(refs) + 2]
             base = y if result is None else result
             if torch.is_grad_enabled() and any(v.requires_grad for v in (base, *terms)):
-                values = coef.tolist() if coef.dim() == 1 else list(coef.unbind(0))
+                values = coef.tolist() if coef.dim() == 1 else list(coef.clone().unbind(0))  # autograd keeps them
                 result = fused_update_unchecked(base, terms, values, kernel=self.kernel, nonfinite=self.nonfinite,
                                                 step=self.step_index)
             else:
