@@ -205,6 +205,8 @@ class Solver(abc.ABC):
         output the solver may still hold is copied, and a model that writes into its input
         raises ``InputMutationError`` (``genflow.ownership``)."""
         self.evaluations += 1
+        if torch.compiler.is_compiling():  # a traced step: functionalised, and versions are not observable
+            return self.model.call(x, self.model.prepare_time(p.t, x))
         if self.model_dtype is not None and x.dtype != self.model_dtype:
             arg = x.to(self.model_dtype)
             out = self.model.call(arg, self.model.prepare_time(p.t, arg))
@@ -305,8 +307,8 @@ class Solver(abc.ABC):
         ``coefficients() -> (coefs, noise_scale)`` per scalar grid, solver, prediction kind and
         ``options`` (everything else the coefficients depend on) and reused by later solves on
         the same grid; None when they cannot be reused (per-sample grid, thresholding, noise)."""
-        if self.threshold is not None or type(self.grid[i].t) is not float:
-            return None
+        if self.threshold is not None or type(self.grid[i].t) is not float or torch.compiler.is_compiling():
+            return None  # (a traced step computes its coefficients: the cache's lock is not traceable)
         key = (self.grid.serial, type(self), self.model.prediction, options, i)
         packed = _STEP_PLANS.get(key, _NO_PLAN)
         if packed is _NO_PLAN:
