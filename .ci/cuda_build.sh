@@ -54,10 +54,12 @@ fi
 have=$("$venv/bin/python" -c "import torch; print(torch.__version__.split('+')[0], torch.version.cuda)" 2>/dev/null || true)
 if [ "${have% *}" != "$torch_version" ] || [ "${have#* }" = "None" ]; then
   echo "installing the CUDA build of torch $torch_version into $venv (was: ${have:-none})"
-  # into a wheelhouse in the work folder first: pip's own HTTP cache keeps none of these downloads
-  # here (the index's answers are not stored), and a venv made again should not fetch ~3.5 GB again
-  pypi_pip download --quiet --dest "$work/wheels" "${requirements[@]}"
-  pypi_pip install --quiet --no-index --find-links "$work/wheels" "${requirements[@]}"
+  # from the wheelhouse in the work folder, downloading into it what it lacks: pip's own HTTP cache
+  # keeps none of these downloads here, and a venv made again should not fetch ~3.5 GB again
+  if ! pypi_pip install --quiet --no-index --find-links "$work/wheels" "${requirements[@]}" 2>/dev/null; then
+    pypi_pip download --quiet --dest "$work/wheels" "${requirements[@]}"
+    pypi_pip install --quiet --no-index --find-links "$work/wheels" "${requirements[@]}"
+  fi
 fi
 "$venv/bin/python" -c "import torch; print('venv torch', torch.__version__, 'CUDA', torch.version.cuda)"
 echo "venv ready in $((SECONDS - started)) s"

@@ -175,3 +175,34 @@ def test_sanitizer_commands_instrument_genflow_kernels_only():
     assert argv[:7] == ["/usr/local/cuda/bin/compute-sanitizer", "--tool", "synccheck", "--kernel-name", "kns=genflow",
                         "--error-exitcode", str(gpu_check.SANITIZER_ERROR_EXIT)]
     assert argv[-5:] == ["-p", "no:cacheprovider", "tests/ops", "-k", "cuda"]
+
+
+def _check_cuda_ops():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_cuda_ops", ROOT / ".ci" / "check_cuda_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ci_cuda_op_check_reads_the_dispatcher():
+    """.ci/check_cuda_ops.py (CI's check of the CUDA build) sees which keys have kernels: here an op
+    with CPU and CUDA kernels, one with a CPU kernel only and a CPU-only ``_*_grouped`` test hook."""
+    check = _check_cuda_ops()
+    library = torch.library.Library("genflow", "FRAGMENT")
+    for name in ("test_both_keys", "test_cpu_only", "_test_hook_grouped"):
+        library.define(f"{name}(Tensor x) -> Tensor")
+        library.impl(name, lambda x: x.clone(), "CPU")
+    library.impl("test_both_keys", lambda x: x.clone(), "CUDA")
+    try:
+        table = check.kernel_table()
+        assert table["genflow::test_both_keys"] == (True, True)
+        assert table["genflow::test_cpu_only"] == (True, False)
+        assert check.is_cpu_test_hook("genflow::_test_hook_grouped")
+        assert not check.is_cpu_test_hook("genflow::test_cpu_only")
+        assert not check.is_cpu_test_hook("genflow::fused_update")
+        if torch.version.cuda is None:  # the check itself refuses a torch without CUDA
+            assert check.main() == 1
+    finally:
+        library._destroy()
