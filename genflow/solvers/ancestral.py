@@ -16,8 +16,7 @@ exp(-(lambda' - lambda))``: a deterministic step to ``s_down``, then noise ``s_u
 import torch
 
 from genflow._cache import LRU, tensor_key, value_key
-from genflow.solvers.base import Solver, _table, exp, expm1, sqrt, where
-from genflow.solvers.runge_kutta import _rows
+from genflow.solvers.base import Solver, exp, expm1, sqrt, step_values, table, where
 
 __all__ = ["EulerAncestral", "DPM2", "DPM2Ancestral"]
 
@@ -92,7 +91,7 @@ class DPM2(Solver):
         # log-SNR midpoint of s and s_down = rho s': lambda_m = (lambda + lambda' - log rho) / 2
         lam_m = torch.where(euler, 0.0, 0.5 * (lam[:-1] + lam[1:] - torch.log(rho)))
         t_mid = torch.where(euler, ts[:-1], self.process.t_from_log_snr(lam_m).to(torch.float64))
-        return _table(self.process, t_mid), _rows(euler)
+        return table(self.process, t_mid), step_values(euler)
 
     def _plan(self, i, stage):
         """``(coefs, 0.0)`` of step ``i``'s noise-free ``stage`` on a scalar grid: ``"euler"``

@@ -19,7 +19,7 @@ from genflow.models import conversion
 from genflow.ops.fused_update import host_tensor, fused_update_packed, fused_update_unchecked, seed_tensor, use_kernel
 
 __all__ = ["NonFiniteError", "Solver", "Grid", "Point", "diverged_rows", "dynamic_threshold", "point", "sqrt", "exp",
-           "expm1", "table", "where"]
+           "expm1", "step_values", "table", "where"]
 
 
 class NonFiniteError(RuntimeError, FloatingPointError):
@@ -95,7 +95,11 @@ def table(process, ts: torch.Tensor) -> Grid:
     return points
 
 
-_table = table  # the name the solver modules import
+
+
+def step_values(col: torch.Tensor) -> list:
+    """Per-step values of a ``[N]`` (floats/bools) or ``[N, B]`` (``[B]`` tensors) table."""
+    return col.tolist() if col.dim() == 1 else list(col.unbind(0))
 
 
 def _compute_table(process, ts: torch.Tensor) -> Grid:

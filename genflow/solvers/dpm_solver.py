@@ -21,7 +21,7 @@ import math
 import torch
 
 from genflow._cache import LRU, tensor_key, value_key
-from genflow.solvers.base import Solver, _table, exp, expm1, sqrt, where
+from genflow.solvers.base import Solver, exp, expm1, sqrt, table, where
 
 __all__ = ["DPMSolver1", "DPMSolver2", "DPMSolver3", "DPMSolverPP2S", "DPMSolverPP2M", "DPMSolverPP3M",
            "DPMSolverPP2MSDE", "DPMSolverPP3MSDE"]
@@ -88,7 +88,7 @@ def _compute_stage_tables(solver, ratios):
         lam_r = torch.where(ok, lam[:-1] + r * torch.where(ok, h, 0.0), 0.0)
         with torch.no_grad():
             t_r = solver.process.t_from_log_snr(lam_r).to(torch.float64)
-        tables.append(_table(solver.process, torch.where(ok, t_r, ts[:-1])))
+        tables.append(table(solver.process, torch.where(ok, t_r, ts[:-1])))
     return tables
 
 
