@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from genflow.likelihood import _FIXED, _fixed, _stage, _stage_differentiable
-from genflow.noise import _seed
+from genflow.noise import generator_seed
 from genflow.ops import hutchinson as _hutch
 from genflow.checkpoint import resume_loop_state, save_loop_state
 
@@ -181,7 +181,7 @@ def cnf_log_likelihood(net: Callable, x: torch.Tensor, *, steps: int = 8, method
     batch = x.shape[0]
     eps = ()
     if method == "hutchinson":
-        seed = _seed(generator, batch)
+        seed = generator_seed(generator, batch)
         eps = [_hutch.probes(x.shape, seed=seed, offset=k, kind=noise, dtype=x.dtype, device=x.device)
                for k in range(probes)]
     drift = _Drift(net, method, eps, graph=torch.is_grad_enabled())

@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from genflow.engine.loop import NO_STEP, grid_steps, raise_diverged
-from genflow.noise import PhiloxNoise, _seed
+from genflow.noise import PhiloxNoise, generator_seed
 
 __all__ = ["clear", "check_capturable", "graphed_solve", "record"]
 
@@ -139,7 +139,7 @@ def graphed_solve(model, solver_cls, ts: torch.Tensor, *, shape, x_T: Optional[t
     """
     batch = shape[0] if x_T is None else x_T.shape[0]
     device = torch.device(device) if x_T is None else x_T.device
-    seed_value = _seed(generator, batch)
+    seed_value = generator_seed(generator, batch)
     seed = (seed_value if isinstance(seed_value, torch.Tensor) else torch.tensor([seed_value], dtype=torch.int64))
     seed = seed.to(device)
     if x_T is None:

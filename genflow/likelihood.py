@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from genflow._checks import check_choice
-from genflow.noise import _seed
+from genflow.noise import generator_seed
 from genflow.ops import hutchinson as _hutch
 from genflow.ops.fused_update import fused_update_packed, randn, use_kernel
 from genflow.engine.tableau import DOPRI5
@@ -663,7 +663,7 @@ def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes
     eps = ()
     used_mode = None
     if method == "hutchinson":
-        seed = _seed(generator, batch)
+        seed = generator_seed(generator, batch)
         eps = [_hutch.probes(y.shape, seed=seed, offset=k, kind=noise, dtype=dtype, device=device)
                for k in range(int(probes))]
         used_mode = "vjp" if mode == "auto" else mode
@@ -735,7 +735,7 @@ def bits_per_dim(model, x: torch.Tensor, *, generator=None, dequantization=None,
         raise ValueError(f"x must hold integer pixel values in [0, {levels - 1}] (levels={levels}; "
                          f"not data scaled to [-1, 1])")
     batch = x.shape[0]
-    seed = _seed(generator, batch)
+    seed = generator_seed(generator, batch)
     if dequantization is None:
         z = randn(x.shape, seed=seed, offset=_DEQUANT_OFFSET, dtype=torch.float64, device=x.device)
         u = (0.5 * torch.erfc(-z / math.sqrt(2.0))).clamp(0.0, 1.0 - 2.0 ** -53)

@@ -267,7 +267,6 @@ def generator_seed(generator, batch: int):
     raise TypeError(f"generator must be None, an int seed, per-sample seeds or a torch.Generator, got {type(generator).__name__}")
 
 
-_seed = generator_seed  # the former private name, until its importers use generator_seed
 
 
 def noise_source(generator, batch: int, noise_sampler: Optional[Callable] = None, *,

@@ -14,14 +14,9 @@ from genflow.engine.tableau import MIDPOINT, ButcherTableau
 from genflow.engine.tableau import RK4 as RK4_TABLEAU
 from genflow.models import conversion
 from genflow.ops.fused_update import use_kernel
-from genflow.solvers.base import Point, Solver, point
+from genflow.solvers.base import Point, Solver, point, step_values
 
 __all__ = ["Midpoint", "RK4", "RK4_RALSTON_END", "LMS"]
-
-
-def _rows(col: torch.Tensor) -> list:
-    """Per-step values of a ``[N]`` (floats/bools) or ``[N, B]`` (``[B]`` tensors) table."""
-    return col.tolist() if col.dim() == 1 else list(col.unbind(0))
 
 
 # RK4 with its last stage moved off t' (where sigma = 0 and the velocity is undefined): Ralston's
@@ -242,7 +237,7 @@ class LMS(Solver):
             cx_m, c0_m = a1 / a + a1 * c[0] / sg, -a1 * c[0] * a / sg
             row = [torch.where(euler, cx_e, cx_m), torch.where(euler, c0_e, c0_m)]
             row += [torch.where(euler, 0.0, a1 * cj) for cj in c[1:]]
-            coefs.append(_rows(torch.stack(row)))
+            coefs.append(step_values(torch.stack(row)))
         return coefs
 
     def step(self, i, x):
