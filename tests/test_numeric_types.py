@@ -63,9 +63,8 @@ def test_solver_options_accept_every_numeric_type(solver, argument, values):
 
 
 @pytest.mark.parametrize("solver, argument", [
-    ("pc", "snr"), ("pc", "n_corrector"), ("ald", "step_lr"), ("dpmpp_2m", "sample_max_value"),
-    pytest.param("rk45", "rtol", marks=pytest.mark.xfail(strict=True, reason="solvers/adaptive.py compares rtol "
-                                                         "before checking its type (not genflow._checks.check_real)"))])
+    ("pc", "snr"), ("pc", "n_corrector"), ("ald", "step_lr"), ("dpmpp_2m", "sample_max_value"), ("rk45", "rtol"),
+    ("sde_adaptive", "safety")])
 def test_solver_options_reject_strings_naming_the_argument(solver, argument):
     with pytest.raises(TypeError, match=argument):
         _sample(solver=solver, **{argument: "1"})

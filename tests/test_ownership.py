@@ -150,17 +150,7 @@ def _k_run(name, model):
     return sampler(model, x, sigmas, disable=True)
 
 
-# Known failures of the compat layers, which call the model (k-diffusion) or receive its output
-# (diffusers) outside Solver.evaluate: fixed by calling genflow.ownership.own_output there.
-_COMPAT_OWNER = "compat layer keeps a reference to memory the model reuses (needs genflow.ownership.own_output)"
-
-
-def _known(cases, failing):
-    return [pytest.param(*c, marks=pytest.mark.xfail(strict=True, reason=_COMPAT_OWNER)) if c in failing
-            else pytest.param(*c) for c in cases]
-
-
-@pytest.mark.parametrize("name", _known([(n,) for n in KD_SAMPLERS], {("sample_dpmpp_sde",)}))
+@pytest.mark.parametrize("name", KD_SAMPLERS)
 def test_k_diffusion_samplers_with_aliasing_models(name):
     expected = _k_run(name, _denoiser)
     assert torch.equal(_k_run(name, lambda x, s: x), _k_run(name, lambda x, s: x.clone()))
@@ -207,9 +197,7 @@ def _toy(x, t):
 _CASES = [(n, p) for n in DIFFUSERS for p in ("epsilon", "sample")]
 
 
-@pytest.mark.parametrize("name, prediction_type", _known(_CASES, {
-    ("DPMSolverMultistepScheduler", "sample"), ("DPMSolverSinglestepScheduler", "sample"),
-    ("UniPCMultistepScheduler", "sample"), ("DEISMultistepScheduler", "epsilon")}))
+@pytest.mark.parametrize("name, prediction_type", _CASES)
 def test_diffusers_schedulers_with_a_static_output_buffer(name, prediction_type):
     """The pipeline, not the scheduler, calls the model: ``step`` must not keep references to
     a model output that the next call overwrites."""

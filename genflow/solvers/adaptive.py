@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from genflow._checks import check_real
 from genflow.engine.adaptive import StepController, initial_step, iterate, rms
 from genflow.engine.rk import RungeKutta
 from genflow.engine.tableau import DOPRI5
@@ -48,7 +49,8 @@ class AdaptiveSolver(Solver):
 
     def __init__(self, model, ts, *, rtol: float, atol: float, h_init=None, max_steps: int = 10_000, **kwargs):
         super().__init__(model, ts, **kwargs)
-        if not (rtol >= 0 and atol >= 0 and rtol + atol > 0 and math.isfinite(rtol + atol)):
+        rtol, atol = check_real("rtol", rtol, low=0.0), check_real("atol", atol, low=0.0)
+        if not rtol + atol > 0:
             raise ValueError(f"rtol and atol must be finite, >= 0 and not both 0, got rtol={rtol}, atol={atol}")
         if h_init is not None and not (h_init > 0 and math.isfinite(h_init)):
             raise ValueError(f"h_init must be a positive finite step (in t), got {h_init}")
@@ -278,6 +280,7 @@ class SDEAdaptive(AdaptiveSolver):
     def __init__(self, model, ts, *, rtol: float = 0.05, atol: float = 0.0078, safety: float = 0.9,
                  exponent: float = 0.9, extrapolate: bool = True, **kwargs):
         super().__init__(model, ts, rtol=rtol, atol=atol, **kwargs)
+        safety, exponent = check_real("safety", safety), check_real("exponent", exponent)
         if not 0 < safety <= 1 or not exponent > 0:
             raise ValueError(f"need 0 < safety <= 1 and exponent > 0, got safety={safety}, exponent={exponent}")
         self.safety, self.exponent, self.extrapolate = float(safety), float(exponent), bool(extrapolate)

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from genflow.ownership import OutputOwnership
 from genflow.solvers.base import dynamic_threshold
 
 from ._base import (Config, Scheduler, SchedulerOutput, alphas_cumprod_for, betas_for, check_choice,
@@ -110,6 +111,7 @@ class MultistepScheduler(Scheduler):
         """Forget the solver state (history, counters); subclasses extend it."""
         self.model_outputs = [None] * self.config.solver_order
         self.lower_order_nums = 0
+        self.ownership = OutputOwnership()  # the history never holds memory the model reuses
 
     # -- grids ------------------------------------------------------------------------------
     def _train_sigmas(self) -> np.ndarray:
@@ -188,7 +190,9 @@ class MultistepScheduler(Scheduler):
     def _view(self, model_output, sample, i, data: bool, threshold: bool):
         """``(term, a, b)`` with the prediction ``x0`` (``data``) or ``eps`` equal to
         ``a sample + b term``; ``threshold`` applies dynamic thresholding to ``x0`` first (then
-        ``term`` is the thresholded ``x0``, materialised)."""
+        ``term`` is the thresholded ``x0``, materialised). The output is owned first
+        (``genflow.ownership``): kept in the history, it must not be memory the model reuses."""
+        model_output = self.ownership.own(model_output, sample, lambda: f"{type(self).__name__}.step")
         if threshold:
             a0, b0 = self._x0_coefs(i)
             x0 = model_output if (a0, b0) == (0.0, 1.0) else fused(sample, [model_output], [a0, b0])

@@ -16,6 +16,7 @@ from genflow._checks import check_int, check_real
 from genflow.compat.k_diffusion import glue
 from genflow.compat.k_diffusion.glue import as_state, check_callables, check_sigmas, check_x
 from genflow.compat.k_diffusion.noise import sde_noise_sampler
+from genflow.ownership import check_input_unchanged, own_output
 from genflow.ops.fused_update import MAX_TERMS, fused_update_unchecked, use_kernel
 from genflow.solvers import get as get_solver
 
@@ -35,7 +36,10 @@ class _Run:
     def denoise(self, x, sigma):
         """``model(x, sigma * s_in, **extra_args)``; ``sigma`` a float or 0-dim host tensor."""
         s = torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
-        return as_state(self.model(x, s, **self.extra), self.like, "model")
+        version = x._version
+        out = as_state(self.model(x, s, **self.extra), self.like, "model")
+        check_input_unchanged(x, version, f"model call at sigma={float(sigma):.4g}")
+        return own_output(out, (x,))  # never the sampler's state itself
 
     def randn(self):
         return torch.randn_like(self.like)
