@@ -3,6 +3,7 @@ peer loops on the same draws), run at --tiny size, and torchcfm stays optional."
 import pytest
 import torch
 
+from bench.cases import train as train_cases
 from genflow import bench, peers
 from genflow.bench import Context
 
@@ -29,7 +30,7 @@ def test_train_rows_compute_the_same_loss_and_gradients():
 def test_train_check_detects_different_work(monkeypatch):
     """A peer DSM loop with a different noise schedule fails the agreement check."""
     _, dsm_case = bench.GROUPS["train"].build(TINY)
-    monkeypatch.setattr(bench, "_vp_alpha_sigma", lambda process, t: (torch.exp(-t), (1 - torch.exp(-2 * t)).sqrt()))
+    monkeypatch.setattr(train_cases, "_vp_alpha_sigma", lambda process, t: (torch.exp(-t), (1 - torch.exp(-2 * t)).sqrt()))
     assert not dsm_case.baselines[0].check().ok
 
 
