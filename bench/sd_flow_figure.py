@@ -1,6 +1,6 @@
 """Kernel SD flow vs MMD flow (with and without noise injection) vs SVGD on 2-D point sets.
 
-Two problems from seed 004: 8 Gaussians -> swiss roll, and a question mark (an arc, a stem and
+Two problems from Weber, "The Score-Difference Flow for Implicit Generative Modeling": 8 Gaussians -> swiss roll, and a question mark (an arc, a stem and
 a dot) -> swiss roll. Every method runs on the engine ``genflow.ops.kernel_weighted_mean``;
 SVGD's target score is the exact score of a mixture of small Gaussians (std ``SVGD_KDE``)
 centred on the target samples, ``(D_x(y) - y) / s^2``, one kernel mean. Saves a PNG grid of

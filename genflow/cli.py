@@ -3,7 +3,7 @@
 ``demo`` (``genflow.demo``) trains two small models on a 2-D Gaussian mixture and compares
 solvers on them; ``bench`` (``genflow.bench``) runs the benchmarks; ``train`` and ``sample``
 (``genflow.train.commands``) train any family on a data set and sample a trained run; ``table2``
-(``genflow.train.table2``, also via ``commands``) reproduces seed 003's Table 2. Each subcommand's module provides its
+(``genflow.train.table2``, also via ``commands``) reproduces Bogensperger's Table 2. Each subcommand's module provides its
 argument definitions and a ``run(args) -> int``; ``genflow.bench`` is imported only when
 ``genflow bench`` runs. Bad options, unusable files and run directories exit with status 2 and a
 message naming the option or file (no traceback); a run that cannot go on (a run directory in
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         "train", help="train a model family on a data set (checkpoints, resume, metrics log, samples figure)"))
     commands.add_sample_arguments(sub.add_parser("sample", help="draw samples from a genflow train run"))
     commands.add_table2_arguments(sub.add_parser(
-        "table2", help="train the six families of seed 003 Table 2 on its toy set and compare KLs with the paper"))
+        "table2", help="train the six families of Bogensperger's 'Introduction to Generative Modeling', Table 2 on its toy set and compare KLs with the paper"))
     return parser
 
 

@@ -7,7 +7,7 @@ gives in closed form from its weighted mean ``D`` and log-sum ``lse``: with
 
     grad_z sum_j K(z, x_j) = -(S_x(z) / sigma^2) (z - D_x(z)).
 
-No N x M matrix is formed. Both are compared against the SD flow in seed 004 (Weber 2023).
+No N x M matrix is formed. Both are compared against the SD flow in Weber, "The Score-Difference Flow for Implicit Generative Modeling" (Weber 2023).
 """
 import math
 from typing import Callable, Sequence, Union

@@ -1,7 +1,7 @@
 """Exact likelihoods of diffusion and flow models through the probability-flow ODE.
 
 Along a solution ``x_t`` of the probability-flow ODE ``dx/dt = v(x, t)`` (``model.velocity``),
-the marginal densities obey the instantaneous change of variables (seed 001 §6.3.1.6; seed 002;
+the marginal densities obey the instantaneous change of variables (Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models" §6.3.1.6; the lecture slides "Generative Modeling";
 Chen et al. 2018, FFJORD: Grathwohl et al., ICLR 2019)::
 
     d/dt log q_t(x_t) = -div v(x_t, t)
@@ -568,7 +568,7 @@ def log_likelihood(model, x: torch.Tensor, *, method: str = "hutchinson", probes
 
     Integrates ``d[x, delta]/dt = [v(x, t), div v(x, t)]`` with ``v = model.velocity`` from
     ``t_end`` to ``T`` and returns ``log q_{t_end}(x) = prior_log_prob(x_T) + delta``, where
-    ``delta = int_{t_end}^T div v(x_t, t) dt`` (instantaneous change of variables, seed 001
+    ``delta = int_{t_end}^T div v(x_t, t) dt`` (instantaneous change of variables, Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models"
     §6.3.1.6; FFJORD, Grathwohl et al. 2019). Works for every process and prediction kind
     (flow-matching velocity models included); the network must treat samples independently.
 

@@ -115,7 +115,7 @@ def _kde_grid_log_density(points: torch.Tensor, grid: torch.Tensor, bandwidth: f
 
 def kl_kde_grid(data: torch.Tensor, samples: torch.Tensor, *, bandwidth: float = 0.4, grid: int = 100,
                 eps: float = 1e-10) -> float:
-    """KL(data || model) between Gaussian KDEs of two 2D point sets on a grid: the metric of seed 003, Table 2.
+    """KL(data || model) between Gaussian KDEs of two 2D point sets on a grid: the metric of Bogensperger, "Introduction to Generative Modeling", Table 2.
 
     Both sets get an isotropic Gaussian KDE with ABSOLUTE bandwidth ``h`` (the kernel
     ``N(0, h^2 I)``, as scikit-learn's ``KernelDensity(bandwidth=h)``; not SciPy's

@@ -1,6 +1,6 @@
 """Models: a network plus the prediction kind it was trained for, convertible to any other kind.
 
-Every kind is linear in ``(x0, eps)`` given ``x_t = alpha x0 + sigma eps`` (seed 001, Table 6.1):
+Every kind is linear in ``(x0, eps)`` given ``x_t = alpha x0 + sigma eps`` (Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models", Table 6.1):
 
     eps      = 0 * x0 + 1 * eps
     x0       = 1 * x0 + 0 * eps

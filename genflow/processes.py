@@ -8,7 +8,7 @@ Conventions (DESIGN.md section 2): ``t = 0`` is data, ``t = T`` is noise.
 
 so the forward SDE is ``dx = f(t) x dt + sqrt(g2(t)) dW`` and, for ``s < t``,
 ``x_t | x_s ~ N(alpha_t/alpha_s x_s, (sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2) I)``
-(seed 001, section 6.3.2.5, eqs. 6.51-6.54; Kingma et al. 2021).
+(Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models", section 6.3.2.5, eqs. 6.51-6.54; Kingma et al. 2021).
 
 Every coefficient method accepts a Python number (returns a Python float, computed in float64)
 or a Tensor of any shape (returns a Tensor of that shape on the same device). Tensor results
@@ -302,7 +302,7 @@ class VP(_LinearBeta, _VPFamily):
     ``sigma(t) = sqrt(1 - alpha(t)^2)``; ``f = -beta(t)/2``, ``g2 = beta(t)``.
 
     Reference: Song et al. (2021), "Score-Based Generative Modeling through Stochastic
-    Differential Equations", eq. 11 (VP SDE); seed 001 section 6.3.
+    Differential Equations", eq. 11 (VP SDE); Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models" section 6.3.
 
     Args:
         beta_min (float): rate at ``t = 0``, ``>= 0``.
@@ -326,7 +326,7 @@ class SubVP(_LinearBeta, Process):
     ``sigma(t) = 1 - alpha(t)^2``; ``f = -beta(t)/2``, ``g2 = beta(t) (1 - alpha(t)^4)``.
 
     Reference: Song et al. (2021), "Score-Based Generative Modeling through Stochastic
-    Differential Equations", eq. 17 (sub-VP SDE); seed 001 section 6.3.
+    Differential Equations", eq. 17 (sub-VP SDE); Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models" section 6.3.
 
     Args:
         beta_min (float): rate at ``t = 0``, ``>= 0``.
@@ -377,7 +377,7 @@ class VE(Process):
     Note ``sigma(0) = sigma_min > 0``.
 
     Reference: Song et al. (2021), "Score-Based Generative Modeling through Stochastic
-    Differential Equations", eq. 9 (VE SDE); Song & Ermon (2019); seed 001 section 6.3.3.
+    Differential Equations", eq. 9 (VE SDE); Song & Ermon (2019); Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models" section 6.3.3.
 
     Args:
         sigma_min (float): noise scale at ``t = 0``, ``> 0``.
@@ -620,7 +620,7 @@ class DiscreteVP(Process):
     ``g2 = -2 f`` (at a knot the right-hand slope is used, at ``t = 1`` the left one).
 
     Reference: Ho et al. (2020), "Denoising Diffusion Probabilistic Models", eq. 4 (the
-    tables); seed 001 sections 6.3.2.3-6.3.2.5 (the continuous-time reading via the SNR).
+    tables); Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models" sections 6.3.2.3-6.3.2.5 (the continuous-time reading via the SNR).
     DPM-Solver (Lu et al. 2022) interpolates ``log alpha`` instead; interpolating the
     log-SNR makes ``t_from_log_snr`` an exact piecewise-linear inverse.
 

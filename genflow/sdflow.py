@@ -1,4 +1,4 @@
-"""The kernel score-difference (SD) flow and SD-flow generator training (seed 004; Weber 2023).
+"""The kernel score-difference (SD) flow and SD-flow generator training (Weber, "The Score-Difference Flow for Implicit Generative Modeling"; Weber 2023).
 
 Particles ``y ~ q_t`` move toward target samples ``x ~ p`` along the score difference of the
 noised proxies ``p(z; sigma) = p * N(0, sigma^2 I)`` and ``q_t(z; sigma)``, which by Tweedie's
@@ -8,7 +8,7 @@ formula is a difference of two denoisers::
     D_p(z) = sum_j K(z, x_j) x_j / sum_j K(z, x_j),   K(z, x) = exp(-|z - x|^2 / (2 sigma^2)).
 
 The move computed at the proxy ``z = y + sigma eps`` is applied to the clean particle ``y``
-("proxies are enough", seed 004). Every kernel sum is one call of the streaming engine
+("proxies are enough", Weber, "The Score-Difference Flow for Implicit Generative Modeling"). Every kernel sum is one call of the streaming engine
 ``genflow.ops.kernel_weighted_mean``: no N x M matrix is formed. The baselines on the same
 engine (MMD flow, SVGD) live in ``genflow.kernel_flows``.
 """
@@ -87,7 +87,7 @@ def sigma_sequence(schedule: Union[str, Sequence[float], Callable[[int], float]]
     ``"cosine"`` ``sigma_min + (sigma - sigma_min) (1 + cos(pi r)) / 2``. A sequence of ``steps``
     positive numbers is used as is; a callable is called as ``schedule(k)`` for each step.
     Decreasing bandwidths sharpen the SD flow's denoisers as the particles approach the target
-    (seed 004: "proxies are enough" holds at every sigma > 0).
+    (Weber, "The Score-Difference Flow for Implicit Generative Modeling": "proxies are enough" holds at every sigma > 0).
 
     Returns:
         list of ``steps`` floats > 0.
@@ -154,9 +154,9 @@ def sd_flow(source: torch.Tensor, target: torch.Tensor, *, sigma: float, steps: 
 
     with ``D_q`` the same kernel mean over the current particles (``denoiser_q="kernel"``), or
     ``D_q(z) = y`` (``"identity"``: the cheap variant, which recovers the reverse process of
-    denoising diffusion, seed 004 "Diffusion Models"). ``h_k = sigma_k^2`` moves ``y`` by the full
+    denoising diffusion, Weber, "The Score-Difference Flow for Implicit Generative Modeling" "Diffusion Models"). ``h_k = sigma_k^2`` moves ``y`` by the full
     denoiser difference. Implements the kernel SD flow of Weber (2023), "The Score-Difference
-    Flow for Implicit Generative Modeling" (TMLR), seed 004. Cost per step: two kernel means
+    Flow for Implicit Generative Modeling" (TMLR), Weber, "The Score-Difference Flow for Implicit Generative Modeling". Cost per step: two kernel means
     (one for the identity variant), O((N + M) N d) time, O((N + M) d) memory.
 
     Args:
@@ -260,7 +260,7 @@ def train_sd_generator(generator_net: nn.Module, target: torch.Tensor, *, sigma:
     (detached) by ``inner_steps`` kernel SD-flow steps toward the target (``sd_flow`` with
     ``sigma``, ``step_size``, ``denoiser_q`` and a subset of ``target_batch`` target rows), and takes
     one Adam step on ``mean |g_theta(eps) - y_moved|^2``: the SD flow supplies the generator's
-    regression targets in place of a discriminator (seed 004, "Generative Adversarial
+    regression targets in place of a discriminator (Weber, "The Score-Difference Flow for Implicit Generative Modeling", "Generative Adversarial
     Networks"). The trained net samples in one evaluation. With ``checkpoint`` set,
     ``{net, optimizer, step, history, rng}`` is saved every ``checkpoint_every`` steps and at the
     end, and a call that finds the file resumes from it (bitwise the same as an uninterrupted run

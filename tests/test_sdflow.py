@@ -35,7 +35,7 @@ def dense_mean(z, keys, values, sigma):
 
 
 def dense_sd_flow(source, target, sigmas, sizes, seed, identity=False):
-    """Seed 004's update in float64 with the generator consumed as sd_flow documents (noise
+    """Weber's SD-flow update in float64 with the generator consumed as sd_flow documents (noise
     drawn in the source's dtype)."""
     g = torch.Generator().manual_seed(seed)
     torch.randint(0, 1 << 62, (1,), generator=g)  # the target-subset stream's seed

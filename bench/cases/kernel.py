@@ -28,7 +28,7 @@ def kernel_mean_chunked_torch(q, k, v, sigma, chunk=1024):
 @group("kernel", "Gaussian-kernel weighted mean (kernel SD-flow step) vs chunked and dense PyTorch")
 def _kernel(ctx: Context) -> Iterator[Case]:
     """``kernel_weighted_mean(q, k, sigma=)`` with values = keys (the denoiser E[x | z] of the kernel
-    SD flow, seed 004), N = M, float32. Peers: chunked PyTorch (cdist, softmax, matmul over query
+    SD flow, Weber, "The Score-Difference Flow for Implicit Generative Modeling"), N = M, float32. Peers: chunked PyTorch (cdist, softmax, matmul over query
     chunks of 1024) and dense PyTorch (the full N x M matrix, where it fits in 4 GB). Sigma = 0.1
     at d = 2 and 4 at d = 64 (scores of order 10 on standard normal points)."""
     from genflow.ops import kernel_weighted_mean

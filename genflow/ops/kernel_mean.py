@@ -8,7 +8,7 @@ For queries ``q_i`` (i < N), keys ``k_j`` (j < M), values ``v_j`` and optional l
     out_i = sum_j exp(s_ij - lse_i) v_j
 
 i.e. the Nadaraya-Watson estimate ``E[v | q]`` under the Gaussian kernel ``K_sigma``; with
-``values = keys`` it is the denoiser ``E[x | z]`` of the kernel score-difference flow (seed 004:
+``values = keys`` it is the denoiser ``E[x | z]`` of the kernel score-difference flow (Weber, "The Score-Difference Flow for Implicit Generative Modeling":
 ``grad log p(z; sigma) = (E[x | z] - z) / sigma^2``). The compiled op (``csrc/ops/kernel_mean.cpp``,
 math in ``csrc/common/kernel_mean.h``) streams over key tiles with an online log-sum-exp, so no
 N x M matrix is formed and any sigma works (a naive softmax underflows at sigma = 1e-3). The
@@ -280,7 +280,7 @@ def kernel_weighted_mean(queries: torch.Tensor, keys: torch.Tensor, values: Opti
 
         out_i = sum_j softmax_j(s_ij) v_j,        lse_i = logsumexp_j s_ij
 
-    The kernel score-difference flow (seed 004) moves a sample z by
+    The kernel score-difference flow (Weber, "The Score-Difference Flow for Implicit Generative Modeling") moves a sample z by
     ``(out_p(z) - out_q(z)) / sigma^2``, each term one call with ``values=None`` (``E[x | z]``).
     Computed with a streaming log-sum-exp over key tiles: O((N + M) d) memory, exact for any
     sigma (no underflow at sigma = 1e-3); rows whose log-weights are all ``-inf`` give NaN.

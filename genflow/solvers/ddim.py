@@ -14,7 +14,7 @@ def ddim_noise_split(h, sigma_next, eta):
 
 
 class DDIM(Solver):
-    """DDIM (Song et al. 2021a, eq. 12; seed 001 §6.5.4) with churn ``eta``.
+    """DDIM (Song et al. 2021a, eq. 12; Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models" §6.5.4) with churn ``eta``.
 
     ``x' = alpha' x0 + sqrt(sigma'^2 - c^2) eps + c z`` with
     ``c = eta sigma' sqrt(1 - exp(-2h))``, ``h = lambda' - lambda`` (which equals DDIM's
@@ -53,7 +53,7 @@ class DDPM(Solver):
     With ``h = lambda' - lambda``: mean ``(alpha/alpha')(sigma'/sigma)^2 x_t +
     alpha' (1 - e^{-2h}) x0``; standard deviation ``sigma' sqrt(1 - e^{-2h})``
     (``variance="small"``, Ho's beta-tilde) or ``sigma sqrt(1 - e^{-2h})`` (``"large"``, beta;
-    no noise on a step ending at ``sigma' = 0``). Seed 001 §6.3.2.3. 1 NFE per step.
+    no noise on a step ending at ``sigma' = 0``). Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models" §6.3.2.3. 1 NFE per step.
     """
 
     name = "ddpm"

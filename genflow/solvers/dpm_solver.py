@@ -1,4 +1,4 @@
-"""DPM-Solver family: exponential integrators in log-SNR time (seed 001 §6.5.4).
+"""DPM-Solver family: exponential integrators in log-SNR time (Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models" §6.5.4).
 
 With ``lambda = log(alpha/sigma)`` and ``h = lambda' - lambda`` the probability-flow ODE has the
 exact solutions (Lu et al. 2022, eq. 3.4; Lu et al. 2022b, §3)

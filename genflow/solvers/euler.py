@@ -1,4 +1,4 @@
-"""Euler-type solvers of the probability-flow ODE and the reverse SDE (seed 001 §6.2.4, §6.3.1)."""
+"""Euler-type solvers of the probability-flow ODE and the reverse SDE (Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models" §6.2.4, §6.3.1)."""
 import torch
 
 from genflow.solvers.base import Solver, sqrt, where
@@ -7,7 +7,7 @@ from genflow.solvers.base import Solver, sqrt, where
 class Euler(Solver):
     """Euler's method on the probability-flow ODE ``dx/dt = velocity(x, t)``.
 
-    ``x' = x + h velocity(x, t)`` with ``h = t' - t < 0`` (seed 001 §6.3.1.6). Order 1, 1 NFE
+    ``x' = x + h velocity(x, t)`` with ``h = t' - t < 0`` (Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models" §6.3.1.6). Order 1, 1 NFE
     per step. For EDM this is Karras et al. (2022) Algorithm 1 without churn.
     """
 
@@ -31,7 +31,7 @@ class EulerMaruyama(Solver):
     """Euler–Maruyama on the reverse SDE with churn ``eta`` (DESIGN.md §2).
 
     ``dx = [f x - (1 + eta^2)/2 g2 score] dt + eta sqrt(g2) dW``, discretised as
-    ``x' = x + h [velocity(x, t) - eta^2/2 g2 score(x, t)] + eta sqrt(g2 |h|) z`` (seed 001
+    ``x' = x + h [velocity(x, t) - eta^2/2 g2 score(x, t)] + eta sqrt(g2 |h|) z`` (Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models"
     §6.2.4, Song et al. 2021 eq. 6; ``velocity = f x - g2/2 score``). ``eta = 1`` (default) is the reverse SDE, ``eta = 0`` the
     probability-flow ODE. Weak order 1, 1 NFE per step.
     """

@@ -1,5 +1,5 @@
 """Langevin-type samplers: predictor-corrector (Song et al. 2021) and annealed Langevin dynamics
-(Song & Ermon 2019); seed 001 §6.3.3.
+(Song & Ermon 2019); Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models" §6.3.3.
 
 Both read the model as a score, ``score = a x + b out`` (through ``x0_view`` when dynamic
 thresholding is on), and run every Langevin step as one fused op.

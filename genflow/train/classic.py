@@ -1,4 +1,4 @@
-"""The classic generative families of seed 003 (Table 2): GMM by EM, VAE, RealNVP and GAN.
+"""The classic generative families of Bogensperger, "Introduction to Generative Modeling" (Table 2): GMM by EM, VAE, RealNVP and GAN.
 
 Each is a ``genflow.train.families.Family``: the Trainer drives the gradient-trained ones (VAE
 and RealNVP in one phase ``"main"``, the GAN in ``("discriminator", "generator")``), with all
@@ -98,7 +98,7 @@ class _GMMParameters(nn.Module):
 
 
 class GMMFamily(Family):
-    """Gaussian mixture with full covariances, fitted by EM (seed 003, Sec. 2; Bishop 2006, Sec. 9.2.2).
+    """Gaussian mixture with full covariances, fitted by EM (Bogensperger, "Introduction to Generative Modeling", Sec. 2; Bishop 2006, Sec. 9.2.2).
 
         p(x) = sum_k w_k N(x; mu_k, Sigma_k)
 
@@ -244,7 +244,7 @@ class GMMFamily(Family):
 # ---------------------------------------------------------------------------- VAE
 
 class VAEFamily(Family):
-    """Variational autoencoder trained on the negative ELBO (seed 003, Sec. 3; Kingma & Welling 2014).
+    """Variational autoencoder trained on the negative ELBO (Bogensperger, "Introduction to Generative Modeling", Sec. 3; Kingma & Welling 2014).
 
         ELBO(x) = E_{z ~ q(z|x)}[log p(x|z)] - KL(q(z|x) || N(0, I)),
         q(z|x) = N(mu_phi(x), diag sigma_phi(x)^2),  p(x|z) = N(D_theta(z), s^2 I),
@@ -365,7 +365,7 @@ class _Coupling(nn.Module):
 
 
 class RealNVPFamily(Family):
-    """RealNVP normalizing flow trained by maximum likelihood (seed 003, Sec. 4.1; Dinh et al. 2017).
+    """RealNVP normalizing flow trained by maximum likelihood (Bogensperger, "Introduction to Generative Modeling", Sec. 4.1; Dinh et al. 2017).
 
     ``z = f_L o ... o f_1 (x)`` with affine couplings on alternating masks (coordinate parity,
     flipped each layer): ``f(x) = m x + (1 - m)(x exp(s(m x)) + t(m x))``, whose Jacobian is
@@ -447,7 +447,7 @@ class RealNVPFamily(Family):
 # ---------------------------------------------------------------------------- GAN
 
 class GANFamily(Family):
-    """Generative adversarial network with the non-saturating loss (seed 003, Sec. 5; Goodfellow et al. 2014).
+    """Generative adversarial network with the non-saturating loss (Bogensperger, "Introduction to Generative Modeling", Sec. 5; Goodfellow et al. 2014).
 
     Discriminator phase (logits ``D``, generator ``G``, ``z ~ N(0, I)``):
 

@@ -5,7 +5,7 @@ family (``make_family``), trains it with the Trainer (checkpoints and ``metrics.
 ``--out``; an interrupted run resumes from its last checkpoint when started again with the same
 options, ``--no-resume`` restarts it), writes ``run.json`` (what to rebuild the family from) and a
 figure of samples, and prints the final loss and sample quality (MMD to the data; for 2D sets
-also the KL of seed 003's Table 2). A run directory holds one configuration: a ``train`` whose
+also the KL of Bogensperger's Table 2). A run directory holds one configuration: a ``train`` whose
 family, options, data or seed differ from its ``run.json`` is refused naming the option, and a
 second trainer on a directory in use is refused by its lock file (``genflow.checkpoint.run_lock``).
 ``genflow sample --checkpoint runs/fm --n 2000 --out x.npy`` rebuilds the family from

@@ -8,7 +8,7 @@ resampling the fixed draw. Everything is deterministic given ``seed`` / ``genera
 
 The toy sets follow the usual benchmark shapes (FFJORD, Grathwohl et al. 2019, Appendix;
 pinwheel from Johnson et al. 2016, "Composing graphical models with neural networks", §6);
-``table2`` is the toy set of seed 003 (Table 2): 8 Gaussians with 250 points each, means at
+``table2`` is the toy set of Bogensperger, "Introduction to Generative Modeling" (Table 2): 8 Gaussians with 250 points each, means at
 radius ``4/sqrt(2)`` at angles ``k * 45`` degrees, covariance ``0.1 I``.
 """
 from __future__ import annotations

@@ -281,7 +281,7 @@ class FlowMatchingFamily(_ODEFamily):
 
     The network predicts the velocity of ``genflow.LinearPath(sigma_min)``: data at ``t = 0``,
     noise at ``t = 1``, ``x_t = (1 - t) x0 + (sigma_min + (1 - sigma_min) t) eps``, target
-    ``(1 - sigma_min) eps - x0``, ``t`` uniform on [0, 1] (seed 003 §7; Lipman et al. 2023).
+    ``(1 - sigma_min) eps - x0``, ``t`` uniform on [0, 1] (Bogensperger, "Introduction to Generative Modeling" §7; Lipman et al. 2023).
 
     Options:
         coupling: ``independent`` | ``ot`` (exact minibatch OT, ``linear_sum_assignment``) |
@@ -340,7 +340,7 @@ class FlowMatchingFamily(_ODEFamily):
 
 
 class RectifiedFlowFamily(FlowMatchingFamily):
-    """Rectified flow (seed 002; Liu et al. 2023, "Flow Straight and Fast").
+    """Rectified flow (the lecture slides "Generative Modeling"; Liu et al. 2023, "Flow Straight and Fast").
 
     1-rectified flow is flow matching with the independent coupling and ``sigma_min = 0``.
     Reflow: ``reflow_pairs(family, n)`` integrates the trained flow from noise ``z`` to
@@ -372,7 +372,7 @@ def reflow_pairs(family: FlowMatchingFamily, n: int, *, steps: int = 20, solver:
     """Reflow training pairs: ``z ~ N(0, I)`` and ``x = ODE_family(z)``, as Tensor[n, 2, *D].
 
     ``x`` is ``genflow.sample`` of the family's velocity model started at ``x_T = z`` with a
-    deterministic ``solver`` (Liu et al. 2023, Algorithm 1, "Reflow"; seed 002). ``[:, 0]`` holds
+    deterministic ``solver`` (Liu et al. 2023, Algorithm 1, "Reflow"; the lecture slides "Generative Modeling"). ``[:, 0]`` holds
     ``x`` and ``[:, 1]`` holds ``z``. ``generator``: an int seed, None or a torch.Generator.
     """
     if not isinstance(family, FlowMatchingFamily):
@@ -441,7 +441,7 @@ class SlicedScoreFamily(_ODEFamily):
     ``sigma^2 SSM(s; x_t)`` (the ``lambda(sigma) = sigma^2`` weighting of Song & Ermon 2019);
     sampled with annealed Langevin dynamics (``ald``) or a probability-flow ODE solver.
     Single noise level (``sigma=`` a float): ``x = x0 + sigma eps``, the network at ``t = 1``
-    and Langevin dynamics at that level for sampling (seed 001 §5.2.3; Song et al. 2020).
+    and Langevin dynamics at that level for sampling (Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models" §5.2.3; Song et al. 2020).
 
     Options: sigma_min (0.01), sigma_max (10.0), sigma (None), projections (1), projection
     (``rademacher`` | ``gaussian``), variance_reduction (True), solver (``ald``), steps (50),

@@ -177,7 +177,7 @@ class UNet(nn.Module):
     conditioning ``c = MLP(emb(t)) + E[label]`` added inside every block), then a stride-2
     convolution down; a middle of two residual blocks (with single-head self-attention between
     them when ``attention``); the way up mirrors it, concatenating the skip activations, with
-    nearest-neighbour upsampling + convolution. Seed 001, §6.5.1 (Ho et al. 2020's DDPM U-Net,
+    nearest-neighbour upsampling + convolution. Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models", §6.5.1 (Ho et al. 2020's DDPM U-Net,
     scaled down).
 
     Args:

@@ -131,7 +131,7 @@ def dsm_weight(process, t: torch.Tensor, prediction: str, weighting: str, *, gam
       ``min(SNR, gamma)/(SNR + 1)`` for v under VP.
     * ``likelihood``: the score-space weight ``g^2(t)``, i.e. ``w_x0 = g^2 alpha^2 / sigma^4``:
       ``int g^2 |s_theta - grad log q_t|^2 dt`` is the negative ELBO up to a theta-independent
-      term (seed 001, Corollary 6.3; Song et al. 2021).
+      term (Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models", Corollary 6.3; Song et al. 2021).
     * ``edm``: ``w_x0 = (s^2 + sigma_data^2) / (s sigma_data)^2`` with ``s = sigma/alpha``
       (Karras et al. 2022, Table 1, ``lambda(sigma)``).
     """
@@ -169,7 +169,7 @@ def dsm_loss(model: Model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
         loss_b = w(t_b) * mean_d (net(x_t, t_b)_d - (p x0 + q eps)_d)^2
 
     with ``w = dsm_weight(process, t, kind, weighting)``. Minimised by the exact denoiser
-    ``E[x0 | x_t]`` for every weighting (seed 001 §5.2.4, eq. 5.8; Vincent 2011).
+    ``E[x0 | x_t]`` for every weighting (Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models" §5.2.4, eq. 5.8; Vincent 2011).
 
     Args:
         model (genflow.Model): the network, its process and its prediction kind.
@@ -248,7 +248,7 @@ def sliced_score_loss(score_fn: Callable, x: torch.Tensor, v: torch.Tensor, *,
         SSM:     0.5 (v^T s(x))^2 + v^T grad_x (v^T s(x))
         SSM-VR:  0.5 |s(x)|^2      + v^T grad_x (v^T s(x))
 
-    divided by the data dimension D (seed 001 §5.2.3, eq. 5.5; Song et al. 2020, "Sliced Score
+    divided by the data dimension D (Lim, "An Introduction to Generative Modeling with Flows and Diffusion Models" §5.2.3, eq. 5.5; Song et al. 2020, "Sliced Score
     Matching", eqs. 7-8; SSM-VR replaces the first term by its exact expectation over Gaussian
     ``v``). ``v^T grad (v^T s)`` is one vector-Jacobian product per projection, built with
     ``create_graph=True`` so the loss is differentiable in the network's parameters. Samples
@@ -284,7 +284,7 @@ def cfm_path(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, sigma_min: 
     """Conditional-OT path and its target velocity, data at ``t = 0``, noise at ``t = 1``.
 
     ``x_t = (1 - t) x0 + (sigma_min + (1 - sigma_min) t) noise`` and
-    ``u_t = d x_t / dt = (1 - sigma_min) noise - x0`` (seed 003 §7: ``mu_t = t x1``,
+    ``u_t = d x_t / dt = (1 - sigma_min) noise - x0`` (Bogensperger, "Introduction to Generative Modeling" §7: ``mu_t = t x1``,
     ``sigma_t = 1 - (1 - sigma_min) t`` of Lipman et al. 2023, eqs. 20-23, with ``t -> 1 - t``
     so that data sits at ``t = 0`` as in ``genflow.LinearPath(sigma_min)``). Returns ``(x_t, u_t)``.
     """
@@ -297,7 +297,7 @@ def cfm_loss(net: Callable, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tens
              **cond) -> torch.Tensor:
     """Conditional flow matching loss per sample: ``mean_d (v_theta(x_t, t) - u_t)^2``.
 
-    ``(x_t, u_t) = cfm_path(x0, noise, t, sigma_min)`` (seed 003 §7, eq. 16; Lipman et al.
+    ``(x_t, u_t) = cfm_path(x0, noise, t, sigma_min)`` (Bogensperger, "Introduction to Generative Modeling" §7, eq. 16; Lipman et al.
     2023). With ``noise`` independent of ``x0`` and ``sigma_min = 0`` this is the 1-rectified
     flow loss (Liu et al. 2023, eq. 1); with ``noise`` coupled to ``x0`` by minibatch optimal
     transport it is OT-CFM (Tong et al. 2024, Algorithm 1). ``net(x_t, t, **cond)`` receives t

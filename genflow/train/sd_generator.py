@@ -1,7 +1,7 @@
 """The SD-flow generator as a training family (``make_family("sdflow")``).
 
 A one-step generator ``g_theta(eps)`` is fitted by regression onto its own samples moved by
-kernel score-difference flow steps toward the data minibatch (seed 004, "Generative
+kernel score-difference flow steps toward the data minibatch (Weber, "The Score-Difference Flow for Implicit Generative Modeling", "Generative
 Adversarial Networks": the SD flow takes the discriminator's place)::
 
     y = g(eps) (detached);  z = y + sigma xi;  y <- y + (h / sigma^2) (D_p(z) - D_q(z))   (inner_steps times)

@@ -1,4 +1,4 @@
-"""``genflow table2``: the six families of seed 003, Table 2, trained on one toy set and scored by KL.
+"""``genflow table2``: the six families of Bogensperger, "Introduction to Generative Modeling", Table 2, trained on one toy set and scored by KL.
 
 Every family is trained on the Table-2 toy set (``load_dataset("table2", seed=s)``: 8 Gaussians
 of covariance 0.1 I at radius 4/sqrt(2), 250 points each), 2000 samples are drawn and scored
@@ -29,7 +29,7 @@ from genflow.train.trainer import TrainConfig, train
 
 __all__ = ["PRESETS", "PUBLISHED", "format_table2", "run_table2"]
 
-# seed 003, Table 2: KL between the generated samples and the data
+# Bogensperger, "Introduction to Generative Modeling", Table 2: KL between the generated samples and the data
 PUBLISHED = {"gmm": 0.0099, "vae": 0.0950, "realnvp": 0.0165, "gan": 0.1502, "diffusion": 0.0149,
              "flow-matching": 0.0164}
 LABELS = {"gmm": "GMM", "vae": "VAE", "realnvp": "Normalizing flow", "gan": "GAN", "diffusion": "Diffusion model",
@@ -176,7 +176,7 @@ def _run(names, seeds, preset_name: str, steps: Optional[int], progress: bool) -
 def format_table2(result: dict) -> str:
     """The result of :func:`run_table2` as a text table: KL mean ± std over seeds next to the published figure."""
     seeds = ", ".join(str(s) for s in result["seeds"])
-    lines = [f"Table 2 (seed 003): KL(data || model), Gaussian KDEs (h = 0.4) on a 100x100 grid, "
+    lines = [f"Table 2 (Bogensperger, 'Introduction to Generative Modeling'): KL(data || model), Gaussian KDEs (h = 0.4) on a 100x100 grid, "
              f"{result['n_samples']} samples; {result['preset']} preset, seeds {seeds}, {result['seconds']:.1f} s",
              f"{'family':<18}{'KL (mean ± std)':>20}{'published':>12}{'train s':>10}"]
     for name, run in result["families"].items():

@@ -1,4 +1,4 @@
-"""The classic families of seed 003 Table 2: GMM (EM), VAE, RealNVP, GAN."""
+"""The classic families of Bogensperger, "Introduction to Generative Modeling", Table 2: GMM (EM), VAE, RealNVP, GAN."""
 import math
 
 import numpy as np
