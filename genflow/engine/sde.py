@@ -10,10 +10,11 @@ solutions of stochastic differential equations", SIAM J. Numer. Anal. 48 (2010).
 """
 import torch
 
-from genflow._checks import check_bool, did_you_mean
+from genflow._checks import check_bool
 from genflow.engine.brownian import rows, span
 from genflow.engine.sde_adaptive import SDEAdaptive
 from genflow.engine.sde_base import SDESolver, reciprocal
+from genflow.registry import lookup, named_subclasses
 from genflow.ops.fused_update import randn
 
 __all__ = ["SDE_SOLVERS", "SDEAdaptive", "SDESolver", "get_sde_solver"]
@@ -278,26 +279,9 @@ class SRA(SDESolver):
                             [1.0, dt / 3, 2 * dt / 3, 1.0, -rdt], out=self.target(i, y))
 
 
-def _discover() -> dict:
-    found, stack = {}, list(SDESolver.__subclasses__())
-    while stack:
-        cls = stack.pop(0)
-        stack.extend(cls.__subclasses__())
-        if cls.name:
-            if cls.name in found and found[cls.name] is not cls:
-                raise RuntimeError(f"two SDE solvers are named {cls.name!r}: {found[cls.name]} and {cls}")
-            found[cls.name] = cls
-    return dict(sorted(found.items()))
-
-
-SDE_SOLVERS = _discover()
+SDE_SOLVERS = named_subclasses(SDESolver, "SDE solver")
 
 
 def get_sde_solver(name: str) -> type:
     """The SDE solver class registered as ``name``; unknown names list the closest matches."""
-    if not isinstance(name, str):
-        raise TypeError(f"solver must be a name (str) from {sorted(SDE_SOLVERS)}, got {type(name).__name__}")
-    if name not in SDE_SOLVERS:
-        raise ValueError(f"solver must be one of {sorted(SDE_SOLVERS)} for a gf.SDE, got {name!r}"
-                         f"{did_you_mean(name, list(SDE_SOLVERS), n=3)}")
-    return SDE_SOLVERS[name]
+    return lookup(SDE_SOLVERS, name, "solver", " for a gf.SDE")

@@ -8,7 +8,7 @@ import importlib
 import pkgutil
 from typing import NamedTuple
 
-from genflow._checks import did_you_mean
+from genflow.registry import lookup, named_subclasses
 from genflow.solvers.base import Solver
 
 __all__ = ["SOLVERS", "Solver", "SolverInfo", "available", "get"]
@@ -17,15 +17,7 @@ __all__ = ["SOLVERS", "Solver", "SolverInfo", "available", "get"]
 def _discover() -> dict:
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
-    found, stack = {}, list(Solver.__subclasses__())
-    while stack:
-        cls = stack.pop(0)
-        stack.extend(cls.__subclasses__())
-        if cls.name:
-            if cls.name in found and found[cls.name] is not cls:
-                raise RuntimeError(f"two solvers are named {cls.name!r}: {found[cls.name]} and {cls}")
-            found[cls.name] = cls
-    return dict(sorted(found.items()))
+    return named_subclasses(Solver, "solver")
 
 
 SOLVERS = _discover()
@@ -47,9 +39,4 @@ def available(steps: int = 20) -> list:
 
 def get(name: str) -> type:
     """The solver class registered as ``name``; unknown names list the closest matches."""
-    if not isinstance(name, str):
-        raise TypeError(f"solver must be a name (str) from {sorted(SOLVERS)}, got {type(name).__name__}")
-    if name not in SOLVERS:
-        hint = did_you_mean(str(name), list(SOLVERS), n=3)
-        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}{hint}")
-    return SOLVERS[name]
+    return lookup(SOLVERS, name)
