@@ -31,6 +31,7 @@ def k_diffusion_sampling():
     if "k_diffusion" not in sys.modules:
         package = types.ModuleType("k_diffusion")
         package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec  # the real package's spec: importlib.util.find_spec keeps working on it
         utils = types.ModuleType("k_diffusion.utils")
         utils.append_dims = _append_dims
         package.utils = utils
