@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 
-from genflow.solvers.base import diverged_rows
+from genflow.solvers.base import NonFiniteError, diverged_rows
 
-__all__ = ["StepController", "iterate", "rms", "initial_step", "pooled"]
+__all__ = ["StepController", "diverged_error", "iterate", "rms", "initial_step", "pooled"]
 
 
 def rms(v: torch.Tensor) -> torch.Tensor:
@@ -148,3 +148,14 @@ def iterate(stepper, x: torch.Tensor, t_start: torch.Tensor, t_end: torch.Tensor
                 "accepted_steps": stepper.accepted_steps.clone()}
         yield x, info, progress
         t, h, i = t_next, h_next, i + 1
+
+
+def diverged_error(caller: str, solver: str, rows: torch.Tensor, t: torch.Tensor, h: torch.Tensor, what: str,
+                   advice: str) -> NonFiniteError:
+    """The ``NonFiniteError`` of an adaptive solve for the samples ``rows`` (bool [B]) at times
+    ``t`` with steps ``h``: what went non-finite (``what``) and what to check (``advice``)."""
+    rows = rows.cpu()
+    return NonFiniteError(
+        f"{caller}: solver {solver!r} diverged at t={t[rows][:4].tolist()}: {what} h={h[rows][:4].tolist()}; "
+        f"{int(rows.sum())} of {rows.shape[0]} samples diverged; check {advice} "
+        f"(pass check_finite=False to skip this check)")

@@ -5,10 +5,9 @@ from typing import Callable, Optional
 
 import torch
 
-from genflow.engine.adaptive import StepController, initial_step, iterate, pooled, rms
+from genflow.engine.adaptive import StepController, diverged_error, initial_step, iterate, pooled, rms
 from genflow.engine.rk import RungeKutta
 from genflow.engine.tableau import ButcherTableau
-from genflow.solvers.base import NonFiniteError
 
 __all__ = ["FixedRK", "AdaptiveRK"]
 
@@ -188,8 +187,4 @@ class AdaptiveRK:
         return out
 
     def _diverged(self, rows, t, h, what):
-        rows = rows.cpu()
-        raise NonFiniteError(
-            f"gf.solve: solver {self.name!r} diverged at t={t[rows][:4].tolist()}: {what} h={h[rows][:4].tolist()}; "
-            f"{int(rows.sum())} of {rows.shape[0]} samples diverged; check the drift at these times "
-            f"(pass check_finite=False to skip this check)")
+        raise diverged_error("gf.solve", self.name, rows, t, h, what, "the drift at these times")

@@ -4,9 +4,8 @@ per-sample step sizes, on the per-iteration loop of ``genflow.engine.adaptive.it
 import torch
 
 from genflow._checks import check_bool, check_choice, check_int, check_real
-from genflow.engine.adaptive import iterate, pooled, rms
+from genflow.engine.adaptive import diverged_error, iterate, pooled, rms
 from genflow.engine.sde_base import SDESolver
-from genflow.solvers.base import NonFiniteError
 
 __all__ = ["SDEAdaptive"]
 
@@ -132,8 +131,4 @@ class SDEAdaptive(SDESolver):
         return y.copy_(torch.where(mask, new, y))
 
     def _diverged(self, rows, t, h, what):
-        rows = rows.cpu()
-        raise NonFiniteError(
-            f"gf.solve: solver {self.name!r} diverged at t={t[rows][:4].tolist()}: {what} h={h[rows][:4].tolist()}; "
-            f"{int(rows.sum())} of {rows.shape[0]} samples diverged; check the drift and diffusion at these times "
-            f"(pass check_finite=False to skip this check)")
+        raise diverged_error("gf.solve", self.name, rows, t, h, what, "the drift and diffusion at these times")

@@ -19,12 +19,12 @@ import math
 import torch
 
 from genflow._checks import check_real
-from genflow.engine.adaptive import StepController, initial_step, iterate, rms
+from genflow.engine.adaptive import StepController, diverged_error, initial_step, iterate, rms
 from genflow.engine.rk import RungeKutta
 from genflow.engine.tableau import DOPRI5
 from genflow.models import conversion
 from genflow.ops.fused_update import fused_update_unchecked, seed_tensor, use_kernel
-from genflow.solvers.base import NonFiniteError, Point, Solver
+from genflow.solvers.base import Point, Solver
 
 __all__ = ["AdaptiveSolver", "RK45", "SDEAdaptive"]
 
@@ -92,11 +92,7 @@ class AdaptiveSolver(Solver):
 
     def _diverged(self, rows, t, h, what):
         """Raise ``NonFiniteError`` for the samples ``rows`` (bool [B]) at times ``t``, steps ``h``."""
-        rows = rows.cpu()
-        raise NonFiniteError(
-            f"gf.sample: solver {self.name!r} diverged at t={t[rows][:4].tolist()}: {what} h={h[rows][:4].tolist()}; "
-            f"{int(rows.sum())} of {rows.shape[0]} samples diverged; check the model's output at these times "
-            f"(pass check_finite=False to skip this check)")
+        raise diverged_error("gf.sample", self.name, rows, t, h, what, "the model's output at these times")
 
     def _check_finite(self, kinds, what):
         for p in self.ends:
