@@ -7,11 +7,11 @@ schemes of ``genflow.engine.sde.SDE_SOLVERS`` on the Brownian motion of
 (``genflow.engine.loop.run``: callback, progress bar, divergence check).
 """
 import warnings
-from collections import OrderedDict
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from genflow._cache import LRU, tensor_key
 from genflow._checks import check_bool, check_choice, check_int, check_real
 from genflow.engine.loop import NO_STEP, grid_steps, raise_diverged, run
 from genflow.engine.ode import AdaptiveRK, FixedRK
@@ -235,8 +235,7 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
     return _finish(stepper, y0, grid, solver, saveat, callback, progress, check_finite, dense)
 
 
-_GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()  # key -> (term, replay, static y0, out, flag)
-_MAX_GRAPHS = 8
+_GRAPHS = LRU(8)  # (term, solver, grid, shape, dtype, device, kernel, check_finite) -> (replay, static y0, out, flag)
 
 
 def clear_graphs() -> None:
@@ -267,9 +266,11 @@ def graphed_solve(term: ODE, solver: str, y0: torch.Tensor, grid: torch.Tensor, 
     the first step writing NaN/Inf inside the graph; the flag is read once after the replay."""
     from genflow import cuda_graph
 
-    key = (id(term), solver, grid.numpy().tobytes(), tuple(y0.shape), y0.dtype, str(y0.device), kernel, check_finite)
+    # the key holds the term itself (compared by identity while the entry keeps it alive, so a new
+    # term can never meet a dead one's graph) and the grid by its values
+    key = (term, solver, tensor_key(grid), tuple(y0.shape), str(y0.dtype), str(y0.device), kernel, check_finite)
     entry = _GRAPHS.get(key)
-    if entry is None or entry[0] is not term:
+    if entry is None:
         static = y0.detach().clone()
         flag = torch.full((1,), NO_STEP, dtype=torch.int32, device=y0.device) if check_finite else None
 
@@ -291,11 +292,8 @@ def graphed_solve(term: ODE, solver: str, y0: torch.Tensor, grid: torch.Tensor, 
             stepper = FixedRK(TABLEAUX[solver], _drift(term, y0, True), grid, kernel=kernel)
             return run(stepper, y0, ts=grid, solver=solver, check_finite=check_finite, caller="gf.solve",
                        advice=DRIFT_ADVICE)[0]
-        entry = _GRAPHS[key] = (term, replay, static, out, flag)
-        while len(_GRAPHS) > _MAX_GRAPHS:
-            _GRAPHS.popitem(last=False)
-    _GRAPHS.move_to_end(key)
-    _, replay, static, out, flag = entry
+        entry = _GRAPHS.put(key, (replay, static, out, flag))
+    replay, static, out, flag = entry
     static.copy_(y0)
     if flag is not None:
         flag.fill_(NO_STEP)

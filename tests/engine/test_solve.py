@@ -235,3 +235,46 @@ def test_graphed_solve_plumbing_replays_the_captured_body(monkeypatch):
         solve_module.graphed_solve(gf.ODE(lambda t, y: y * y * 1e3), "rk4", torch.ones(2, 2, dtype=torch.float64),
                                    grid, kernel=use_kernel("auto", torch.device("cpu")), check_finite=True)
     solve_module.clear_graphs()
+
+
+def test_graph_cache_keys_hold_the_term_and_the_grid_values(monkeypatch):
+    """The gf.solve graph cache (genflow._cache.LRU) holds the term in its key, so a new term is a
+    miss even where an old one's address could be reused, and keys the grid by its values: an
+    equal grid in a new tensor hits, a grid changed in place misses."""
+    import gc
+    import importlib
+    import weakref
+
+    from genflow import cuda_graph
+    from genflow.ops.fused_update import use_kernel
+
+    solve_module = importlib.import_module("genflow.engine.solve")
+    captures = []
+
+    def rerun(body, device):
+        captures.append(device)
+        out = body()
+        return (lambda: out.copy_(body())), out
+
+    monkeypatch.setattr(cuda_graph, "_record", rerun)
+    solve_module.clear_graphs()
+    kernel = use_kernel("auto", torch.device("cpu"))
+    y0 = torch.rand(2, 3, dtype=torch.float64) + 0.5
+    grid = torch.linspace(0.0, 1.0, 5, dtype=torch.float64)
+    term = gf.ODE(rhs)
+    alive = weakref.ref(term)
+    solve_module.graphed_solve(term, "rk4", y0, grid, kernel=kernel, check_finite=True)
+    solve_module.graphed_solve(term, "rk4", y0, grid.clone(), kernel=kernel, check_finite=True)
+    assert len(captures) == 1
+    del term
+    gc.collect()
+    assert alive() is not None  # the cache entry holds its term
+    solve_module.graphed_solve(gf.ODE(rhs), "rk4", y0, grid, kernel=kernel, check_finite=True)
+    assert len(captures) == 2
+    grid[2] += 0.01
+    out = solve_module.graphed_solve(alive(), "rk4", y0, grid, kernel=kernel, check_finite=True)
+    assert len(captures) == 3
+    assert torch.equal(out, gf.solve(alive(), y0, 0.0, 1.0, solver="rk4", ts=grid))
+    solve_module.clear_graphs()
+    gc.collect()
+    assert alive() is None
