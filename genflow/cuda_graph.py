@@ -19,23 +19,21 @@ tensor, data-dependent shapes) fails during capture, and the solve then runs eag
 warning that says why. Captured graphs hold their memory until ``clear()``.
 """
 import warnings
-from collections import OrderedDict
 from typing import NamedTuple, Optional
 
 import torch
 
+from genflow._cache import LRU, tensor_key, value_key
 from genflow.engine.loop import NO_STEP, grid_steps, raise_diverged
 from genflow.noise import PhiloxNoise, generator_seed
 
 __all__ = ["clear", "check_capturable", "graphed_solve", "record"]
 
-_MAX_GRAPHS = 8
-_GRAPHS: "OrderedDict[tuple, _Captured]" = OrderedDict()
-_UNCAPTURABLE = {}  # key -> model: solves that failed to capture run eagerly (warned once)
+_GRAPHS = LRU(8)          # solve key (see _key) -> _Captured
+_UNCAPTURABLE = LRU(64)   # solve key -> True: solves that failed to capture run eagerly (warned once)
 
 
 class _Captured(NamedTuple):
-    model: object          # kept alive: the key holds its id
     replay: object         # the captured graph's replay
     x: torch.Tensor        # static start state
     seed: torch.Tensor     # static int64 [1] or [B] seeds on the device
@@ -71,9 +69,36 @@ def check_capturable(*, solver_cls, ts: torch.Tensor, device, noise, noise_sampl
             raise ValueError(f"cuda_graph=True cannot capture this solve: {reason}")
 
 
+class _Same:
+    """A key part equal only to itself: holds ``obj``, compared by identity (a captured graph
+    replays the kernels of that very network and reads that very tensor's memory)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    def __hash__(self):
+        return object.__hash__(self.obj)
+
+
+def _model_key(model) -> tuple:
+    """What a capture bakes in of ``model``: the model and its network (by identity), its
+    process's parameter values (the host coefficients), its prediction kind and time map, and
+    its conditioning tensors (by identity: the graph reads their memory)."""
+    cond = getattr(model, "cond", None) or {}
+    return (_Same(model), _Same(getattr(model, "net", None)), value_key(getattr(model, "process", None)),
+            getattr(model, "prediction", None), _Same(getattr(model, "time", None)),
+            tuple(sorted((name, _Same(value)) for name, value in cond.items())))
+
+
 def _key(model, solver_cls, ts, shape, dtype, device, seed_shape, eta, backend, final_step, options, check_finite):
-    return (id(model), solver_cls.name, ts.numpy().tobytes(), tuple(shape), dtype, str(device), seed_shape,
-            eta, backend, final_step, repr(sorted(options.items())), check_finite)
+    """The values (and, for the model, the objects) a captured solve depends on."""
+    return (_model_key(model), solver_cls, tensor_key(ts), tuple(shape), str(dtype), str(device), seed_shape,
+            eta, backend, final_step, value_key(options), check_finite)
 
 
 def _solve(model, solver_cls, ts, x, seed, eta, backend, final_step, options, nonfinite=None):
@@ -116,7 +141,7 @@ def _capture(model, solver_cls, ts, x0, seed, eta, backend, final_step, options,
         return _solve(model, solver_cls, ts, static_x.clone(), static_seed, eta, backend, final_step, options, flag)
 
     replay, out = _record(body, x0.device)
-    return _Captured(model, replay, static_x, static_seed, out, flag)
+    return _Captured(replay, static_x, static_seed, out, flag)
 
 
 def _checked(solver_cls, ts, x, flag):
@@ -150,25 +175,22 @@ def graphed_solve(model, solver_cls, ts: torch.Tensor, *, shape, x_T: Optional[t
     key = _key(model, solver_cls, ts, x0.shape, x0.dtype, device, tuple(seed.shape), eta, backend, final_step, options,
                check_finite)
     flag = torch.full((1,), NO_STEP, dtype=torch.int32, device=device) if check_finite else None
-    if _UNCAPTURABLE.get(key) is model:
+    if _UNCAPTURABLE.get(key):
         x = _solve(model, solver_cls, ts, x0.clone(), seed, eta, backend, final_step, options, flag)
         return _checked(solver_cls, ts, x, flag)
     captured = _GRAPHS.get(key)
-    if captured is None or captured.model is not model:
+    if captured is None:
         try:
             captured = _capture(model, solver_cls, ts, x0, seed, eta, backend, final_step, options, check_finite)
         except RuntimeError as error:  # a host sync or an uncapturable op in the model or solver
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            _UNCAPTURABLE[key] = model
+            _UNCAPTURABLE.put(key, True)
             warnings.warn(f"cuda_graph=True: the solve could not be captured as a CUDA graph ({error}); "
                           "running it eagerly (and this solve from now on)", RuntimeWarning, stacklevel=3)
             x = _solve(model, solver_cls, ts, x0.clone(), seed, eta, backend, final_step, options, flag)
             return _checked(solver_cls, ts, x, flag)
-        _GRAPHS[key] = captured
-        while len(_GRAPHS) > _MAX_GRAPHS:
-            _GRAPHS.popitem(last=False)
-    _GRAPHS.move_to_end(key)
+        _GRAPHS.put(key, captured)
     captured.x.copy_(x0)
     captured.seed.copy_(seed)
     if captured.nonfinite is not None:

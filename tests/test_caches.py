@@ -116,3 +116,68 @@ def test_value_keys():
     assert value_key({"b": 1, "a": (2, "x")}) == value_key({"a": (2, "x"), "b": 1})
     with pytest.raises(TypeError, match="cache_key"):
         value_key(object())
+
+
+@pytest.mark.parametrize("solver, options", [("lms", {}), ("lms", {"order": 2}), ("dpmpp_2m", {}),
+                                             ("dpmpp_3m", {"lower_order_final": False}),
+                                             ("dpmpp_2m_sde", {"eta": 0.5})])
+def test_step_plans_follow_the_grid_and_the_process_not_the_objects(solver, options):
+    """The LMS coefficient rows and the DPM-Solver++ step plans are keyed by the grid's values
+    (through its serial): a grid modified in place after a solve, or a model whose process is
+    replaced, solves as fresh objects do."""
+    process = gf.VP()
+    grid = gf.time_grid(process, 9, "logsnr").clone()
+    model = MIXTURE.model(process)
+    x_T = torch.randn(5, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def solve(m, g):
+        return gf.sample(m, x_T=x_T, solver=solver, schedule=g, generator=list(range(5)), **options)
+
+    first = solve(model, grid)
+    grid[1:-1] = grid[1:-1] * 0.95  # the same tensor, other times
+    changed = solve(model, grid)
+    assert torch.equal(changed, solve(MIXTURE.model(gf.VP()), grid.clone()))
+    assert not torch.equal(changed, first)
+    other = gf.VP(beta_max=10.0)
+    model.process = other  # the same Model object, another process
+    replaced = solve(model, grid)
+    assert torch.equal(replaced, solve(gf.Model(model.net, gf.VP(beta_max=10.0), prediction="x0"), grid.clone()))
+    assert not torch.equal(replaced, changed)
+
+
+def test_cuda_graph_captures_follow_the_model_and_its_process(monkeypatch):
+    """A captured solve is keyed by the model object and its network (identity: the graph replays
+    their kernels) and by its process's values: replacing the process or the network of the same
+    Model object after a solve captures anew and equals a fresh model's eager solve (replay
+    emulated on the CPU by re-running the captured body, as in tests/test_cuda_graph.py)."""
+    from genflow import cuda_graph
+    from genflow.solvers import get
+
+    captures = []
+
+    def rerun(body, device):
+        captures.append(1)
+        out = body()
+        return (lambda: out.copy_(body())), out
+
+    monkeypatch.setattr(cuda_graph, "_record", rerun)
+    cuda_graph.clear()
+    model = MIXTURE.model(gf.VP())
+    ts = gf.time_grid(gf.VP(), 8, "logsnr")
+
+    def graphed(m):
+        return cuda_graph.graphed_solve(m, get("dpmpp_2m"), ts, shape=(6, 2), x_T=None, dtype=torch.float64,
+                                        device="cpu", generator=3, eta=None, backend="auto", final_step=None,
+                                        options={})
+
+    def eager(m):
+        return gf.sample(m, (6, 2), solver="dpmpp_2m", schedule=ts, generator=3, dtype=torch.float64)
+
+    assert torch.equal(graphed(model), eager(model)) and torch.equal(graphed(model), eager(model))
+    assert len(captures) == 1
+    model.process = gf.VP(beta_max=10.0)
+    assert torch.equal(graphed(model), eager(gf.Model(model.net, gf.VP(beta_max=10.0), prediction="x0")))
+    model.net = MIXTURE.model(gf.VP(beta_max=10.0)).net
+    assert torch.equal(graphed(model), eager(MIXTURE.model(gf.VP(beta_max=10.0))))
+    assert len(captures) == 3
+    cuda_graph.clear()

@@ -82,13 +82,13 @@ class Grid(list):
 _SERIALS = itertools.count()
 
 
-_TABLES = LRU(64)  # (process values, grid values) -> Grid
+_TABLES = LRU(64)  # (process values, grid values, device) -> Grid
 
 
 def table(process, ts: torch.Tensor) -> Grid:
     """Per-grid-point ``Point``s computed in one vectorised pass over the grid (cached by the
     process's parameters and the grid's values, so a changed process or grid never hits)."""
-    key = (process.cache_key(), tensor_key(ts))
+    key = (process.cache_key(), tensor_key(ts), str(ts.device))
     points = _TABLES.get(key)
     if points is None:
         points = _TABLES.put(key, _compute_table(process, ts))

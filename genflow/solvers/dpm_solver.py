@@ -28,7 +28,7 @@ __all__ = ["DPMSolver1", "DPMSolver2", "DPMSolver3", "DPMSolverPP2S", "DPMSolver
            "DPMSolverPP2MSDE", "DPMSolverPP3MSDE", "DPM_VARIANTS", "dpm_weights", "dpm_multistep_coefficients"]
 
 
-_PLANS = {}  # (id(grid), solver options, step) -> (grid, the step's coefficients and packed form)
+_PLANS = LRU(4096)  # (grid serial, solver class, options, step) -> the step's coefficients and packed form
 
 
 def _finite(v):
@@ -74,7 +74,7 @@ def _stage_tables(solver, ratios):
     Steps with an infinite ``h`` (an end with ``sigma = 0`` or ``alpha = 0``) get the step's
     start point instead; their intermediate stages are never used for the update.
     """
-    key = (value_key(solver.process), tensor_key(solver.ts), tuple(ratios))
+    key = (value_key(solver.process), tensor_key(solver.ts), str(solver.ts.device), tuple(ratios))
     return _STAGE_TABLES.get_or_compute(key, lambda: _compute_stage_tables(solver, ratios))
 
 
@@ -354,12 +354,13 @@ class _MultistepPP(Solver):
     def step(self, i, x):
         p, q = self.grid[i], self.grid[i + 1]
         key = None
-        if self.threshold is None and type(p.t) is float:  # grid-determined step: reuse its plan
-            key = (id(self.grid), type(self), self.model.prediction, self.eta, self.solver_type,
+        if self.threshold is None and type(p.t) is float and not torch.compiler.is_compiling():
+            # a grid-determined step: reuse its plan (grid serials stand for the process's and the times' values)
+            key = (self.grid.serial, type(self), self.model.prediction, self.eta, self.solver_type,
                    self.d2_weight, self.warmup, self.lower_order_final, i)
             hit = _PLANS.get(key)
-            if hit is not None and hit[0] is self.grid:
-                return self._planned_step(x, p, q, hit[1])
+            if hit is not None:
+                return self._planned_step(x, p, q, hit)
         h = q.lam - p.lam
         last = i + 1 == len(self.grid) - 1
         ok = _finite(h)
@@ -379,9 +380,7 @@ class _MultistepPP(Solver):
         term, a0, b0 = self.x0_view(x, out, p)
         coefs, noise_scale = self._coefficients(p, q, h, ok, k, a0, b0)
         if key is not None:
-            if len(_PLANS) >= 4096:
-                _PLANS.clear()
-            _PLANS[key] = (self.grid, (h, last, a0, b0, coefs, noise_scale, self.pack(coefs, noise_scale)))
+            _PLANS.put(key, (h, last, a0, b0, coefs, noise_scale, self.pack(coefs, noise_scale)))
         x0 = None if last else (term if _is_identity(a0, b0) else self.update(x, [term], [a0, b0]))
         prev = [x0_prev for x0_prev, _ in reversed(self.history)][: len(coefs) - 2]
         x = self.update(x, [term] + prev, coefs, noise_scale, out=x, noise_at=(p.sigma, q.sigma))

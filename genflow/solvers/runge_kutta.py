@@ -9,6 +9,7 @@ Stage points and coefficient tables are computed once per solve, in float64.
 """
 import torch
 
+from genflow._cache import LRU
 from genflow.engine.rk import RungeKutta
 from genflow.engine.tableau import MIDPOINT, ButcherTableau
 from genflow.engine.tableau import RK4 as RK4_TABLEAU
@@ -133,7 +134,7 @@ class RK4(_TableauSolver):
         return [bool(z.all()) if bool(z.all()) or not bool(z.any()) else z for z in zero]
 
 
-_LMS_COEFS = {}  # (id(process), id(ts), ts._version, order) -> (process, ts, coefficient rows)
+_LMS_COEFS = LRU(64)  # (grid serial, order) -> coefficient rows
 
 
 def _lms_table(s: torch.Tensor, order: int) -> list:
@@ -207,19 +208,12 @@ class LMS(Solver):
             raise ValueError(f"order must be an int in 1..4, got {order!r}")
         super().__init__(model, ts, **kwargs)
         self.max_order = order
-        key = (id(self.process), id(ts), ts._version, order)
-        hit = _LMS_COEFS.get(key)
-        if hit is not None and hit[0] is self.process and hit[1] is ts:
-            self.coefs = hit[2]
-        else:
-            self.coefs = self._coefficients(ts, order)
-            if len(_LMS_COEFS) >= 64:
-                _LMS_COEFS.clear()
-            _LMS_COEFS[key] = (self.process, ts, self.coefs)
+        # the grid's serial stands for the process's parameters and the times' values (solvers.base.table)
+        self.coefs = _LMS_COEFS.get_or_compute((self.grid.serial, order), lambda: self._coefficients(ts, order))
         self.history = []  # eps of earlier steps, newest first
 
     def _coefficients(self, ts, order):
-        """Per-step ``[c_x, c_x0, c_eps_-1, ...]`` rows (cached per grid tensor and order: the
+        """Per-step ``[c_x, c_x0, c_eps_-1, ...]`` rows (cached per grid values and order: the
         exact Lagrange integrals cost milliseconds)."""
         with torch.no_grad():
             alpha = self.process.alpha(ts).to(torch.float64)
