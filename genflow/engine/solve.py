@@ -13,6 +13,7 @@ import torch
 
 from genflow._cache import LRU, tensor_key
 from genflow._checks import check_bool, check_choice, check_int, check_real
+from genflow.engine.adjoint import AdjointSolve
 from genflow.engine.loop import NO_STEP, grid_steps, raise_diverged, run
 from genflow.engine.ode import AdaptiveRK, FixedRK
 from genflow.engine.tableau import TABLEAUX
@@ -142,7 +143,8 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
           rtol: Optional[float] = None, atol: Optional[float] = None, generator=None, brownian=None, saveat=None,
           dense: bool = False, callback: Optional[Callable] = None, progress: bool = False, check_finite: bool = True,
           backend: str = "auto", error_norm: str = "sample", h_init=None, max_steps: int = 10_000,
-          cuda_graph: bool = False, **solver_options):
+          cuda_graph: bool = False, adjoint: bool = False, adjoint_params=None, adjoint_rtol: Optional[float] = None,
+          adjoint_atol: Optional[float] = None, **solver_options):
     """Integrate ``term`` (``gf.ODE`` or ``gf.SDE``) from ``y0`` at ``t0`` to ``t1``.
 
     Args:
@@ -172,11 +174,24 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
         cuda_graph: capture the fixed-grid ODE solve (drift calls included) as a CUDA graph on its
             first call and replay it on later calls with the same term, solver, grid, shape and
             dtype (``graphed_solve``); CUDA tensors, a shared grid, no saveat/callback/progress.
+        adjoint: ODE terms only: differentiate by the continuous adjoint (Chen et al. 2018,
+            Algorithm 1; ``genflow.engine.adjoint``) instead of backpropagation through the steps:
+            the forward solve keeps no graph (memory O(1) in the steps) and the backward pass solves
+            the augmented ``[y, a, dL/dtheta]`` ODE from ``t1`` back to ``t0`` with the same solver
+            (a fixed grid reversed; adaptive steps with ``adjoint_rtol``/``adjoint_atol``, default
+            ``rtol``/``atol``, on the batch as one system). Needs shared times (floats ``t0``,
+            ``t1``, a grid ``[N+1]``); not with ``dense`` or ``cuda_graph``. There is no SDE adjoint:
+            backpropagation through the steps is the exact gradient of the discretised SDE on its
+            Brownian path, where an SDE adjoint would need the path again backward in time.
+        adjoint_params: the tensors to differentiate besides ``y0`` (default: the drift's
+            parameters if it is an ``nn.Module``); a drift using another tensor that requires grad
+            raises ``ValueError`` in the backward pass rather than dropping its gradient.
         **solver_options: passed to an SDE solver.
 
     Returns:
         ``y(t1)`` (Tensor[B, *D]), or a ``Solution`` with ``saveat`` or ``dense=True``.
-        Gradients flow to ``y0`` and to the drift's parameters (backpropagation through the steps).
+        Gradients flow to ``y0`` and to the drift's parameters (backpropagation through the steps,
+        or the adjoint with ``adjoint=True``).
     """
     if not isinstance(term, (ODE, SDE)):
         raise TypeError(f"term must be a gf.ODE or gf.SDE, got {type(term).__name__}")
@@ -189,7 +204,9 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
     check_choice("error_norm", error_norm, ERROR_NORMS)
     check_finite, dense, progress = (check_bool("check_finite", check_finite), check_bool("dense", dense),
                                      check_bool("progress", progress))
-    cuda_graph = check_bool("cuda_graph", cuda_graph)
+    cuda_graph, adjoint = check_bool("cuda_graph", cuda_graph), check_bool("adjoint", adjoint)
+    if not adjoint and (adjoint_params is not None or adjoint_rtol is not None or adjoint_atol is not None):
+        raise ValueError("adjoint_params, adjoint_rtol and adjoint_atol need adjoint=True")
     max_steps = check_int("max_steps", max_steps, low=1)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
@@ -199,6 +216,9 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
     t0, t1 = _times("t0", t0, batch), _times("t1", t1, batch)
     saveat = _saveat(saveat, batch)
     if isinstance(term, SDE):
+        if adjoint:
+            raise ValueError("adjoint=True is for ODE terms: genflow provides no SDE adjoint; backpropagation through "
+                             "the steps (the default) is the exact gradient of the discretised SDE on its Brownian path")
         return _solve_sde(term, y0, t0, t1, solver, steps, ts, rtol, atol, generator, brownian, saveat, callback,
                           progress, check_finite, backend, h_init, max_steps, solver_options)
     tableau = TABLEAUX[check_choice("solver", solver, tuple(TABLEAUX))]
@@ -218,6 +238,15 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
             raise ValueError("rtol and atol must not both be 0")
         if h_init is not None:
             h_init = check_real("h_init", h_init, low=0.0, low_open=True)
+        if adjoint:
+            if dense or cuda_graph:
+                raise ValueError("adjoint=True cannot be combined with dense=True or cuda_graph=True (the adjoint "
+                                 "differentiates y(t1) and the saveat states only)")
+            return _solve_adjoint(term, tableau, y0, None, t0, t1, kernel, saveat, callback, progress, check_finite,
+                                  adjoint_params, dict(rtol=rtol, atol=atol, error_norm=error_norm, h_init=h_init,
+                                                       max_steps=max_steps),
+                                  (rtol if adjoint_rtol is None else check_real("adjoint_rtol", adjoint_rtol, low=0.0),
+                                   atol if adjoint_atol is None else check_real("adjoint_atol", adjoint_atol, low=0.0)))
         shared = error_norm == "batch" and _shared(t0) and _shared(t1)
         stepper = AdaptiveRK(tableau, _drift(term, y0, shared), t0, t1, kernel=kernel, rtol=rtol, atol=atol,
                              error_norm=error_norm, h_init=h_init, max_steps=max_steps, saveat=saveat, dense=dense,
@@ -225,6 +254,12 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
         grid = None
     else:
         grid = _grid(ts, steps, t0, t1, batch)
+        if adjoint:
+            if cuda_graph or adjoint_rtol is not None or adjoint_atol is not None:
+                raise ValueError("adjoint=True on a fixed grid reverses the grid: adjoint_rtol/adjoint_atol are for "
+                                 "adaptive solves, and cuda_graph=True cannot be combined with the adjoint")
+            return _solve_adjoint(term, tableau, y0, grid, t0, t1, kernel, saveat, callback, progress, check_finite,
+                                  adjoint_params)
         if cuda_graph:
             _check_capturable(y0, grid, saveat, callback, progress)
             return graphed_solve(term, solver, y0, grid, kernel=kernel, check_finite=check_finite)
@@ -335,6 +370,73 @@ def _finish(stepper, y0, grid, solver, saveat, callback, progress, check_finite,
     else:
         ys = None if saveat is None else torch.stack([saved[i] for i in indices])
     return Solution(y, saveat, ys, stats, stepper if dense else None)
+
+
+def _adjoint_params(drift, adjoint_params) -> tuple:
+    """The tensors the adjoint differentiates besides y0 (those requiring grad)."""
+    if adjoint_params is None:
+        return tuple(p for p in drift.parameters() if p.requires_grad) if isinstance(drift, torch.nn.Module) else ()
+    if isinstance(adjoint_params, torch.Tensor):
+        adjoint_params = (adjoint_params,)
+    try:
+        params = tuple(adjoint_params)
+    except TypeError:
+        raise TypeError(f"adjoint_params must be an iterable of tensors, got {type(adjoint_params).__name__}") from None
+    if not all(isinstance(p, torch.Tensor) for p in params):
+        raise TypeError(f"adjoint_params must hold tensors, got {[type(p).__name__ for p in params]}")
+    return tuple(p for p in params if p.requires_grad)
+
+
+def _solve_adjoint(term, tableau, y0, grid, t0, t1, kernel, saveat, callback, progress, check_finite,
+                   adjoint_params, forward_options=None, backward_tolerances=None):
+    """``gf.solve(..., adjoint=True)``: the forward solve saves the states at the nodes ``t0``,
+    the save times and ``t1`` (no graph); ``AdjointSolve`` solves the augmented ODE backward
+    between consecutive nodes (the fixed grid's own nodes reversed, or adaptive steps)."""
+    if (grid is not None and grid.dim() != 1) or (grid is None and not (_shared(t0) and _shared(t1))) or \
+            (saveat is not None and saveat.dim() != 1):
+        raise ValueError("adjoint=True needs shared times (float t0 and t1, a grid [N+1], saveat [S]): the "
+                         "augmented ODE solves the batch as one system")
+    start, end = (float(grid[0]), float(grid[-1])) if grid is not None else (float(t0[0]), float(t1[0]))
+    direction = 1.0 if end >= start else -1.0
+    saves = [] if saveat is None else saveat.tolist()
+    if any(not 0.0 <= (s - start) * direction <= (end - start) * direction for s in saves):
+        raise ValueError(f"saveat must lie in [t0, t1] = [{start}, {end}], got {saves}")
+    nodes = torch.tensor(sorted({start, end, *saves}, key=lambda t: direction * t), dtype=torch.float64)
+    stats = {}
+
+    def forward(y):
+        if grid is None:
+            stepper = AdaptiveRK(tableau, _drift(term, y, forward_options["error_norm"] == "batch"), t0, t1,
+                                 kernel=kernel, saveat=nodes, check_finite=check_finite, **forward_options)
+        else:
+            stepper = FixedRK(tableau, _drift(term, y, True), grid, kernel=kernel)
+        out = _finish(stepper, y, grid, tableau.name, nodes, callback, progress, check_finite, False)
+        stats.update(out.stats)
+        return out.ys
+
+    indices = None if grid is None else _grid_indices(nodes, grid)
+
+    def segment(aug, state, k):
+        f = _drift(ODE(aug), state, True)
+        if grid is None:
+            rtol, atol = backward_tolerances
+            if rtol + atol == 0:
+                raise ValueError("adjoint_rtol and adjoint_atol must not both be 0")
+            stepper = AdaptiveRK(tableau, f, nodes[k:k + 1], nodes[k - 1:k], kernel=kernel, rtol=rtol, atol=atol,
+                                 max_steps=forward_options["max_steps"], check_finite=check_finite)
+            sub = None
+        else:
+            sub = grid[indices[k - 1]:indices[k] + 1].flip(0)
+            stepper = FixedRK(tableau, f, sub, kernel=kernel)
+        y, _ = run(stepper, state, ts=sub, solver=tableau.name, check_finite=check_finite,
+                   caller="gf.solve (adjoint)", advice=DRIFT_ADVICE)
+        return y
+
+    states = AdjointSolve.apply(forward, segment, term.drift, y0, *_adjoint_params(term.drift, adjoint_params))
+    if saveat is None:
+        return states[-1]
+    order = nodes.tolist()
+    return Solution(states[-1], saveat, states[[order.index(s) for s in saves]], stats)
 
 
 def _solve_sde(term, y0, t0, t1, solver, steps, ts, rtol, atol, generator, brownian, saveat, callback, progress,
