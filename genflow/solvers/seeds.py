@@ -3,7 +3,7 @@ import torch
 
 from genflow.solvers.base import Solver, exp, expm1, point, sqrt
 
-__all__ = ["SEEDS2", "SEEDS3"]
+__all__ = ["ExpHeun2X0", "SEEDS1", "SEEDS2", "SEEDS3"]
 
 
 class _Seeds(Solver):
@@ -61,9 +61,10 @@ class _Seeds(Solver):
         h = q.lam - p.lam
         H = (1 + self.eta) * h
         x0s, previous = [x0], None
-        for r, weights in self.tableau(h, H):
+        stages = self.tableau(h, H)
+        for k, (r, weights) in enumerate(stages):
             state, s, det = self.stage(x, p, q, h, r, weights, x0s, previous)
-            if r == 1:
+            if k == len(stages) - 1:
                 return x.copy_(state)
             x0s.append(self.data_prediction(state, s))
             previous = (state, r, s, det + [0.0] * (len(x0s) - len(det)))
@@ -77,6 +78,23 @@ def _phi1(z):
 def _phi2(z):
     """``(expm1(z) - z)/z`` (``h phi_2``)."""
     return (expm1(z) - z) / z
+
+
+class SEEDS1(_Seeds):
+    """SEEDS-1 (Gonzalez et al. 2023, "SEEDS: Exponential SDE Solvers for Fast High-Quality Sampling
+    from Diffusion Models", the first-order data-prediction solver).
+
+    With ``H = (1 + eta) h``: ``x' = (sigma'/sigma) e^{-eta h} x - alpha' expm1(-H) x0 +
+    sigma' sqrt(1 - e^{-2 eta h}) z``. ``eta = 1`` (default) is the exact exponential integrator of the
+    reverse SDE with ``x0`` frozen over the step (SDE-DPM-Solver++(1), DDPM's posterior step);
+    ``eta = 0`` is DDIM. Weak order 1 (order 1 at ``eta = 0``), 1 NFE per step; a step to
+    ``sigma' = 0`` returns ``alpha' x0``.
+    """
+
+    name = "seeds_1"
+
+    def tableau(self, h, H):
+        return [(1, [_phi1(-H)])]
 
 
 class SEEDS2(_Seeds):
@@ -146,3 +164,33 @@ class SEEDS3(_Seeds):
         a = r2 / r1 * _phi2(-r2 * H)
         b = _phi2(-H) / r2
         return [(r1, [_phi1(-r1 * H)]), (r2, [_phi1(-r2 * H) - a, a]), (1, [_phi1(-H) - b, 0.0, b])]
+
+
+class ExpHeun2X0(_Seeds):
+    """Exponential Heun in data prediction and log-SNR time (ComfyUI's ``sample_exp_heun_2_x0``):
+    SEEDS-2 (Gonzalez et al. 2023) at ``eta = 0`` with its stage at the end of the step (``r = 1``).
+
+    ``x~ = (sigma'/sigma) x - alpha' expm1(-h) x0`` (DPM-Solver++(1) to ``t'``), then
+    ``x' = (sigma'/sigma) x - alpha' [(expm1(-h) - b) x0 + b x0(x~, t')]`` with
+    ``b = phi_2(-h) = (expm1(-h) + h)/(-h)`` (``solver_type="phi_2"``, default) or
+    ``b = expm1(-h)/2`` (``"phi_1"``, the trapezoid). Order 2, 2 NFE per step; a step to
+    ``sigma' = 0`` returns ``alpha' x0`` (1 NFE).
+    """
+
+    name = "exp_heun_2_x0"
+    order = 2
+    nfe_per_step = 2
+    stochastic = False
+    default_eta = None
+    order_test_options = ({}, {"solver_type": "phi_1"})
+
+    def __init__(self, model, ts, *, solver_type: str = "phi_2", **kwargs):
+        super().__init__(model, ts, **kwargs)
+        if solver_type not in ("phi_1", "phi_2"):
+            raise ValueError(f"solver_type must be 'phi_1' or 'phi_2', got {solver_type!r}")
+        self.solver_type = solver_type
+        self.eta = 0.0  # the deterministic member of the SEEDS family
+
+    def tableau(self, h, H):
+        b = _phi1(-H) / 2 if self.solver_type == "phi_1" else _phi2(-H)
+        return [(1, [_phi1(-H)]), (1, [_phi1(-H) - b, b])]
