@@ -144,3 +144,158 @@ def test_precision_and_ownership_options_of_the_solver_section():
     assert result.dtype == torch.float16
     assert not torch.equal(result, gf.sample(MODEL, x_T=half, solver="dpmpp_2m", steps=6, state_dtype=torch.float16))
     assert torch.equal(_sample("dpmpp_2m", model_reuses_buffers=True), _sample("dpmpp_2m"))
+
+
+# -- the engine's section (``gf.solve``): its ODE and SDE solver tables and the options it names --
+
+Y0 = torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+W = torch.tensor([[0.4, -0.3], [0.2, 0.5]], dtype=torch.float64)
+DRIFT = gf.ODE(lambda t, y: torch.tanh(y @ W) - 0.1 * y)
+PEER_OPTIONS = {"levy_area_approximation"}  # torchsde's BrownianInterval option, named for the peer
+
+
+def _engine_section() -> str:
+    start = README.index("### The general SDE/ODE engine")
+    return README[start:README.index("\n### ", start + 1)]
+
+
+def _engine_table(header: str):
+    """``(solver, row cells)`` of the engine table whose first header cell is ``header``."""
+    section = _engine_section()
+    table = section[section.index(f"| {header} |"):]
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            return
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        yield cells[0].strip("`"), cells
+
+
+def _sde(noise: str, sde_type: str = "ito") -> gf.SDE:
+    diffusion = (lambda t, y: torch.full_like(y, 0.3)) if noise == "additive" else (lambda t, y: 0.3 * torch.cos(y))
+    return gf.SDE(lambda t, y: -y, diffusion, noise=noise, sde_type=sde_type)
+
+
+@pytest.mark.parametrize("solver, cells", list(_engine_table("ODE solver")), ids=lambda v: v if isinstance(v, str) else "")
+def test_each_documented_ode_solver_runs_through_gf_solve(solver, cells):
+    fixed = gf.solve(DRIFT, Y0, 0.0, 1.0, solver=solver, steps=8)
+    assert fixed.shape == Y0.shape and torch.isfinite(fixed).all()
+    if cells[2] != "—":  # an embedded pair: adaptive without steps
+        adaptive = gf.solve(DRIFT, Y0, 0.0, 1.0, solver=solver, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(adaptive, gf.solve(DRIFT, Y0, 0.0, 1.0, solver="rk4", steps=400), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver, cells", list(_engine_table("SDE solver")), ids=lambda v: v if isinstance(v, str) else "")
+def test_each_documented_sde_solver_runs_through_gf_solve(solver, cells):
+    noise_kinds = cells[3]
+    noise = "diagonal" if "diagonal" in noise_kinds or "all four" in noise_kinds else "additive"
+    sde_type = "stratonovich" if cells[4].startswith("Stratonovich") else "ito"
+    options = {"rtol": 1e-2, "atol": 1e-2, "brownian": "brownian_tree"} if "adaptive" in solver else {"steps": 8}
+    y1 = gf.solve(_sde(noise, sde_type), Y0, 0.0, 1.0, solver=solver, generator=list(range(6)), **options)
+    assert y1.shape == Y0.shape and torch.isfinite(y1).all()
+
+
+def _solve_ode(**options):
+    return gf.solve(DRIFT, Y0, 0.0, 1.0, solver=options.pop("solver", "dopri5"), **options)
+
+
+def _solve_sde(**options):
+    options.setdefault("steps", 8)
+    return gf.solve(_sde("diagonal"), Y0, 0.0, 1.0, solver=options.pop("solver", "euler_maruyama"), **options)
+
+
+def _differs(a, b) -> bool:
+    return not torch.equal(a, b)
+
+
+def _check_steps():
+    assert _differs(_solve_ode(solver="heun", steps=4), _solve_ode(solver="heun", steps=8))
+
+
+def _check_ts():
+    grid = torch.tensor([0.0, 0.1, 0.5, 1.0], dtype=torch.float64)
+    assert _differs(_solve_ode(solver="heun", ts=grid), _solve_ode(solver="heun", steps=3))
+
+
+def _check_tolerance(option):
+    assert _differs(_solve_ode(**{option: 1e-2}), _solve_ode(**{option: 1e-9}))
+
+
+def _check_error_norm():
+    assert _differs(_solve_ode(rtol=1e-3, atol=1e-3, error_norm="batch"), _solve_ode(rtol=1e-3, atol=1e-3))
+
+
+def _check_saveat_and_dense():
+    times = torch.linspace(0, 1, 5, dtype=torch.float64)
+    solution = _solve_ode(saveat=times, dense=True)
+    assert solution.ys.shape == (5, *Y0.shape)
+    torch.testing.assert_close(solution.evaluate(1.0), solution.ys[-1], rtol=0, atol=1e-12)
+
+
+def _check_callback():
+    seen = []
+    _solve_ode(solver="euler", steps=5, callback=lambda info: seen.append(info["i"]))
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def _check_progress():
+    assert torch.equal(_solve_ode(solver="euler", steps=5, progress=True), _solve_ode(solver="euler", steps=5))
+
+
+def _check_check_finite():
+    blowup = gf.ODE(lambda t, y: y * float("inf"))
+    with pytest.raises(gf.NonFiniteError):
+        gf.solve(blowup, Y0, 0.0, 1.0, solver="euler", steps=2)
+    assert not torch.isfinite(gf.solve(blowup, Y0, 0.0, 1.0, solver="euler", steps=2, check_finite=False)).all()
+
+
+def _check_generator():
+    assert _differs(_solve_sde(generator=list(range(6))), _solve_sde(generator=list(range(1, 7))))
+
+
+def _check_brownian():
+    assert _differs(_solve_sde(generator=0, brownian="brownian_tree"), _solve_sde(generator=0))
+
+
+def _check_derivative_free():
+    assert _differs(_solve_sde(solver="milstein", generator=0, derivative_free=True),
+                    _solve_sde(solver="milstein", generator=0))
+
+
+def _check_noise():
+    scalar = gf.solve(_sde("scalar"), Y0, 0.0, 1.0, solver="euler_maruyama", steps=8, generator=0)
+    assert _differs(scalar, _solve_sde(generator=0))
+
+
+def _check_cuda_graph():
+    if torch.cuda.is_available():
+        graphed = gf.solve(DRIFT, Y0.cuda(), 0.0, 1.0, solver="rk4", steps=8, cuda_graph=True)
+        torch.testing.assert_close(graphed.cpu(), _solve_ode(solver="rk4", steps=8), rtol=0, atol=1e-12)
+    else:
+        with pytest.raises((ValueError, RuntimeError), match="(?i)cuda"):
+            _solve_ode(solver="rk4", steps=8, cuda_graph=True)
+
+
+ENGINE_CHECKS = {"steps": _check_steps, "ts": _check_ts, "rtol": lambda: _check_tolerance("rtol"),
+                 "atol": lambda: _check_tolerance("atol"), "error_norm": _check_error_norm,
+                 "saveat": _check_saveat_and_dense, "dense": _check_saveat_and_dense, "callback": _check_callback,
+                 "progress": _check_progress, "check_finite": _check_check_finite, "generator": _check_generator,
+                 "brownian": _check_brownian, "derivative_free": _check_derivative_free, "noise": _check_noise,
+                 "cuda_graph": _check_cuda_graph}
+
+
+def _engine_options():
+    tokens = re.findall(r"`([^`]*)`", _engine_section())
+    named = {m for token in tokens for m in re.findall(r"\b([a-z_]+)=", token)}
+    named |= {token for token in tokens if token in inspect.signature(gf.solve).parameters}
+    return sorted(named - {"solver"} - PEER_OPTIONS)
+
+
+def test_the_engine_section_is_parsed():
+    assert len(list(_engine_table("ODE solver"))) >= 10 and len(list(_engine_table("SDE solver"))) >= 7
+    assert {"steps", "ts", "rtol", "atol", "saveat", "dense", "brownian", "error_norm"} <= set(_engine_options())
+
+
+@pytest.mark.parametrize("option", _engine_options())
+def test_each_documented_engine_option_arrives(option):
+    assert option in ENGINE_CHECKS, f"README's gf.solve section names {option!r}: add a check to ENGINE_CHECKS"
+    ENGINE_CHECKS[option]()
