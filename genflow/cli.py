@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if args.command in ("train", "sample", "table2"):
         from genflow.train import commands
 
-        from genflow.solvers.base import NonFiniteError
+        from genflow.errors import NonFiniteError
         from genflow.checkpoint import RunLockedError
 
         run = {"train": commands.run_train, "sample": commands.run_sample, "table2": commands.run_table2}[args.command]

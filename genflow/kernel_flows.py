@@ -17,7 +17,7 @@ import torch
 from genflow.ops.kernel_mean import kernel_weighted_mean
 from genflow._checks import check_bool, check_int, check_points, check_real, make_generator, per_step
 from genflow.sdflow import particle_flow
-from genflow.solvers.base import NonFiniteError
+from genflow.errors import NonFiniteError
 
 __all__ = ["median_bandwidth", "mmd_flow", "mmd_velocity", "score_from_log_prob", "svgd", "svgd_direction"]
 

@@ -35,7 +35,7 @@ from genflow.noise import generator_seed
 from genflow.ops import hutchinson as _hutch
 from genflow.ops.fused_update import fused_update_packed, randn, use_kernel
 from genflow.engine.tableau import DOPRI5
-from genflow.solvers.base import NonFiniteError, diverged_rows
+from genflow.errors import NonFiniteError, diverged_rows
 
 __all__ = ["bits_per_dim", "log_likelihood"]
 

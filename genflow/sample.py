@@ -17,7 +17,7 @@ from genflow.models import Model
 from genflow.noise import NOISE_KINDS, noise_source
 from genflow.schedules import time_grid, validate_grid
 from genflow.solvers import get as get_solver
-from genflow.solvers.base import NonFiniteError, diverged_rows
+from genflow.errors import NonFiniteError, diverged_rows
 
 __all__ = ["NonFiniteError", "sample"]
 

@@ -28,7 +28,7 @@ from genflow.distributed import kernel_weighted_mean as sharded_mean
 from genflow.engine.solve import solve
 from genflow.engine.terms import ODE
 from genflow.ops.kernel_mean import kernel_weighted_mean
-from genflow.solvers.base import NonFiniteError, diverged_rows
+from genflow.errors import NonFiniteError, diverged_rows
 
 __all__ = ["DENOISERS_Q", "MLPGenerator", "SIGMA_SCHEDULES", "sd_flow", "sigma_sequence", "train_sd_generator"]
 

@@ -1,6 +1,5 @@
 """The general SDE/ODE engine: terms, the one time loop, the Butcher-tableau engine, SDE
 schemes, step-size controllers and ``gf.solve`` (DESIGN.md §1)."""
-import genflow.solvers  # noqa: F401  first: the diffusion solvers import engine modules that import solvers.base
 from genflow.engine.solve import Solution, solve
 from genflow.engine.tableau import TABLEAUX, ButcherTableau
 from genflow.engine.terms import ODE, SDE

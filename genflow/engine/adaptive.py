@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from genflow.solvers.base import NonFiniteError, diverged_rows
+from genflow.errors import NonFiniteError, diverged_rows
 
 __all__ = ["StepController", "diverged_error", "iterate", "rms", "initial_step", "pooled"]
 

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from genflow.solvers.base import NonFiniteError, diverged_rows
+from genflow.errors import NonFiniteError, diverged_rows
 
 __all__ = ["NO_STEP", "grid_steps", "raise_diverged", "run"]
 

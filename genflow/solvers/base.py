@@ -18,19 +18,8 @@ from genflow.ownership import OutputOwnership, check_input_unchanged
 from genflow.models import conversion
 from genflow.ops.fused_update import host_tensor, fused_update_packed, fused_update_unchecked, seed_tensor, use_kernel
 
-__all__ = ["NonFiniteError", "Solver", "Grid", "Point", "diverged_rows", "dynamic_threshold", "point", "sqrt", "exp",
-           "expm1", "step_values", "table", "where"]
-
-
-class NonFiniteError(RuntimeError, FloatingPointError):
-    """A solve or particle flow diverged: a step wrote NaN or Inf into the state
-    (``check_finite=True``; exported as ``gf.NonFiniteError``). Also a ``FloatingPointError``,
-    which the particle flows raised before."""
-
-
-def diverged_rows(x: torch.Tensor) -> torch.Tensor:
-    """bool [B]: the samples (rows) of ``x`` holding a NaN or Inf."""
-    return ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+__all__ = ["Solver", "Grid", "Point", "dynamic_threshold", "point", "sqrt", "exp", "expm1", "step_values", "table",
+           "where"]
 
 
 class Point(NamedTuple):

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from genflow._checks import check_bool, check_choice, check_int, check_real
 from genflow.noise import mix_keys
-from genflow.solvers.base import NonFiniteError
+from genflow.errors import NonFiniteError
 from genflow.checkpoint import (CHECKPOINT_NAME, CheckpointError, get_rng_states, load_latest, run_lock,
                                       save_checkpoint, set_rng_states)
 from genflow.train.data import Dataset, load_dataset

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from genflow.solvers.base import NonFiniteError
+from genflow.errors import NonFiniteError
 from genflow.train import CheckpointError, Dataset, TrainConfig, load_checkpoint, load_dataset, train
 from genflow.checkpoint import LOCK_NAME, RunLockedError, run_lock
 from tests.train.test_trainer import REPO, TinyFamily, make_data
