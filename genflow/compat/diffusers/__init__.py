@@ -30,3 +30,6 @@ from .unipc import UniPCMultistepScheduler
 
 __all__ += ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
             "DEISMultistepScheduler"]
+from .kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
+
+__all__ += ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]

@@ -1,0 +1,133 @@
+"""``gf.compat.diffusers``, the rest of the zoo, against the installed diffusers 0.42.1: KDPM2,
+KDPM2 ancestral, ...
+
+Each case builds diffusers' scheduler, ours from its config (``from_config``), runs diffusers'
+standard loop (``set_timesteps``, ``init_noise_sigma``, ``scale_model_input``, ``step``, with the same
+seeded generator for the stochastic ones) on the same deterministic toy network and latents, and
+requires bitwise-equal ``timesteps`` (values and dtype) and grid tables (``sigmas`` and the class's
+other tables), and model inputs, ``prev_sample`` and ``pred_original_sample`` equal at every step to
+1e-4 relative (float32).
+"""
+import copy
+import functools
+import math
+
+import pytest
+import torch
+
+import genflow as gf
+
+from ..peers import diffusers
+
+RTOL = 1e-4
+SHAPE = (2, 3, 5, 7)
+
+
+def _assert_rel(actual, expected, rtol=RTOL, what=""):
+    """``|a - e| <= rtol (|e| + max|e|)``: relative, with the scale of the batch."""
+    assert actual.shape == expected.shape, what
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=rtol * max(scale, 1e-12),
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _net(x, t):
+    """A deterministic smooth toy 'network' of (x, t) with O(1) outputs."""
+    t = float(t)
+    return torch.tanh(0.7 * x * math.cos(0.003 * t) + 0.2 * x.roll(1, dims=-1)) + 0.05 * math.sin(0.01 * t)
+
+
+def _latents(seed=0):
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _built(name, items):
+    ref = getattr(diffusers(), name)(**dict(items))  # some build a 1000-step grid: slow, so built once
+    return ref, getattr(gf.compat.diffusers, name).from_config(ref.config)
+
+
+def _pair(name, **config):
+    """diffusers' ``name`` on ``config`` and ours from its config (fresh copies)."""
+    return copy.deepcopy(_built(name, tuple(sorted(config.items()))))
+
+
+def _loop(scheduler, steps, *, stochastic, set_kwargs=None, **step_kwargs):
+    """diffusers' standard loop; the model inputs, new samples and x0 predictions of every step."""
+    scheduler.set_timesteps(steps, **(set_kwargs or {}))
+    x = _latents() * scheduler.init_noise_sigma
+    if stochastic:
+        step_kwargs["generator"] = torch.Generator().manual_seed(1)
+    inputs, prevs, x0s = [], [], []
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(x, t)
+        out = scheduler.step(_net(inp, t), t, x, **step_kwargs)
+        x = out.prev_sample
+        inputs.append(inp)
+        prevs.append(x)
+        x0s.append(getattr(out, "pred_original_sample", None))
+    return inputs, prevs, x0s
+
+
+def _compare(name, config, steps, *, stochastic=False, tables=("sigmas",), set_kwargs=None, **step_kwargs):
+    """The loop of diffusers' ``name`` and ours on ``config``; returns our final sample."""
+    ref, ours = _pair(name, **config)
+    r = _loop(ref, steps, stochastic=stochastic, set_kwargs=set_kwargs, **step_kwargs)
+    o = _loop(ours, steps, stochastic=stochastic, set_kwargs=set_kwargs, **step_kwargs)
+    assert ours.timesteps.dtype == ref.timesteps.dtype
+    torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=0, equal_nan=True)
+    for table in tables:
+        torch.testing.assert_close(getattr(ours, table), getattr(ref, table), rtol=0, atol=0, equal_nan=True,
+                                   msg=table)
+    torch.testing.assert_close(torch.as_tensor(ours.init_noise_sigma), torch.as_tensor(ref.init_noise_sigma),
+                               rtol=0, atol=0)
+    assert len(r[1]) == len(o[1])
+    for i, (ri, rp, rx, oi, op, ox) in enumerate(zip(*r, *o)):
+        _assert_rel(oi, ri, what=f"model input {i}")
+        _assert_rel(op, rp, what=f"prev_sample {i}")
+        if rx is not None:
+            _assert_rel(ox, rx, what=f"pred_original_sample {i}")
+    return o[1][-1]
+
+
+# ------------------------------------------------------------------ KDPM2, KDPM2 ancestral
+
+KDPM2_CONFIGS = [
+    {},
+    {"prediction_type": "v_prediction"},
+    {"use_karras_sigmas": True},
+    {"use_exponential_sigmas": True, "prediction_type": "v_prediction"},
+    {"use_beta_sigmas": True},
+    {"timestep_spacing": "leading", "steps_offset": 1, "beta_schedule": "scaled_linear"},
+    {"timestep_spacing": "trailing", "use_karras_sigmas": True},
+]
+
+
+@pytest.mark.parametrize("config", KDPM2_CONFIGS + [{"beta_schedule": "squaredcos_cap_v2"}])
+def test_kdpm2_equals_diffusers(config):
+    for steps in (1, 2, 7):
+        _compare("KDPM2DiscreteScheduler", config, steps, tables=("sigmas", "sigmas_interpol"))
+
+
+@pytest.mark.parametrize("config", KDPM2_CONFIGS)  # squaredcos_cap_v2: diffusers' own loop gives NaN
+def test_kdpm2_ancestral_equals_diffusers(config):
+    for steps in (1, 2, 7):
+        _compare("KDPM2AncestralDiscreteScheduler", config, steps, stochastic=True,
+                 tables=("sigmas", "sigmas_interpol", "sigmas_up", "sigmas_down"))
+
+
+@pytest.mark.parametrize("name", ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
+def test_kdpm2_config_round_trip_and_errors(name):
+    ref, ours = _pair(name, beta_schedule="scaled_linear", use_karras_sigmas=True)
+    assert {k: v for k, v in ours.config.items() if not k.startswith("_")} == {
+        k: v for k, v in ref.config.items() if not k.startswith("_")}
+    again = type(ours).from_config(ours.config)
+    assert again.config == ours.config
+    cls = getattr(gf.compat.diffusers, name)
+    with pytest.raises(ValueError, match="prediction_type"):
+        cls(prediction_type="sample")
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        cls(use_karras_sigmas=True, use_beta_sigmas=True)
+    with pytest.raises(ValueError, match="beta_schedule"):
+        cls(beta_schedule="laplace")
+
