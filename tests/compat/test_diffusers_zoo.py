@@ -131,3 +131,72 @@ def test_kdpm2_config_round_trip_and_errors(name):
     with pytest.raises(ValueError, match="beta_schedule"):
         cls(beta_schedule="laplace")
 
+
+# ------------------------------------------------------------------ EDM Euler, EDM DPM-Solver++
+
+EDM_CONFIGS = [
+    {},
+    {"prediction_type": "v_prediction", "sigma_data": 1.0},
+    {"sigma_schedule": "exponential"},
+    {"final_sigmas_type": "sigma_min", "rho": 5.0, "sigma_max": 14.6},
+]
+
+
+@pytest.mark.parametrize("config", EDM_CONFIGS)
+@pytest.mark.parametrize("steps", [1, 5, 12])
+def test_edm_euler_equals_diffusers(config, steps):
+    _compare("EDMEulerScheduler", config, steps)
+
+
+def test_edm_euler_churn_and_custom_ramp():
+    _compare("EDMEulerScheduler", {}, 9, stochastic=True, s_churn=2.0, s_tmin=0.05, s_tmax=50.0)
+    ramp = [0.0, 0.2, 0.45, 0.7, 1.0]
+    ref, ours = _pair("EDMEulerScheduler", sigma_schedule="karras")
+    ref.set_timesteps(sigmas=torch.tensor(ramp))
+    ours.set_timesteps(sigmas=ramp)
+    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=0, atol=0)
+    torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=0)
+
+
+EDM_DPM_CONFIGS = [
+    {},
+    {"solver_order": 3},
+    {"solver_order": 3, "lower_order_final": False, "prediction_type": "v_prediction"},
+    {"solver_type": "heun", "sigma_schedule": "exponential"},
+    {"solver_order": 1, "final_sigmas_type": "sigma_min"},
+    {"euler_at_final": True, "final_sigmas_type": "sigma_min", "solver_order": 3},
+    {"thresholding": True, "sample_max_value": 2.0},
+]
+
+
+@pytest.mark.parametrize("config", EDM_DPM_CONFIGS)
+@pytest.mark.parametrize("steps", [1, 6, 17])
+def test_edm_dpm_solver_equals_diffusers(config, steps):
+    _compare("EDMDPMSolverMultistepScheduler", config, steps)
+
+
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+def test_edm_dpm_solver_sde_equals_diffusers(solver_type):
+    _compare("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_type": solver_type},
+             9, stochastic=True)
+
+
+def test_edm_add_noise_config_and_errors():
+    for name in ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"):
+        ref, ours = _pair(name, sigma_max=20.0)
+        ref.set_timesteps(6)
+        ours.set_timesteps(6)
+        x0, noise = _latents(3), _latents(4)
+        t = ref.timesteps[[2, 4]]
+        torch.testing.assert_close(ours.add_noise(x0[:2], noise[:2], t), ref.add_noise(x0[:2], noise[:2], t))
+        assert type(ours).from_config(ours.config).config == ours.config
+    with pytest.raises(ValueError, match="sigma_schedule"):
+        gf.compat.diffusers.EDMEulerScheduler(sigma_schedule="linear")
+    with pytest.raises(ValueError, match="solver_order=3"):
+        gf.compat.diffusers.EDMDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3)
+    with pytest.raises(ValueError, match="prediction_type"):
+        gf.compat.diffusers.EDMDPMSolverMultistepScheduler(prediction_type="sample")
+    with pytest.raises(ValueError, match="integer"):
+        s = gf.compat.diffusers.EDMEulerScheduler()
+        s.set_timesteps(4)
+        s.step(torch.zeros(SHAPE), 3, torch.zeros(SHAPE))

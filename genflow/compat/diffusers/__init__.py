@@ -33,3 +33,6 @@ __all__ += ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniP
 from .kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 
 __all__ += ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]
+from .edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+
+__all__ += ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]

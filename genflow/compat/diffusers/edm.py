@@ -1,0 +1,247 @@
+"""diffusers' EDM schedulers on genflow's fused update: ``EDMEulerScheduler`` and
+``EDMDPMSolverMultistepScheduler``.
+
+Both work in Karras et al.'s (2022) variables: the state ``x = x0 + sigma eps`` (alpha = 1), the
+model preconditioned as in their Table 1 (``c_in``, ``c_noise`` on the way in, ``x0 = c_skip x +
+c_out F`` on the way out, ``genflow.train.objectives.edm_coefficients``) and a Karras (rho) or
+log-uniform sigma grid between ``sigma_max`` and ``sigma_min``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from genflow.train.objectives import edm_coefficients
+
+from ._base import (Scheduler, SchedulerOutput, check_choice, check_prediction_type, fused, fused_planned, grid_plans,
+                    pack, randn_like_diffusers)
+from ._sigmas import SigmaScheduler
+from .dpm_solver import DPMSolverMultistepScheduler
+
+__all__ = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
+
+
+def _edm_sigmas(config, ramp: torch.Tensor) -> torch.Tensor:
+    """diffusers' EDM grid on ``ramp`` (values in [0, 1], in the ramp's dtype): Karras et al. (2022)
+    eq. 5, ``(smax^(1/rho) + ramp (smin^(1/rho) - smax^(1/rho)))^rho``, or for ``"exponential"``
+    ``exp`` of a float32 ``linspace(log smin, log smax)`` reversed (diffusers' form, ramp values unused)."""
+    smin, smax = config.sigma_min, config.sigma_max
+    if config.sigma_schedule == "karras":
+        rho = config.rho
+        return (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    return torch.linspace(math.log(smin), math.log(smax), len(ramp)).exp().flip(0)
+
+
+def _edm_x0(config, sigma: float):
+    """``(c_skip, c_out)`` of ``x0 = c_skip x + c_out out`` at ``sigma`` (Karras et al. 2022, Table 1);
+    ``c_out`` is negated for ``v_prediction`` (diffusers' convention)."""
+    c_skip, c_out, _, _ = edm_coefficients(torch.tensor(sigma, dtype=torch.float64), config.sigma_data)
+    sign = 1.0 if config.prediction_type == "epsilon" else -1.0
+    return float(c_skip), sign * float(c_out)
+
+
+def _c_in(config, sigma: float) -> float:
+    return float(edm_coefficients(torch.tensor(sigma, dtype=torch.float64), config.sigma_data)[2])
+
+
+def _c_noise(sigmas: torch.Tensor) -> torch.Tensor:
+    """The network's time input ``c_noise = log(sigma)/4`` (float32, as diffusers' ``timesteps``)."""
+    return edm_coefficients(sigmas, 0.5)[3]
+
+
+def _check_edm_config(config) -> None:
+    check_choice("sigma_schedule", config.sigma_schedule, ("karras", "exponential"))
+    check_choice("final_sigmas_type", config.final_sigmas_type, ("zero", "sigma_min"))
+    # diffusers lists "sample" but its precondition_outputs rejects it at the first step
+    check_prediction_type(config.prediction_type, ("epsilon", "v_prediction"))
+
+
+class EDMEulerScheduler(SigmaScheduler):
+    """Euler's method on the EDM probability-flow ODE, diffusers' ``EDMEulerScheduler``.
+
+    With ``x0 = c_skip(sigma_hat) x_hat + c_out(sigma_hat) F`` and ``d = (x_hat - x0)/sigma_hat``::
+
+        sigma_hat = sigma_i (1 + gamma),  gamma = min(s_churn / n, sqrt(2) - 1) if s_tmin <= sigma_i <= s_tmax
+        x_hat     = x + sqrt(sigma_hat^2 - sigma_i^2) s_noise z          (only when gamma > 0)
+        x_next    = x_hat + (sigma_{i+1} - sigma_hat) d
+
+    First order, one model evaluation per step, two fused passes (x0 and x_next). Karras et al.
+    (2022), "Elucidating the Design Space of Diffusion-Based Generative Models", Algorithm 2 with
+    the Euler step only, Table 1 preconditioning. ``timesteps`` are ``c_noise = log(sigma)/4``.
+    """
+
+    defaults = dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras",
+                    num_train_timesteps=1000, prediction_type="epsilon", rho=7.0, final_sigmas_type="zero")
+    order = 1
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        _check_edm_config(self.config)
+        n = self.config.num_train_timesteps
+        self._grid(torch.arange(n + 1, dtype=torch.float64) / n, None)
+        self.is_scale_input_called = False
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return (self.config.sigma_max ** 2 + 1) ** 0.5
+
+    def _grid(self, ramp: torch.Tensor, device) -> None:
+        sigmas = _edm_sigmas(self.config, ramp).to(dtype=torch.float32, device=device)
+        self.timesteps = _c_noise(sigmas)
+        last = sigmas[-1:] if self.config.final_sigmas_type == "sigma_min" else torch.zeros(1, device=sigmas.device)
+        self._step_index = None
+        self._begin_index = None
+        self._set_sigmas(torch.cat([sigmas, last]))
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, sigmas=None) -> None:
+        """Set ``sigmas`` (float32 [n + 1]) and ``timesteps`` (``c_noise``, float32 [n]) from
+        ``num_inference_steps`` (a uniform ramp) or from ``sigmas``, diffusers' custom ramp values
+        in [0, 1] mapped through the configured grid."""
+        if (num_inference_steps is None) == (sigmas is None):
+            raise ValueError("pass exactly one of num_inference_steps or sigmas")
+        self.num_inference_steps = num_inference_steps
+        if sigmas is None:
+            ramp = torch.linspace(0, 1, num_inference_steps, dtype=torch.float64)
+        else:
+            ramp = torch.as_tensor(sigmas).to(torch.float64)
+        self._grid(ramp, device)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
+        """The network input ``c_in(sigma) sample = sample / sqrt(sigma^2 + sigma_data^2)``."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        self.is_scale_input_called = True
+        key = ("scale", self._step_index)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = pack([_c_in(self.config, self._sig[self._step_index])])
+        return fused_planned(sample, [], plan)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
+             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
+             return_dict: bool = True, pred_original_sample: Optional[torch.Tensor] = None):
+        """One Euler step from ``timestep`` (see the class docstring).
+
+        Args:
+            model_output (Tensor[B, *D]): the network output F on ``scale_model_input(sample)``.
+            timestep (float or 0-dim float Tensor): a value of ``timesteps``.
+            sample (Tensor[B, *D]): x at the current sigma.
+            s_churn, s_tmin, s_tmax, s_noise (float): Karras et al.'s stochastic churn.
+            generator (torch.Generator or list, optional): for z when churn is active.
+            return_dict (bool): a SchedulerOutput, else (prev_sample, pred_original_sample).
+            pred_original_sample (Tensor[B, *D], optional): x0 itself (then ``model_output`` is unused).
+        """
+        self._check_float_timestep(timestep)
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        x = sample.to(torch.float32)
+        i = self._step_index
+        sigma, sigma_next = self._sig[i], self._sig[i + 1]
+        gamma = min(s_churn / (len(self._sig) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1)
+        if gamma > 0:
+            noise = randn_like_diffusers(model_output.shape, generator, model_output.device, model_output.dtype)
+            x = fused(x, [noise], [1.0, s_noise * math.sqrt(sigma_hat ** 2 - sigma ** 2)])
+        r = (sigma_next - sigma_hat) / sigma_hat  # x_next = (1 + r) x_hat - r x0
+        if pred_original_sample is not None:
+            x0 = pred_original_sample
+            prev = fused(x, [x0], [1.0 + r, -r])
+        else:
+            plans = self._plans.get(("edm_euler", i, sigma_hat))
+            if plans is None:
+                a, b = _edm_x0(self.config, sigma_hat)
+                plans = self._plans[("edm_euler", i, sigma_hat)] = (pack([a, b]), pack([1.0 + r - r * a, -r * b]))
+            x0 = fused_planned(x, [model_output], plans[0])
+            prev = fused_planned(x, [model_output], plans[1])
+        prev = prev.to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return prev, x0
+        return SchedulerOutput(prev, x0)
+
+
+class EDMDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
+    """Multistep DPM-Solver++ on the EDM grid, diffusers' ``EDMDPMSolverMultistepScheduler``.
+
+    ``DPMSolverMultistepScheduler``'s steps (the native ``dpm_multistep_coefficients``,
+    ``variant="diffusers"``; orders 1-3, ``midpoint``/``heun``, ``dpmsolver++`` and
+    ``sde-dpmsolver++``) with ``alpha = 1``, ``sigma = sigma_i`` (``lambda = -log sigma``) and
+    the data prediction ``x0 = c_skip x + c_out F`` (Karras et al. 2022, Table 1). Lu et al.
+    (2022b), "DPM-Solver++", Algorithm 2; 1 NFE per step. ``timesteps`` are ``c_noise = log(sigma)/4``.
+    """
+
+    defaults = dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras",
+                    num_train_timesteps=1000, prediction_type="epsilon", rho=7.0, solver_order=2,
+                    thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
+                    algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+                    euler_at_final=False, final_sigmas_type="zero")
+    order = 1
+
+    def __init__(self, **kwargs):
+        Scheduler.__init__(self, **kwargs)  # not the VP tables of MultistepScheduler.__init__
+        c = self.config
+        _check_edm_config(c)
+        fields = {}
+        if c.algorithm_type == "deis":  # a DEIS config swapped in (from_config): diffusers' mapping
+            fields["algorithm_type"] = "dpmsolver++"
+        else:
+            check_choice("algorithm_type", c.algorithm_type, ("dpmsolver++", "sde-dpmsolver++"))
+        if c.solver_type in ("logrho", "bh1", "bh2"):
+            fields["solver_type"] = "midpoint"
+        else:
+            check_choice("solver_type", c.solver_type, ("midpoint", "heun"))
+        if c.solver_order not in (1, 2, 3) or isinstance(c.solver_order, bool):
+            raise ValueError(f"solver_order must be 1, 2 or 3, got {c.solver_order!r}")
+        if fields:
+            self._replace_config(**fields)
+        if self.config.algorithm_type == "sde-dpmsolver++" and c.solver_order == 3:
+            raise ValueError("algorithm_type='sde-dpmsolver++' supports solver_order 1 or 2 (diffusers has no "
+                             "third-order SDE update), got solver_order=3")
+        sigmas = _edm_sigmas(c, torch.linspace(0, 1, c.num_train_timesteps))
+        self.timesteps = _c_noise(sigmas)
+        self.sigmas = torch.cat([sigmas, torch.zeros(1)])
+        self._grid(self.sigmas)
+        self._reset()
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return (self.config.sigma_max ** 2 + 1) ** 0.5
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """Set ``sigmas`` (float32 [n + 1], ending with 0 or ``sigma_min``) and ``timesteps``
+        (``c_noise``, float32 [n]) on a uniform float32 ramp, as diffusers does."""
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+        self.num_inference_steps = num_inference_steps
+        sigmas = _edm_sigmas(self.config, torch.linspace(0, 1, num_inference_steps)).to(torch.float32)
+        self.timesteps = _c_noise(sigmas).to(device)
+        last = self.config.sigma_min if self.config.final_sigmas_type == "sigma_min" else 0.0
+        self.sigmas = torch.cat([sigmas, torch.tensor([last], dtype=torch.float32)])
+        self._step_index = None
+        self._begin_index = None
+        self._grid(self.sigmas)
+        self._reset()
+
+    def _grid(self, sigmas: torch.Tensor) -> None:
+        """Per-index float64 ``alpha = 1``, ``sigma``, ``lambda = -log sigma`` of the float32 grid."""
+        self._s = sigmas.double().tolist()
+        self._plans = grid_plans(self, self._s)
+        self._alpha = [1.0] * len(self._s)
+        self._sigma = list(self._s)
+        self._lam = [-math.log(s) if s > 0.0 else math.inf for s in self._s]
+
+    def _x0_coefs(self, i: int):
+        return _edm_x0(self.config, self._s[i])
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
+        """The network input ``c_in(sigma) sample = sample / sqrt(sigma^2 + sigma_data^2)``."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        self.is_scale_input_called = True
+        key = ("scale", self._step_index)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = pack([_c_in(self.config, self._s[self._step_index])])
+        return fused_planned(sample, [], plan)
