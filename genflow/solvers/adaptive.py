@@ -21,6 +21,7 @@ import torch
 from genflow._checks import check_real
 from genflow.engine.adaptive import StepController, diverged_error, initial_step, iterate, rms
 from genflow.engine.rk import RungeKutta
+from genflow.engine.sde_adaptive import AdaptivePair
 from genflow.engine.tableau import DOPRI5
 from genflow.models import conversion
 from genflow.ops.fused_update import fused_update_unchecked, seed_tensor, use_kernel
@@ -231,7 +232,7 @@ class RK45(AdaptiveSolver):
         return y
 
 
-class SDEAdaptive(AdaptiveSolver):
+class SDEAdaptive(AdaptivePair, AdaptiveSolver):
     """Adaptive reverse-SDE solver: Jolicoeur-Martineau et al. (2021), "Gotta Go Fast When
     Generating Data with Score-Based Models", Algorithm 1, for any process and churn ``eta``.
 
@@ -241,29 +242,33 @@ class SDEAdaptive(AdaptiveSolver):
         x'  = x + (-h) d(x, t)   + eta sqrt(g2(t) h) z                  (Euler–Maruyama)
         x~  = x + (-h) d(x', t') + eta sqrt(g2(t') h) z
         x'' = (x' + x~) / 2                                              (improved Euler)
-        delta = max(atol, rtol max(|x'|, |x'_prev|)),  E = sqrt(mean(((x' - x'') / delta)^2))
 
-    per sample; where ``E <= 1`` the step is accepted (``x <- x''`` with ``extrapolate=True``,
-    the paper's extrapolation, else ``x'``; ``x'_prev <- x'``), and ``h <- safety h E^(-exponent)``
-    either way (capped by the time left). 2 NFE per attempted step. Defaults are the paper's:
-    ``atol = 0.0078`` (``eps_abs``, for data in [-1, 1]), ``rtol = 0.05`` (``eps_rel``),
-    ``safety = 0.9`` (theta), ``exponent = 0.9`` (r), ``h_init`` = 1% of the interval (their 0.01
-    on [0, 1]); ``max_steps`` bounds the attempted steps.
+    each stage one fused update (the drift a linear view ``a x + b out`` of the network output,
+    the noise drawn in the kernel or handed to it). Error norm, acceptance and step sizes are the
+    general engine's (``genflow.engine.sde_adaptive.AdaptivePair``, shared with ``gf.solve``'s
+    ``sde_adaptive``): ``E = sqrt(mean(((x' - x'') / max(atol, rtol max(|x'|, |x'_prev|)))^2))``
+    per sample (``error_norm="batch"``: one norm for the batch), accepted where ``E <= 1``
+    (``x <- x''`` with ``extrapolate=True``, the paper's extrapolation, else ``x'``), and
+    ``h <- safety h E^(-exponent)`` either way. 2 NFE per attempted step. Defaults are the
+    paper's: ``atol = 0.0078`` (``eps_abs``, for data in [-1, 1]), ``rtol = 0.05``
+    (``eps_rel``), ``safety = 0.9`` (theta), ``exponent = 0.9`` (r), ``h_init`` = 1% of the
+    interval (their 0.01 on [0, 1]); ``max_steps`` bounds the attempted steps.
     The paper's final denoising step is ``gf.sample(..., final_step="x0")``.
 
     The two stages use the same ``z`` (one ``noise.draw`` per attempt, handed to both fused
-    updates). Noise defaults to the Brownian tree (``default_noise``): a rejected step is
-    retried on the same Brownian path, with the increment over the shorter step. The paper's
-    fresh draw after each rejection (``noise="philox"``) favours the draws that pass the error
-    test and biases the samples: on the 3-component test mixture under VP (1000 samples,
-    default tolerances) MMD^2 to the data is 0.032 with fresh draws and 0.0017 with the tree,
-    against a data-vs-data spread of 0.0065. ``eta = 0`` makes it an adaptive Heun solver of the
-    probability-flow ODE.
+    updates). Noise defaults to the Brownian tree (``default_noise``; a path in sigma): a
+    rejected step is retried on the same Brownian path, with the increment over the shorter
+    step. The paper's fresh draw after each rejection (``noise="philox"``) favours the draws
+    that pass the error test and biases the samples: on the 3-component test mixture under VP
+    (1000 samples, default tolerances) MMD^2 to the data is 0.032 with fresh draws and 0.0017
+    with the tree, against a data-vs-data spread of 0.0065. ``eta = 0`` makes it an adaptive
+    Heun solver of the probability-flow ODE.
 
-    A seed gives the same samples on the same backend and device. Elsewhere float rounding
-    differs, and since a Brownian path is rough (a time shift ``d`` moves ``W`` by ``~sqrt(d)``)
-    such differences grow until some accept/reject decision flips: the sample is then another
-    discretisation of the same path, different by about the solver's error.
+    With per-sample seeds a sample's solve does not depend on its batch. A seed gives the same
+    samples on the same backend and device. Elsewhere float rounding differs, and since a
+    Brownian path is rough (a time shift ``d`` moves ``W`` by ``~sqrt(d)``) such differences grow
+    until some accept/reject decision flips: the sample is then another discretisation of the
+    same path, different by about the solver's error.
     """
 
     name = "sde_adaptive"
@@ -274,12 +279,9 @@ class SDEAdaptive(AdaptiveSolver):
     default_noise = "brownian_tree"  # gf.sample's noise=None resolves to this
 
     def __init__(self, model, ts, *, rtol: float = 0.05, atol: float = 0.0078, safety: float = 0.9,
-                 exponent: float = 0.9, extrapolate: bool = True, **kwargs):
+                 exponent: float = 0.9, extrapolate: bool = True, error_norm: str = "sample", **kwargs):
         super().__init__(model, ts, rtol=rtol, atol=atol, **kwargs)
-        safety, exponent = check_real("safety", safety), check_real("exponent", exponent)
-        if not 0 < safety <= 1 or not exponent > 0:
-            raise ValueError(f"need 0 < safety <= 1 and exponent > 0, got safety={safety}, exponent={exponent}")
-        self.safety, self.exponent, self.extrapolate = float(safety), float(exponent), bool(extrapolate)
+        self.configure_pair(safety=safety, exponent=exponent, extrapolate=extrapolate, error_norm=error_norm)
         self._kinds = ["velocity", "score"] if self.eta > 0 else ["velocity"]
         if self.eta > 0 and not all(torch.isfinite(p.g2).all() for p in self.ends):
             raise ValueError(f"the reverse SDE of {self.process!r} is singular at t_start or t_end (g2 is infinite); "
@@ -309,44 +311,16 @@ class SDEAdaptive(AdaptiveSolver):
         return fused_update_unchecked(x, list(terms), list(coefs) + [scale], kernel=self._kernel, noise=noise,
                                       seed=seed, offset=offset, out=out)
 
-    def _start(self, x, t, span):
-        self._buffers = [torch.empty_like(x), torch.empty_like(x)]  # x', x''
-        self._x_prev = x.clone()
-        h0 = 0.01 * span if self.h_init is None else torch.full_like(t, float(self.h_init))
-        return torch.minimum(h0, span)
-
-    def _attempt(self, x, t, h):
+    def pair(self, x, t, h, out):
         dt = -h
         p, q = self.at(t), self.at(t + dt)
-        x1, x2 = self._buffers
         drawn = None
         if self.eta > 0:
             if self.noise is None:
                 raise ValueError(f"solver {self.name!r} needs noise but no noise source was given")
             drawn = self.noise.draw(x, p.sigma, q.sigma)
         term, a, b = self.drift(x, self.evaluate(x, p), p)
-        self._noisy(x, [term], [1 + dt * a, dt * b], self.eta * torch.sqrt(p.g2 * h), drawn, out=x1)
+        x1 = self._noisy(x, [term], [1 + dt * a, dt * b], self.eta * torch.sqrt(p.g2 * h), drawn, out=out[0])
         term2, a2, b2 = self.drift(x1, self.evaluate(x1, q), q)
-        self._noisy(x, [x1, term2], [0.5, 0.5 + dt * a2 / 2, dt * b2 / 2], self.eta / 2 * torch.sqrt(q.g2 * h), drawn,
-                    out=x2)
-        delta = torch.maximum(x1.abs(), self._x_prev.abs()).mul_(self.rtol).clamp_min_(self.atol)
-        return rms((x1 - x2).div_(delta))
-
-    def _control(self, err, h, accept):
-        factor = torch.where(torch.isinf(err), 0.1, self.safety * err ** -self.exponent)
-        return h * factor
-
-    def _commit(self, x, accept, done):
-        x1, x2 = self._buffers
-        new = x2 if self.extrapolate else x1
-        if bool((accept | done).all()):  # the common case: swap buffers instead of copying
-            if self.extrapolate:
-                self._x_prev, self._buffers = x1, [self._x_prev, x]
-            else:  # x' is both the new state and x'_prev
-                self._x_prev.copy_(x1)
-                self._buffers[0] = x
-            return new
-        mask = _rows(accept, x)
-        x.copy_(torch.where(mask, new, x))
-        self._x_prev.copy_(torch.where(mask, x1, self._x_prev))
-        return x
+        return x1, self._noisy(x, [x1, term2], [0.5, 0.5 + dt * a2 / 2, dt * b2 / 2],
+                               self.eta / 2 * torch.sqrt(q.g2 * h), drawn, out=out[1])
