@@ -39,7 +39,7 @@ class Restart(Heun):
     ``(N_restart, K, t_min, t_max)`` (noise levels ``s = sigma/alpha``, EDM's time), the step that
     ends at the main-grid level nearest ``t_min`` is followed ``K`` times by a forward jump to
     ``t_max`` and ``N_restart`` Heun steps back on a Karras (``rho = 7``) grid from ``t_max`` to that
-    level. The jump is the forward process's exact transition,
+    level (never a level 0). The jump is the forward process's exact transition,
     ``x <- (alpha_max/alpha_min) x + alpha_max sqrt(s_max^2 - s_min^2) z`` (``x + sqrt(t_max^2 -
     t_min^2) z`` under EDM, Algorithm 1's restart forward step). Defaults: the authors' EDM setting
     ``[(3, 2, 0.06, 0.30)]`` (``restart_intervals``). Intervals outside the solve (``t_max`` above
@@ -63,7 +63,7 @@ class Restart(Heun):
         for n, k, t_min, t_max in intervals:
             if not (levels[-1] <= t_min and t_max <= levels[0]):
                 continue
-            end = min(range(1, len(levels)), key=lambda j: abs(levels[j] - t_min))
+            end = min((j for j in range(1, len(levels)) if levels[j] > 0), key=lambda j: abs(levels[j] - t_min))
             if not levels[end] < t_max:
                 continue
             t_top = float(self.process.t_from_log_snr(torch.tensor(-math.log(t_max), dtype=torch.float64)))

@@ -35,3 +35,21 @@ __all__ = [
     "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_2s_ancestral", "sample_dpmpp_3m_sde",
     "sample_dpmpp_sde", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_lms",
 ]
+
+from genflow.compat.k_diffusion.zoo import (sample_ald, sample_ddim, sample_ddpm, sample_deis, sample_dpm_solver_1,
+                                             sample_dpm_solver_2, sample_dpm_solver_3, sample_dpmpp_2m_sde_heun,
+                                             sample_dpmpp_2s, sample_dpmpp_3m, sample_er_sde, sample_euler_maruyama,
+                                             sample_exp_heun_2_x0, sample_gradient_estimation, sample_heunpp2,
+                                             sample_ipndm, sample_ipndm_v, sample_lcm, sample_midpoint, sample_pc,
+                                             sample_plms, sample_pndm, sample_res_2m, sample_res_3m,
+                                             sample_res_multistep, sample_restart, sample_rk4, sample_sa_solver,
+                                             sample_seeds_1, sample_seeds_2, sample_seeds_3, sample_tcd, sample_unipc)
+
+__all__ += [  # the native samplers k-diffusion lacks (zoo.py)
+    "sample_ald", "sample_ddim", "sample_ddpm", "sample_deis", "sample_dpm_solver_1", "sample_dpm_solver_2",
+    "sample_dpm_solver_3", "sample_dpmpp_2m_sde_heun", "sample_dpmpp_2s", "sample_dpmpp_3m", "sample_er_sde",
+    "sample_euler_maruyama", "sample_exp_heun_2_x0", "sample_gradient_estimation", "sample_heunpp2",
+    "sample_ipndm", "sample_ipndm_v", "sample_lcm", "sample_midpoint", "sample_pc", "sample_plms", "sample_pndm",
+    "sample_res_2m", "sample_res_3m", "sample_res_multistep", "sample_restart", "sample_rk4", "sample_sa_solver",
+    "sample_seeds_1", "sample_seeds_2", "sample_seeds_3", "sample_tcd", "sample_unipc",
+]
