@@ -38,11 +38,12 @@ class StaticBuffers:
         self.net, self.count, self.buffers, self.calls = net, count, None, 0
 
     def __call__(self, x, t):
+        out = self.net(x, t)
         if self.buffers is None:
-            self.buffers = [torch.empty_like(x) for _ in range(self.count)]
+            self.buffers = [torch.empty_like(out) for _ in range(self.count)]
         buffer = self.buffers[self.calls % self.count]
         self.calls += 1
-        return buffer.copy_(self.net(x, t))
+        return buffer.copy_(out)
 
 
 def _solve(net, name, **options):
@@ -64,6 +65,22 @@ def test_static_output_buffer_equals_a_pure_net(name):
     expected = _solve(EXACT, name)
     assert torch.equal(_solve(StaticBuffers(EXACT), name), expected)
     assert torch.equal(_solve(StaticBuffers(EXACT), name, model_reuses_buffers=True), expected)
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_half_precision_input_with_a_float32_static_buffer_equals_a_pure_net(name):
+    """With a half-precision input the model runs on a cast of the state; a model answering in
+    the state's dtype (float32) from one static buffer is owned like any other output."""
+    x_T = torch.randn(BATCH, 2, generator=torch.Generator().manual_seed(3)).half()
+
+    def solve(net):
+        return gf.sample(gf.Model(net, PROCESS, "x0"), x_T=x_T, solver=name, steps=STEPS, generator=SEEDS,
+                         **ADAPTIVE_OPTIONS.get(name, {}))
+
+    def pure(x, t):
+        return EXACT(x.float(), t)
+
+    assert torch.equal(solve(StaticBuffers(pure)), solve(pure))
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))

@@ -204,7 +204,9 @@ class Solver(abc.ABC):
             arg = x.to(self.model_dtype)
             out = self.model.call(arg, self.model.prepare_time(p.t, arg))
             check_input_unchanged(arg, 0, self.where(p))
-            return out.to(x.dtype)  # a new tensor, owned by the solver
+            if out.dtype != x.dtype:
+                return out.to(x.dtype)  # a new tensor, owned by the solver
+            return self.ownership.own(out, arg, self.where)  # already the state's dtype: the model's memory
         version = x._version
         out = self.model.call(x, self.model.prepare_time(p.t, x))
         if x._version != version:
