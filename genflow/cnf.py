@@ -31,17 +31,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from genflow.likelihood import _FIXED, _fixed, _stage, _stage_differentiable
-from genflow.noise import generator_seed
-from genflow.ops import hutchinson as _hutch
 from genflow.checkpoint import resume_loop_state, save_loop_state
+from genflow.divergence import DivergenceDrift
+from genflow.likelihood import integrate_divergence
+from genflow.noise import generator_seed
+from genflow.ops import hutchinson
 
 __all__ = ["CNFNet", "cnf_log_likelihood", "train_cnf"]
 
 METHODS = ("hutchinson", "exact")
-# Butcher tableaux (c, a, b): Euler, plus likelihood.py's Heun and classic RK4 (the same
-# integrator as gf.log_likelihood(solver="heun"|"rk4"), so the two agree step for step)
-SOLVERS = {"euler": ((0.0,), ((),), (1.0,)), **_FIXED}
+SOLVERS = ("euler", "heun", "rk4")  # engine tableaux (genflow.engine.tableau), as gf.log_likelihood's heun/rk4
 _HALF_LOG_2PI = 0.9189385332046727  # log(2 pi) / 2
 
 
@@ -79,45 +78,19 @@ class CNFNet(nn.Module):
         return h
 
 
-class _Drift:
-    """The augmented drift ``(y, t) -> (v(y, t), div v(y, t))`` with the divergence float64 [B].
+class NetVelocity:
+    """A CNF network ``net(x, t)`` as the velocity of a ``DivergenceDrift``: ``t`` (float64 [B])
+    cast to x's dtype, the output checked to be shaped like x."""
 
-    With ``graph=True`` both outputs keep their autograd graph (the divergence through a
-    double-backward: ``create_graph=True``); with ``graph=False`` they are detached.
-    """
+    def __init__(self, net: Callable):
+        self.net = net
 
-    def __init__(self, net, method, eps, graph):
-        self.net, self.method, self.eps, self.graph = net, method, eps, graph
-
-    def __call__(self, y, t):
-        with torch.enable_grad():
-            if not y.requires_grad:
-                y = y.detach().requires_grad_(True)
-            v = self.net(y, t.to(y.dtype))
-            if not isinstance(v, torch.Tensor) or v.shape != y.shape:
-                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ValueError(f"net must return a tensor shaped like x {tuple(y.shape)}, got {got}")
-            if self.method == "exact":
-                div = self._exact(v, y)
-            else:
-                div = sum((self._probe(v, y, e) for e in self.eps)) / len(self.eps)
-        if not self.graph:
-            return v.detach(), div.detach()
-        return v, div
-
-    def _probe(self, v, y, eps):
-        """Hutchinson ``eps^T (dv/dy) eps`` per sample: a VJP ``eps^T dv/dy`` dotted with eps."""
-        (g,) = torch.autograd.grad(v, y, eps, create_graph=self.graph, retain_graph=True)
-        return (g * eps).reshape(y.shape[0], -1).to(torch.float64).sum(1)
-
-    def _exact(self, v, y):
-        """``tr(dv/dy) = sum_i d v_i / d y_i``: one VJP per dimension (samples independent)."""
-        vf = v.reshape(y.shape[0], -1)
-        div = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
-        for i in range(vf.shape[1]):
-            (g,) = torch.autograd.grad(vf[:, i].sum(), y, create_graph=self.graph, retain_graph=True)
-            div = div + g.reshape(y.shape[0], -1)[:, i].to(torch.float64)
-        return div
+    def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v = self.net(x, t.to(x.dtype))
+        if not isinstance(v, torch.Tensor) or v.shape != x.shape:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"net must return a tensor shaped like x {tuple(x.shape)}, got {got}")
+        return v
 
 
 def _check_int(name, value, low=1):
@@ -174,21 +147,20 @@ def cnf_log_likelihood(net: Callable, x: torch.Tensor, *, steps: int = 8, method
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     probes = _check_int("probes", probes)
-    if noise not in _hutch.KINDS:
-        raise ValueError(f"noise must be one of {_hutch.KINDS}, got {noise!r}")
+    if noise not in hutchinson.KINDS:
+        raise ValueError(f"noise must be one of {hutchinson.KINDS}, got {noise!r}")
     if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {tuple(SOLVERS)}, got {solver!r}")
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     batch = x.shape[0]
     eps = ()
     if method == "hutchinson":
         seed = generator_seed(generator, batch)
-        eps = [_hutch.probes(x.shape, seed=seed, offset=k, kind=noise, dtype=x.dtype, device=x.device)
+        eps = [hutchinson.probes(x.shape, seed=seed, offset=k, kind=noise, dtype=x.dtype, device=x.device)
                for k in range(probes)]
-    drift = _Drift(net, method, eps, graph=torch.is_grad_enabled())
-    t0 = torch.zeros(batch, dtype=torch.float64, device=x.device)
-    stage = _stage_differentiable if torch.is_grad_enabled() else _stage  # the fused ops have no graph
-    x1, delta, _ = _fixed(drift, x, t0, torch.ones_like(t0), steps, SOLVERS[solver], stage,
-                          check_finite=bool(check_finite))
+    graph = torch.is_grad_enabled()
+    drift = DivergenceDrift(NetVelocity(net), method, eps, "loop" if method == "exact" else "vjp", graph=graph)
+    x1, delta, _, _ = integrate_divergence(drift, x, 0.0, 1.0, solver=solver, steps=steps,
+                                           check_finite=bool(check_finite), caller="gf.cnf_log_likelihood")
     z = x1.reshape(batch, -1).to(torch.float64)
     prior = -0.5 * z.square().sum(1) - z.shape[1] * _HALF_LOG_2PI
     return prior + delta

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import genflow as gf
-from genflow.likelihood import _Drift
+from genflow.divergence import DivergenceDrift
 
 
 def _mixture(dim, k, seed, std=0.4):
@@ -84,8 +84,8 @@ def test_hutchinson_and_exact_divergence_agree_on_random_mlp(mode):
     x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     t = torch.full((batch,), 0.3, dtype=torch.float64)
     eps = [gf.ops.hutchinson.probes((batch, dim), seed=9, offset=k, dtype=torch.float64) for k in range(n)]
-    v_h, div_h = _Drift(model, "hutchinson", eps, mode)(x, t)
-    v_e, div_e = _Drift(model, "exact", (), None)(x, t)
+    v_h, div_h = DivergenceDrift(model, "hutchinson", eps, mode)(x, t)
+    v_e, div_e = DivergenceDrift(model, "exact", (), None)(x, t)
     jac = torch.stack([torch.autograd.functional.jacobian(lambda y: model.velocity(y[None], t[:1])[0], x[b])
                        for b in range(batch)])
     quad = torch.einsum("kbi,bij,kbj->b", torch.stack(eps), jac, torch.stack(eps)) / n

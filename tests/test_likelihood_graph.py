@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import genflow as gf
-from genflow import cuda_graph, likelihood
+from genflow import cuda_graph, divergence, likelihood
+from genflow.ops import hutchinson
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -28,10 +29,10 @@ class ReplayByRerun:
 @pytest.fixture
 def rerun(monkeypatch):
     recorder = ReplayByRerun()
-    monkeypatch.setattr(cuda_graph, "_record", recorder)
-    likelihood._DRIFT_GRAPHS.clear()
+    monkeypatch.setattr(cuda_graph, "record", recorder)
+    divergence.DRIFT_GRAPHS.clear()
     yield recorder
-    likelihood._DRIFT_GRAPHS.clear()
+    divergence.DRIFT_GRAPHS.clear()
 
 
 def _model():
@@ -43,18 +44,19 @@ def test_graphed_drift_equals_the_eager_solve(rerun, method):
     model = _model()
     x = model.process.alpha(torch.tensor(1e-3)).item() * torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
     eager, info = gf.log_likelihood(model, x, method=method, generator=3, return_info=True)
-    drift = likelihood._Drift(model, method, [likelihood._hutch.probes(x.shape, seed=3, offset=0)]
-                              if method == "hutchinson" else [], "vjp" if method == "hutchinson" else None)
+    drift = divergence.DivergenceDrift(model, method, [hutchinson.probes(x.shape, seed=3, offset=0)]
+                                       if method == "hutchinson" else [], "vjp" if method == "hutchinson" else None)
     t0 = torch.full((16,), model.process.t_min, dtype=torch.float64)
-    graphed = likelihood._GraphedDrift(drift, x, t0)
-    x_T, delta, _ = likelihood._rk45(graphed, x, t0, torch.full_like(t0, model.process.T), 1e-5, 1e-5, 10_000)
+    graphed = divergence.GraphedDrift(drift, x, t0)
+    x_T, delta, _, nfe = likelihood.integrate_divergence(graphed, x, model.process.t_min, model.process.T,
+                                                         solver="dopri5", rtol=1e-5, atol=1e-5)
     got = model.process.prior_log_prob(x_T.double()) + delta
     torch.testing.assert_close(got, eager, rtol=0, atol=0)
-    assert graphed.nfe == info["nfe"] and rerun.captures == 1
+    assert graphed.nfe == nfe == info["nfe"] and rerun.captures == 1
     # a second solve with other probes reuses the capture and copies the new probes in
     if method == "hutchinson":
-        drift2 = likelihood._Drift(model, method, [likelihood._hutch.probes(x.shape, seed=4, offset=0)], "vjp")
-        again = likelihood._GraphedDrift(drift2, x, t0)
+        drift2 = divergence.DivergenceDrift(model, method, [hutchinson.probes(x.shape, seed=4, offset=0)], "vjp")
+        again = divergence.GraphedDrift(drift2, x, t0)
         assert rerun.captures == 1
         torch.testing.assert_close(again(x, t0)[1], drift2(x, t0)[1], rtol=0, atol=0)
 
@@ -63,13 +65,13 @@ def test_failed_capture_falls_back_with_a_warning(monkeypatch):
     def failing(body, device):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(cuda_graph, "_record", failing)
-    likelihood._DRIFT_GRAPHS.clear()
+    monkeypatch.setattr(cuda_graph, "record", failing)
+    divergence.DRIFT_GRAPHS.clear()
     model = _model()
     x = torch.randn(4, 2)
-    drift = likelihood._Drift(model, "exact", [], None)
+    drift = divergence.DivergenceDrift(model, "exact", [], None)
     with pytest.warns(RuntimeWarning, match="could not be captured"):
-        assert likelihood._graphed(drift, x, torch.full((4,), 0.5, dtype=torch.float64)) is drift
+        assert divergence.graphed(drift, x, torch.full((4,), 0.5, dtype=torch.float64)) is drift
 
 
 def test_cuda_graph_needs_a_cuda_tensor():

@@ -78,7 +78,7 @@ def _likelihood(ctx: Context) -> Iterator[Case]:
     estimate's cost in forward passes; the issue's GPU target is <= 2.5 forwards, ratio >= 0.4)."""
     import genflow as gf
     from genflow import peers
-    from genflow.likelihood import _Drift
+    from genflow.divergence import DivergenceDrift
     from genflow.ops import hutchinson
 
     fm = peers.optional("flow_matching")
@@ -155,7 +155,7 @@ def _likelihood(ctx: Context) -> Iterator[Case]:
     xb = ctx.randn(batch, 2, seed=14)
     tb = torch.full((batch,), 0.5, dtype=ctx.dtype, device=ctx.device)
     eps = hutchinson.probes(xb.shape, seed=15, offset=0, kind="rademacher", dtype=xb.dtype, device=xb.device)
-    drift = _Drift(model, "hutchinson", [eps], "vjp")
+    drift = DivergenceDrift(model, "hutchinson", [eps], "vjp")
 
     def estimate():
         return drift(xb, tb)[1]
@@ -180,9 +180,9 @@ def _likelihood(ctx: Context) -> Iterator[Case]:
                  note="bound: ratio = forward / estimate, the estimate costs 1/ratio forwards (target <= 2.5: ratio >= 0.4)"),
     ], note="3 -> 512 -> 512 -> 2 SiLU MLP, one Rademacher probe")
     if xb.device.type == "cuda":  # the same estimate replayed from a CUDA graph (log_likelihood(cuda_graph=True))
-        from genflow.likelihood import _GraphedDrift
+        from genflow.divergence import GraphedDrift
 
-        graphed = _GraphedDrift(drift, xb, tb)
+        graphed = GraphedDrift(drift, xb, tb)
         yield Case("hutchinson div estimate, mlp512, cuda graph", f"({batch},2)", lambda: graphed(xb, tb)[1], [
             Baseline("torch.func vjp", plain, lambda: agree(graphed(xb, tb)[1], plain(), 1e-5)),
             Baseline("one forward pass", forward, kind="bound",

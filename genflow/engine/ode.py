@@ -61,14 +61,16 @@ class AdaptiveRK:
     ``h_init``. ``saveat`` (float64 [S] or [S, B] host times, inside the interval) are filled
     from the step that covers them with the dense output (``RungeKutta.dense``): ``saved``
     (Tensor[S, B, *D]) after the solve. ``dense=True`` keeps every step's stages (``steps``) so
-    that ``evaluate(t)`` interpolates anywhere in the interval afterwards.
+    that ``evaluate(t)`` interpolates anywhere in the interval afterwards. ``caller`` and
+    ``advice`` name the front end and what to check in a ``NonFiniteError`` (gf.solve's by default).
     """
 
     adaptive = True
 
     def __init__(self, tableau: ButcherTableau, f: Callable, t0: torch.Tensor, t1: torch.Tensor, *, kernel: bool,
                  rtol: float, atol: float, error_norm: str = "sample", h_init=None, max_steps: int = 10_000,
-                 saveat: Optional[torch.Tensor] = None, dense: bool = False, check_finite: bool = True):
+                 saveat: Optional[torch.Tensor] = None, dense: bool = False, check_finite: bool = True,
+                 caller: str = "gf.solve", advice: str = "the drift at these times"):
         if not (tableau.adaptive and tableau.fsal):
             raise ValueError(f"solver {tableau.name!r} has no embedded error estimate: pass steps= or ts= "
                              f"(adaptive solvers: dopri5, tsit5, bosh3, dop853)")
@@ -79,6 +81,7 @@ class AdaptiveRK:
         self.direction = torch.where(t1 >= t0, 1.0, -1.0).to(torch.float64)
         self.rtol, self.atol, self.error_norm = rtol, atol, error_norm
         self.h_init, self.max_steps, self.check_finite = h_init, max_steps, check_finite
+        self.caller, self.advice = caller, advice  # who reports a divergence, and what to check
         self.controller = StepController(tableau.error_order)
         self.saveat, self.saved = saveat, None
         self.steps = [] if dense else None  # (t, signed h, accepted, engine record) of every iteration
@@ -187,4 +190,4 @@ class AdaptiveRK:
         return out
 
     def _diverged(self, rows, t, h, what):
-        raise diverged_error("gf.solve", self.name, rows, t, h, what, "the drift at these times")
+        raise diverged_error(self.caller, self.name, rows, t, h, what, self.advice)
