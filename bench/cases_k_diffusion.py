@@ -19,7 +19,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import best_ms  # noqa: E402
+from cases_diffusers import interleaved_ms  # noqa: E402
 
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive",
             "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
@@ -53,10 +53,11 @@ def _seeded(fn, seed=0):
     return run
 
 
-def rows(sizes=SIZES, names=SAMPLERS, repeats=None, rounds=3, report=None):
+def rows(sizes=SIZES, names=SAMPLERS, repeats=None, rounds=7, report=None):
     """One row per sampler and size: ``dict(name, size, genflow_ms, peer_ms, ratio, max_abs_diff)``
-    (``ratio = peer_ms / genflow_ms``: above 1 is genflow faster); each time is the best of
-    ``rounds`` alternating ``best_ms`` measurements; ``report(row)`` is called as each row is done."""
+    (``ratio = peer_ms / genflow_ms``: above 1 is genflow faster); times and ratio are medians over
+    ``rounds`` interleaved rounds (``cases_diffusers.interleaved_ms``); ``report(row)`` is called as
+    each row is done."""
     from genflow import peers
     from genflow.compat import k_diffusion as ours
 
@@ -74,11 +75,9 @@ def rows(sizes=SIZES, names=SAMPLERS, repeats=None, rounds=3, report=None):
         for name in names:
             run_ours, run_theirs = _seeded(_call(ours, name, x, sigmas)), _seeded(_call(theirs, name, x, sigmas))
             diff = float((run_ours() - run_theirs()).abs().max())
-            ms_ours = ms_theirs = float("inf")
-            for _ in range(rounds):  # alternate the two sides, against load drift on a shared machine
-                ms_ours, ms_theirs = min(ms_ours, best_ms(run_ours, reps)), min(ms_theirs, best_ms(run_theirs, reps))
+            ms_ours, ms_theirs, ratio = interleaved_ms(run_ours, run_theirs, reps, rounds)
             out.append(dict(name=name, size="x".join(map(str, shape)), genflow_ms=ms_ours, peer_ms=ms_theirs,
-                            ratio=ms_theirs / ms_ours, max_abs_diff=diff))
+                            ratio=ratio, max_abs_diff=diff))
             if report is not None:
                 report(out[-1])
     return out
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default=None, help="comma-separated shapes, e.g. 1x2,48000x64 (default: both)")
     parser.add_argument("--only", default=None, help="comma-separated sampler names without sample_ (default: all)")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
     sizes = SIZES if args.sizes is None else [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     names = SAMPLERS if args.only is None else args.only.split(",")

@@ -268,15 +268,38 @@ def run(name, solver, x, plan_: Plan, sigmas, denoiser: Denoiser, disable, *, no
     x = x.clone(memory_format=torch.contiguous_format)
     stepper = KStep(solver, plan_, sigmas, denoiser, noise_sampler, s_noise, churn_noise, info)
     steps = grid_steps(stepper, plan_.grid, x, name, check_finite=False, caller=f"gf.compat.k_diffusion.{name}")
-    for x, _, _ in tqdm(steps, total=len(plan_.index), disable=disable):
+    if not disable:  # (a disabled tqdm bar still registers itself: ~15 us a call, skipped)
+        steps = tqdm(steps, total=len(plan_.index))
+    for x, _, _ in steps:
         pass
     return x
 
 
-def check_noise_options(eta, s_noise):
+_CHECKED = LRU(256)
+
+
+def checked_options(check, *values):
+    """``check(*values)``, remembered for values that are all Python floats and ints (equal
+    values pass or fail the same checks), so repeated calls skip the per-option validation."""
+    if not all(type(v) is float or type(v) is int for v in values):
+        return check(*values)
+    return _CHECKED.get_or_compute((check, values), lambda: check(*values))
+
+
+def _noise_options(eta, s_noise):
     return check_real("eta", eta, low=0.0), check_real("s_noise", s_noise)
 
 
-def check_churn(s_churn, s_tmin, s_tmax, s_noise):
+def _churn_options(s_churn, s_tmin, s_tmax, s_noise):
     return (check_real("s_churn", s_churn, low=0.0), check_real("s_tmin", s_tmin, allow_inf=True),
             check_real("s_tmax", s_tmax, allow_inf=True), check_real("s_noise", s_noise))
+
+
+def check_noise_options(eta, s_noise):
+    """``(eta, s_noise)`` as floats: ``eta >= 0``, both finite."""
+    return checked_options(_noise_options, eta, s_noise)
+
+
+def check_churn(s_churn, s_tmin, s_tmax, s_noise):
+    """``(s_churn, s_tmin, s_tmax, s_noise)`` as floats: ``s_churn >= 0``, the bounds may be infinite."""
+    return checked_options(_churn_options, s_churn, s_tmin, s_tmax, s_noise)
