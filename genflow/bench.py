@@ -45,6 +45,8 @@ from typing import Callable, Iterable, List, Optional
 
 import torch
 
+from genflow.bench_rows import HEADER, Row, markdown_table, row_line
+
 __all__ = ["Agreement", "Baseline", "Case", "Context", "GROUPS", "Row", "add_arguments", "group", "main",
            "run", "run_cases", "update_results"]
 
@@ -126,41 +128,6 @@ class Case:
     genflow: Callable[[], object]
     baselines: List[Baseline]
     note: str = ""
-
-
-@dataclass
-class Row:
-    group: str
-    case: str
-    size: str
-    baseline: str
-    kind: str
-    status: str
-    genflow_ms: Optional[float] = None
-    baseline_ms: Optional[float] = None
-    ratio: Optional[float] = None
-    max_err: Optional[float] = None
-    rel_err: Optional[float] = None
-    tol: Optional[float] = None
-    check: str = ""
-    nfe_genflow: Optional[int] = None
-    nfe_baseline: Optional[int] = None
-    err_genflow: Optional[float] = None
-    err_baseline: Optional[float] = None
-    bytes: Optional[int] = None
-    note: str = ""
-
-    @property
-    def ahead(self) -> str:
-        """"yes" / "NO" for peers (ratio > 1: genflow faster), "-" for floors and untimed rows."""
-        if self.kind != "peer" or self.ratio is None:
-            return "-"
-        return "yes" if self.ratio > 1.0 else "NO"
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["genflow_ahead"] = self.ahead
-        return d
 
 
 @dataclass
@@ -309,64 +276,11 @@ def _run_case(ctx: Context, group_name: str, case: Case, log) -> List[Row]:
                     row.genflow_ms, row.baseline_ms = ms["__genflow__"], ms[row.baseline]
                     row.ratio = row.baseline_ms / row.genflow_ms if row.genflow_ms > 0 else None
     for row in rows:
-        log(_line(row))
+        log(row_line(row))
     return rows
 
 
 # ---------------------------------------------------------------- formatting
-
-def _fmt_ms(v):
-    if v is None:
-        return "-"
-    return f"{v:.4f}" if v < 1 else f"{v:.3f}" if v < 100 else f"{v:.1f}"
-
-
-def _fmt_err(row: Row):
-    if row.rel_err is None:
-        return "-"
-    return f"{row.rel_err:.1e}"
-
-
-def _fmt_nfe(row: Row):
-    if row.nfe_genflow is None and row.nfe_baseline is None:
-        return "-"
-    return f"{row.nfe_genflow if row.nfe_genflow is not None else '-'}/{row.nfe_baseline if row.nfe_baseline is not None else '-'}"
-
-
-def _fmt_ratio(row: Row):
-    return "-" if row.ratio is None else f"{row.ratio:.2f}"
-
-
-def _notes(row: Row) -> str:
-    parts = []
-    if row.status != "ok":
-        parts.append(row.status)
-    if row.err_genflow is not None or row.err_baseline is not None:
-        parts.append(f"error vs reference: genflow {row.err_genflow:.1e}, {row.baseline} {row.err_baseline:.1e}")
-    if row.note:
-        parts.append(row.note)
-    if row.bytes and row.baseline_ms:
-        parts.append(f"{row.bytes / (row.baseline_ms * 1e-3) / 1e9:.1f} GB/s")
-    return "; ".join(parts)
-
-
-COLUMNS = [("case", 31, "<"), ("size", 11, "<"), ("vs", 29, "<"), ("genflow ms", 11, ">"), ("vs ms", 11, ">"),
-           ("ratio", 7, ">"), ("ahead", 6, ">"), ("rel err", 8, ">"), ("NFE gf/vs", 10, ">")]
-
-
-HEADER = " ".join(f"{n:{a}{w}}" for n, w, a in COLUMNS) + "  notes"
-
-
-def _cells(row: Row) -> list:
-    return [row.case, row.size, row.baseline, _fmt_ms(row.genflow_ms), _fmt_ms(row.baseline_ms), _fmt_ratio(row),
-            row.ahead, _fmt_err(row), _fmt_nfe(row)]
-
-
-def _line(row: Row) -> str:
-    out = " ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(_cells(row), COLUMNS))
-    notes = _notes(row)
-    return out + (f"  {notes}" if notes else "")
-
 
 def format_table(rows: List[Row]) -> str:
     """The console table, one block per group."""
@@ -376,20 +290,7 @@ def format_table(rows: List[Row]) -> str:
         lines.append(f"\n== {name}: {GROUPS[name].title if name in GROUPS else ''}")
         lines.append(header)
         lines.append("-" * len(header))
-        lines.extend(_line(r) for r in grp_rows)
-    return "\n".join(lines)
-
-
-def markdown_table(rows: List[Row]) -> str:
-    head = ["case", "size", "vs", "genflow ms", "vs ms", "ratio (vs / genflow)", "genflow ahead", "rel err",
-            "NFE gf/vs", "notes"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = _cells(r)
-        if r.ahead == "NO":
-            cells[6] = "**NO**"
-        cells.append(_notes(r).replace("|", "/"))
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.extend(row_line(r) for r in grp_rows)
     return "\n".join(lines)
 
 
