@@ -200,3 +200,76 @@ def test_edm_add_noise_config_and_errors():
         s = gf.compat.diffusers.EDMEulerScheduler()
         s.set_timesteps(4)
         s.step(torch.zeros(SHAPE), 3, torch.zeros(SHAPE))
+
+
+# ------------------------------------------------------------------ inversion: DDIM, DPM-Solver multistep
+
+@pytest.mark.parametrize("config", [
+    {},
+    {"prediction_type": "v_prediction", "clip_sample": False, "timestep_spacing": "trailing"},
+    {"prediction_type": "sample", "set_alpha_to_one": False, "steps_offset": 1},
+    {"beta_schedule": "scaled_linear", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+     "prediction_type": "v_prediction"},
+])
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_ddim_inverse_equals_diffusers(config, steps):
+    _compare("DDIMInverseScheduler", config, steps, tables=())
+
+
+DPM_INVERSE_CONFIGS = [
+    {},
+    {"solver_order": 3, "prediction_type": "v_prediction"},
+    {"algorithm_type": "dpmsolver", "solver_type": "heun", "prediction_type": "sample"},
+    {"use_karras_sigmas": True, "solver_order": 3},
+    {"use_exponential_sigmas": True, "solver_type": "heun"},
+    {"lower_order_final": False, "solver_order": 3},
+    {"use_beta_sigmas": True, "timestep_spacing": "leading", "steps_offset": 1},
+    {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"},
+    {"timestep_spacing": "trailing", "lambda_min_clipped": -5.1, "euler_at_final": True},
+    {"thresholding": True, "prediction_type": "sample", "sample_max_value": 1.5},
+]
+
+
+@pytest.mark.parametrize("config", DPM_INVERSE_CONFIGS)
+def test_dpm_multistep_inverse_equals_diffusers(config):
+    for steps in (1, 6, 14):
+        _compare("DPMSolverMultistepInverseScheduler", config, steps)
+
+
+def test_dpm_multistep_inverse_zero_length_last_step_is_identity():
+    """Pinned deviation: a Karras grid repeats its last sigma, so the last step has h = 0; diffusers'
+    third-order step divides by h there (NaN), ours is the identity (the exact solution)."""
+    ref, ours = _pair("DPMSolverMultistepInverseScheduler", use_karras_sigmas=True, solver_order=3)
+    r, o = _loop(ref, 19, stochastic=False)[1], _loop(ours, 19, stochastic=False)[1]
+    assert ref.sigmas[-1] == ref.sigmas[-2] and torch.isnan(r[-1]).all()
+    for i in range(len(r) - 1):
+        _assert_rel(o[i], r[i], what=f"prev_sample {i}")
+    torch.testing.assert_close(o[-1], o[-2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("algorithm", ["sde-dpmsolver++", "sde-dpmsolver"])
+def test_dpm_multistep_inverse_sde_raises_where_diffusers_gives_nan(algorithm):
+    """Pinned deviation: toward noise (h < 0) the SDE noise scale is imaginary; diffusers' loop gives
+    NaN from its first step, ours raises at set_timesteps naming algorithm_type."""
+    ref, ours = _pair("DPMSolverMultistepInverseScheduler", algorithm_type=algorithm)
+    assert torch.isnan(_loop(ref, 4, stochastic=True)[1][0]).all()
+    with pytest.raises(ValueError, match="algorithm_type"):
+        ours.set_timesteps(4)
+
+
+def test_inverse_config_round_trip_and_errors():
+    for name in ("DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler"):
+        ref, ours = _pair(name, beta_schedule="scaled_linear")
+        assert {k: v for k, v in ours.config.items() if not k.startswith("_")} == {
+            k: v for k, v in ref.config.items() if not k.startswith("_")}
+        assert type(ours).from_config(ours.config).config == ours.config
+    ref, ours = _pair("DPMSolverMultistepInverseScheduler")
+    ref.set_timesteps(6)
+    ours.set_timesteps(6)
+    x0, noise = _latents(3)[:2], _latents(4)[:2]
+    t = ref.timesteps[[1, 4]]
+    _assert_rel(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t))
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        gf.compat.diffusers.DDIMInverseScheduler(timestep_spacing="linspace")
+    with pytest.raises(ValueError, match="algorithm_type"):
+        gf.compat.diffusers.DPMSolverMultistepInverseScheduler(algorithm_type="unipc")

@@ -36,3 +36,6 @@ __all__ += ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]
 from .edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
 __all__ += ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
+from .inverse import DDIMInverseScheduler, DPMSolverMultistepInverseScheduler
+
+__all__ += ["DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler"]
