@@ -5,7 +5,7 @@ for any other model these samplers act on its ``x0`` prediction the same way.
 """
 
 from genflow._checks import check_real
-from genflow.solvers.base import Solver, point, sqrt, where
+from genflow.solvers.base import Solver, sqrt, table, where
 
 __all__ = ["LCM", "TCD"]
 
@@ -31,10 +31,11 @@ class TCD(Solver):
     def __init__(self, model, ts, *, gamma=None, **kwargs):
         super().__init__(model, ts, **kwargs)
         self.gamma = self.default_gamma if gamma is None else check_real("gamma", gamma, low=0.0, high=1.0)
+        # the intermediate points s = (1 - gamma) t' of every step, in one table
+        self.intermediate = self.grid[1:] if self.gamma == 0 else table(self.process, (1 - self.gamma) * ts[1:])
 
     def step(self, i, x):
-        p, q = self.grid[i], self.grid[i + 1]
-        s = q if self.gamma == 0 else point(self.process, (1 - self.gamma) * q.t)
+        p, q, s = self.grid[i], self.grid[i + 1], self.intermediate[i]
         r_s = s.sigma / s.alpha
         # x' = (alpha'/alpha_s)(alpha_s x0 + sigma_s (x - alpha x0)/sigma) + noise
         cx = q.alpha * r_s / p.sigma

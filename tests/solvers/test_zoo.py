@@ -291,3 +291,16 @@ def test_ald_default_mixes_on_the_ring():
 def test_bad_arguments(solver, options, error, match):
     with pytest.raises(error, match=match):
         gf.sample(mixture().model(gf.VP()), (2, 2), solver=solver, steps=5, generator=0, **options)
+
+
+@pytest.mark.parametrize("solver", ["seeds_1", "exp_heun_2_x0", "heunpp2", "lcm", "tcd"])
+def test_per_sample_start_times_equal_separate_solves(solver):
+    model = mixture().model(gf.VP())
+    t_start = torch.tensor([1.0, 0.6, 0.3, 0.15])
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    seeds = [3, 5, 7, 9]
+    batch = gf.sample(model, x_T=x_T, solver=solver, steps=9, t_start=t_start, generator=seeds)
+    for b in range(4):
+        alone = gf.sample(model, x_T=x_T[b:b + 1], solver=solver, steps=9, t_start=float(t_start[b]),
+                          generator=[seeds[b]])
+        torch.testing.assert_close(batch[b:b + 1], alone, rtol=1e-10, atol=1e-10)
