@@ -17,7 +17,7 @@ import torch
 
 from genflow.errors import NonFiniteError, diverged_rows
 
-__all__ = ["StepController", "diverged_error", "iterate", "rms", "initial_step", "pooled", "power"]
+__all__ = ["PIDController", "StepController", "diverged_error", "iterate", "rms", "initial_step", "pooled", "power"]
 
 
 def rms(v: torch.Tensor) -> torch.Tensor:
@@ -77,6 +77,43 @@ class StepController:
         self.err_prev = torch.where(accept, err.clamp_min(1e-4), self.err_prev)
         self.rejected = ~accept & (h > 0)
         return torch.where(accept, h_accept, h_reject)
+
+
+class PIDController:
+    """PID step-size control (Söderlind 2003, "Digital filters in adaptive time-stepping", ACM TOMS
+    29, §4) with the limiter ``1 + atan(f - 1)`` (Söderlind & Wang 2006, "Adaptive time-stepping and
+    computational stability", J. Comput. Appl. Math. 185, §3), as in DPM-Solver's adaptive solver
+    (Lu et al. 2022, Appendix C) and k-diffusion's ``sample_dpm_adaptive``. On inverse errors
+    ``e = 1/(err + eps)``::
+
+        f = e_n^b1 e_(n-1)^b2 e_(n-2)^b3,  b1 = (kP + kI + kD)/k,  b2 = -(kP + 2 kD)/k,  b3 = kD/k,
+        f <- 1 + atan(f - 1)
+
+    with ``e_(n-1)``, ``e_(n-2)`` the last two accepted steps' (all three the first error at the
+    start) and ``k`` the order of the error estimate; ``kI = 1`` alone is the I controller
+    ``h (1/err)^(1/k)``. A step is accepted where ``f >= accept_safety`` and ``h <- f h`` either
+    way. Unlike ``StepController`` the controller itself decides acceptance. Per-sample float64
+    [B] host tensors; the powers are ``power``'s (batch-invariant), the arctangent NumPy's.
+    """
+
+    def __init__(self, pcoeff: float, icoeff: float, dcoeff: float, order: float, *, accept_safety: float = 0.81,
+                 eps: float = 1e-8):
+        self.b = ((pcoeff + icoeff + dcoeff) / order, -(pcoeff + 2 * dcoeff) / order, dcoeff / order)
+        self.accept_safety, self.eps = accept_safety, eps
+        self.inv_errors = None  # [current, previous accepted, the one before], float64 [B] each
+
+    def __call__(self, err: torch.Tensor, h: torch.Tensor):
+        """``(accept, h_next)`` (bool [B], float64 [B]) for the error norms ``err`` of steps ``h``."""
+        inv = 1 / (err.to(torch.float64) + self.eps)
+        if self.inv_errors is None:
+            self.inv_errors = [inv, inv, inv]
+        e = self.inv_errors
+        e[0] = inv
+        factor = power(e[0], self.b[0]) * power(e[1], self.b[1]) * power(e[2], self.b[2])
+        factor = 1 + torch.from_numpy(np.arctan((factor - 1).numpy()))
+        accept = factor >= self.accept_safety
+        e[1], e[2] = torch.where(accept, e[0], e[1]), torch.where(accept, e[1], e[2])
+        return accept, h * factor
 
 
 def initial_step(y, f0, step_to, derivative, span, *, rtol: float, atol: float, error_order: int,

@@ -365,3 +365,23 @@ def test_errors_name_the_argument():
         C.sample_euler(toy_denoiser, x, sigmas, extra_args=[1])
     with pytest.raises(ValueError, match="n must be >= 1"):
         C.get_sigmas_karras(0, 0.1, 10.0)
+
+
+# ------------------------------------------------------------------ the engine's PID controller
+
+@pytest.mark.parametrize("coefficients, order", [((0.0, 1.0, 0.0), 3), ((0.2, 0.6, 0.1), 2), ((0.3, 0.5, 0.2), 1.5)])
+def test_pid_controller_equals_k_diffusion(coefficients, order):
+    """genflow.engine.adaptive.PIDController (sample_dpm_adaptive's step sizes) takes k-diffusion's
+    accept decisions and step sizes bit for bit, per sample, on a run of errors around 1."""
+    from genflow.engine.adaptive import PIDController
+
+    errors = torch.rand(40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2.5
+    ours = PIDController(*coefficients, order, accept_safety=0.81)
+    h = torch.full((5,), 0.05, dtype=torch.float64)
+    theirs = [k_diffusion_sampling().PIDStepSizeController(0.05, *coefficients, order=order, accept_safety=0.81)
+              for _ in range(5)]
+    for err in errors:
+        accept, h = ours(err, h)
+        for b, controller in enumerate(theirs):
+            assert bool(accept[b]) == controller.propose_step(err[b])
+            assert float(h[b]) == controller.h

@@ -2,12 +2,14 @@
 ``sample_dpm_adaptive``) and its stochastic DPM-Solver++ (``sample_dpmpp_sde``).
 
 ``sample_dpm_fast`` runs the native ``dpm_solver_1|2|3`` steps. ``sample_dpm_adaptive`` (its
-DPM-Solver-12/23 pairs share evaluations, and its PID controller is not the engine's) and
-``sample_dpmpp_sde`` (no native counterpart) still take their steps here (``_Run``,
-``_DPMSolver``, ``_PIDController``) with k-diffusion's scalar arithmetic.
+DPM-Solver-12/23 pairs share evaluations) takes its step weights from the native coefficient
+function (``genflow.solvers.dpm_coefficients.dpm_weights``: ``phi_1 = expm1(h)``,
+``phi_2 = phi_1/h - 1``) and its step sizes from the engine's PID controller
+(``genflow.engine.adaptive.PIDController``); ``sample_dpmpp_sde`` its DPM-Solver++ weights from
+``dpm_weights``. What stays here is glue: k-diffusion's argument checks, its time grid in
+torch's default dtype and its order of scalar products (float32 grids round there, and the
+results must equal k-diffusion's), the noise draws in its order, callbacks and the loops.
 """
-import math
-
 import torch
 from tqdm.auto import tqdm, trange
 
@@ -16,9 +18,11 @@ from genflow._checks import check_int, check_real
 from genflow.compat.k_diffusion import glue
 from genflow.compat.k_diffusion.glue import as_state, check_callables, check_sigmas, check_x
 from genflow.compat.k_diffusion.noise import sde_noise_sampler
+from genflow.engine.adaptive import PIDController
 from genflow.ownership import check_input_unchanged, own_output
 from genflow.ops.fused_update import MAX_TERMS, fused_update_unchecked, use_kernel
 from genflow.solvers import get as get_solver
+from genflow.solvers.dpm_coefficients import dpm_weights
 
 __all__ = ["sample_dpm_adaptive", "sample_dpm_fast", "sample_dpmpp_sde"]
 
@@ -117,33 +121,18 @@ def _step_info(x, i, sigmas, den):
 
 # ---------------------------------------------------------------- DPM-Solver (Lu et al. 2022)
 
-class _PIDController:
-    """PID step-size control (Söderlind 2003) with k-diffusion's limiter ``1 + atan(f - 1)``.
+def _phi(h):
+    """``(phi_1, phi_2) = (expm1(h), expm1(h)/h - 1)`` of a noise-prediction DPM-Solver step of
+    length ``h`` (a 0-dim tensor of the grid's dtype): ``dpm_weights`` with unit weights."""
+    _, w0, _, w_heun, _, _ = dpm_weights(h, 1.0, 1.0, 1.0, 1.0, data_prediction=False)
+    return -w0, -w_heun
 
-    ``f = e_n^{b1} e_{n-1}^{b2} e_{n-2}^{b3}`` on inverse errors ``e = 1/(err + eps)``, with
-    ``b1 = (kP + kI + kD)/k``, ``b2 = -(kP + 2 kD)/k``, ``b3 = kD/k``; a step is accepted when the
-    limited factor is ``>= accept_safety``; ``h`` is multiplied by it either way.
-    """
 
-    def __init__(self, h, pcoeff, icoeff, dcoeff, order, accept_safety, eps=1e-8):
-        self.h = h
-        self.b = ((pcoeff + icoeff + dcoeff) / order, -(pcoeff + 2 * dcoeff) / order, dcoeff / order)
-        self.accept_safety, self.eps = accept_safety, eps
-        self.inv_errors = None  # [current, previous accepted, the one before]
-
-    def propose_step(self, error):
-        inv = 1 / (float(error) + self.eps)
-        if self.inv_errors is None:
-            self.inv_errors = [inv, inv, inv]
-        e = self.inv_errors
-        e[0] = inv
-        factor = e[0] ** self.b[0] * e[1] ** self.b[1] * e[2] ** self.b[2]
-        factor = 1 + math.atan(factor - 1)
-        accept = factor >= self.accept_safety
-        if accept:
-            e[1], e[2] = e[0], e[1]
-        self.h *= factor
-        return accept
+def _dpmpp_weights(t, t_next):
+    """``(R, w0)`` of the first-order DPM-Solver++ step ``x' = R x + w0 D`` from ``sigma(t)`` to
+    ``sigma(t_next)`` (``R = sigma'/sigma``, ``w0 = -expm1(t - t_next)``), as 0-dim tensors."""
+    R, w0, *_ = dpm_weights(t_next - t, 1.0, _sigma_of(t), 1.0, _sigma_of(t_next))
+    return R, w0
 
 
 class _DPMSolver:
@@ -175,35 +164,40 @@ class _DPMSolver:
         return parts
 
     def step_1(self, x, t, t_next, cache):
-        """Parts of ``x - sigma' expm1(h) eps``."""
-        h = t_next - t
+        """Parts of ``x - sigma' phi_1(h) eps``."""
         e = self.eps(cache, 'eps', x, t)
-        return self.parts(x, 1.0, [(-(_sigma_of(t_next) * h.expm1()), e)])
+        return self.parts(x, 1.0, [(-(_sigma_of(t_next) * _phi(t_next - t)[0]), e)])
 
     def step_2(self, x, t, t_next, cache, r1=1 / 2):
-        """Parts of ``x - sigma' expm1(h) eps - sigma'/(2 r1) expm1(h) (eps_1 - eps)``."""
+        """Parts of ``x - sigma' phi_1(h) eps - sigma'/(2 r1) phi_1(h) (eps_1 - eps)``, ``eps_1`` at
+        ``s1 = t + r1 h`` from ``u1 = x - sigma(s1) phi_1(r1 h) eps``."""
         h = t_next - t
         e = self.eps(cache, 'eps', x, t)
         s1 = t + r1 * h
-        u1 = self.run.combine(self.parts(x, 1.0, [(-(_sigma_of(s1) * (r1 * h).expm1()), e)]))
+        u1 = self.run.combine(self.parts(x, 1.0, [(-(_sigma_of(s1) * _phi(r1 * h)[0]), e)]))
         e1 = self.eps(cache, 'eps_r1', u1, s1)
-        a = float(_sigma_of(t_next) * h.expm1())
-        b = float(_sigma_of(t_next) / (2 * r1) * h.expm1())
+        phi_1 = _phi(h)[0]
+        a = float(_sigma_of(t_next) * phi_1)
+        b = float(_sigma_of(t_next) / (2 * r1) * phi_1)
         return self.parts(x, 1.0, [(b - a, e), (-b, e1)])
 
     def step_3(self, x, t, t_next, cache, r1=1 / 3, r2=2 / 3):
-        """Parts of ``x - sigma' expm1(h) eps - sigma'/r2 (expm1(h)/h - 1) (eps_2 - eps)``."""
+        """Parts of ``x - sigma' phi_1(h) eps - sigma'/r2 phi_2(h) (eps_2 - eps)``, ``eps_2`` at
+        ``s2 = t + r2 h`` from ``u2 = x - sigma(s2) phi_1(r2 h) eps - sigma(s2) r2/r1 phi_2(r2 h)
+        (eps_1 - eps)`` and ``eps_1`` at ``s1 = t + r1 h`` as in ``step_2``."""
         h = t_next - t
         e = self.eps(cache, 'eps', x, t)
         s1, s2 = t + r1 * h, t + r2 * h
-        u1 = self.run.combine(self.parts(x, 1.0, [(-(_sigma_of(s1) * (r1 * h).expm1()), e)]))
+        u1 = self.run.combine(self.parts(x, 1.0, [(-(_sigma_of(s1) * _phi(r1 * h)[0]), e)]))
         e1 = self.eps(cache, 'eps_r1', u1, s1)
-        a = float(_sigma_of(s2) * (r2 * h).expm1())
-        b = float(_sigma_of(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1))
+        phi_1, phi_2 = _phi(r2 * h)
+        a = float(_sigma_of(s2) * phi_1)
+        b = float(_sigma_of(s2) * (r2 / r1) * phi_2)
         u2 = self.run.combine(self.parts(x, 1.0, [(b - a, e), (-b, e1)]))
         e2 = self.eps(cache, 'eps_r2', u2, s2)
-        a = float(_sigma_of(t_next) * h.expm1())
-        b = float(_sigma_of(t_next) / r2 * (h.expm1() / h - 1))
+        phi_1, phi_2 = _phi(h)
+        a = float(_sigma_of(t_next) * phi_1)
+        b = float(_sigma_of(t_next) / r2 * phi_2)
         return self.parts(x, 1.0, [(b - a, e), (-b, e2)])
 
     def noisy_target(self, s, t, t_end, eta):
@@ -333,15 +327,16 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     forward = bool(t_end > t_start)
     h_init = abs(h_init) * (1 if forward else -1)
     atol_t, rtol_t = torch.tensor(atol_f), torch.tensor(rtol_f)
-    pid = _PIDController(h_init, check_real("pcoeff", pcoeff), check_real("icoeff", icoeff),
-                         check_real("dcoeff", dcoeff), 1.5 if eta else order, accept_safety)
+    pid = PIDController(check_real("pcoeff", pcoeff), check_real("icoeff", icoeff), check_real("dcoeff", dcoeff),
+                        1.5 if eta else order, accept_safety=accept_safety)
+    h = h_init  # a Python float, as k-diffusion's controller keeps it (s + h stays in the grid's dtype)
     info = {'steps': 0, 'nfe': 0, 'n_accept': 0, 'n_reject': 0}
     s, x_prev = t_start, x
     with tqdm(disable=disable) as pbar:
         solver = _DPMSolver(run, pbar)
         while s < t_end - 1e-5 if forward else s > t_end + 1e-5:
             cache = {}
-            t = torch.minimum(t_end, s + pid.h) if forward else torch.maximum(t_end, s + pid.h)
+            t = torch.minimum(t_end, s + h) if forward else torch.maximum(t_end, s + h)
             t_down, sigma_up = solver.noisy_target(s, t, t_end, eta)
             den = solver.eps(cache, 'eps', x, s)[1]
             if order == 2:
@@ -352,7 +347,9 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
                 x_high = run.combine(solver.step_3(x, s, t_down, cache))
             scale = torch.maximum(atol_t, rtol_t * torch.maximum(x_low.abs(), x_prev.abs()))
             error = torch.linalg.norm((x_low - x_high) / scale) / x.numel() ** 0.5
-            if pid.propose_step(error):
+            accept, h_next = pid(error.reshape(1).cpu(), torch.tensor([h], dtype=torch.float64))
+            h = float(h_next)
+            if bool(accept):
                 x_prev = x_low
                 noise = run.draw(noise_sampler, _sigma_of(s), _sigma_of(t))
                 x = run.combine([(1.0, x_high)], noise, float(sigma_up * s_noise))
@@ -363,7 +360,7 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
             info['nfe'] += order
             info['steps'] += 1
             _emit_dpm(callback, {'x': x, 'i': info['steps'] - 1, 't': s, 't_up': s, 'denoised': den,
-                                 'error': error, 'h': pid.h, **info})
+                                 'error': error, 'h': h, **info})
     return (x, info) if return_info else x
 
 
@@ -377,7 +374,8 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
     With ``t = -log sigma``, ``h = t' - t``, ``s = t + r h`` and ancestral targets ``s_``, ``t'_``
     (``sigma_down`` of ``sigma(t) -> sigma(s)`` and ``sigma(t) -> sigma(t')``):
     ``u = (sigma(s_)/sigma) x - expm1(t - s_) D + s_noise su_1 z_1``,
-    ``x' = (sigma(t'_)/sigma) x - expm1(t - t'_) [(1 - 1/(2r)) D + 1/(2r) D(u, sigma(s))] + s_noise su_2 z_2``.
+    ``x' = (sigma(t'_)/sigma) x - expm1(t - t'_) [(1 - 1/(2r)) D + 1/(2r) D(u, sigma(s))] + s_noise su_2 z_2``
+    (the weights ``sigma(.)/sigma`` and ``-expm1(.)`` are ``dpm_weights``' first-order data-prediction ones).
     The default noise is a Brownian tree over the sigmas (``BrownianTreeNoiseSampler``); a step to
     ``sigma = 0`` is Euler. 2 NFE per step. Matches k-diffusion's ``sample_dpmpp_sde``.
     """
@@ -401,12 +399,13 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
         sd, su = _ancestral_step(_sigma_of(t), _sigma_of(s), eta)
         s_ = _t_of(sd)
         noise = run.draw(noise_sampler, _sigma_of(t), _sigma_of(s))
-        u = run.combine([(_sigma_of(s_) / _sigma_of(t), x), (-(t - s_).expm1(), den)], noise, s_noise * float(su))
+        R, w0 = _dpmpp_weights(t, s_)
+        u = run.combine([(R, x), (w0, den)], noise, s_noise * float(su))
         den2 = run.denoise(u, _sigma_of(s))
         sd, su = _ancestral_step(_sigma_of(t), _sigma_of(t_next), eta)
         t_next_ = _t_of(sd)
-        c = -float((t - t_next_).expm1())
+        R, w0 = _dpmpp_weights(t, t_next_)
+        c = float(w0)
         noise = run.draw(noise_sampler, _sigma_of(t), _sigma_of(t_next))
-        x = run.combine([(_sigma_of(t_next_) / _sigma_of(t), x), (c * (1 - fac), den), (c * fac, den2)],
-                        noise, s_noise * float(su))
+        x = run.combine([(R, x), (c * (1 - fac), den), (c * fac, den2)], noise, s_noise * float(su))
     return x
