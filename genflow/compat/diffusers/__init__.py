@@ -39,3 +39,6 @@ __all__ += ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
 from .inverse import DDIMInverseScheduler, DPMSolverMultistepInverseScheduler
 
 __all__ += ["DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler"]
+from .flow_heun import FlowMatchHeunDiscreteScheduler
+
+__all__ += ["FlowMatchHeunDiscreteScheduler"]
