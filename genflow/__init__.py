@@ -12,10 +12,11 @@ from genflow._extension import HAS_EXTENSION, warn_missing_once
 from genflow.cnf import CNFNet, cnf_log_likelihood, train_cnf
 from genflow.engine import ODE, SDE, Solution, solve
 from genflow.errors import NonFiniteError
+from genflow.guidance import guided
 from genflow.kernel_flows import mmd_flow, svgd
 from genflow.likelihood import bits_per_dim, log_likelihood
 from genflow.mixtures import GaussianMixture
-from genflow.models import KINDS, Model, conversion, guided
+from genflow.models import KINDS, Model, conversion
 from genflow.ops import kernel_weighted_mean
 from genflow.processes import EDM, VE, VP, CosineVP, DiscreteVP, LinearPath, Process, SubVP
 from genflow.sample import sample

@@ -6,6 +6,7 @@ unconditional model, or the bad model), into one ``genflow.Model`` of ``cond``'s
 kind. Solvers call it like any model, so guidance needs no per-sampler code:
 
     cfg          u + w (c - u)                                  Ho & Salimans 2022
+                 (``guided``: one network, two conditionings)
     rescaled     phi g std(c)/std(g) + (1 - phi) g, g = cfg       Lin et al. 2024, eqs. 15-16
     apg          c + (w - 1)(d_perp + eta d_par), d = c - u      Sadat et al. 2024
                  (momentum, norm threshold, projection onto c)
@@ -34,7 +35,8 @@ import torch
 from genflow._checks import check_int, check_real
 from genflow.models import KINDS, Model, conversion
 
-__all__ = ["GuidedModel", "NoiseLevels", "apg", "autoguidance", "cfg", "cfg_pp", "cfg_zero_star", "rescaled_cfg"]
+__all__ = ["GuidedModel", "NoiseLevels", "apg", "autoguidance", "cfg", "cfg_pp", "cfg_zero_star", "guided",
+           "rescaled_cfg"]
 
 
 def _column(coef, x: torch.Tensor):
@@ -190,6 +192,24 @@ def cfg(cond: Model, uncond: Model, scale: float, *, interval=None) -> GuidedMod
     Linear at fixed ``x_t``, hence the same guidance in every prediction kind; 2 NFE per model
     call (1 outside ``interval``). ``scale = 1`` is ``cond``, ``scale = 0`` is ``uncond``."""
     return GuidedModel(cond, uncond, _CFG(scale), None, interval)
+
+
+def guided(model: Model, *, cond: Optional[dict] = None, uncond: Optional[dict] = None, scale: float = 1.0) -> Model:
+    """Classifier-free guidance of one network under two conditionings (``gf.guided``): ``cfg``
+    of ``model`` with the keyword arguments ``cond`` and with ``uncond`` for ``net`` (over the
+    model's own defaults), ``u + scale (c - u)`` in the model's own kind (Ho & Salimans 2022).
+    ``scale = 1`` returns the conditional model and ``scale = 0`` the unconditional one (1 NFE);
+    otherwise 2 NFE per call."""
+    _check_model("model", model)
+    scale = _scale(scale)
+    branches = []
+    for extra in (cond, uncond):
+        branch = Model(model.net, model.process, model.prediction, time=model.time)
+        branch.cond = {**model.cond, **dict(extra or {})}
+        branches.append(branch)
+    if scale in (0.0, 1.0):
+        return branches[0] if scale == 1.0 else branches[1]
+    return cfg(branches[0], branches[1], scale)
 
 
 def autoguidance(good: Model, weak: Model, scale: float, *, interval=None) -> GuidedModel:

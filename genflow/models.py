@@ -12,13 +12,12 @@ so converting a network output ``out`` of kind ``src`` to kind ``dst`` is ``a * 
 with scalars ``(a, b) = conversion(src, dst, ...)``. Solvers fold these scalars into their
 step coefficients instead of materialising converted tensors.
 """
-import math
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import torch
 from genflow._checks import did_you_mean
 
-__all__ = ["KINDS", "Model", "basis", "conversion", "guided"]
+__all__ = ["KINDS", "Model", "basis", "conversion"]
 
 KINDS = ("eps", "x0", "score", "v", "velocity")
 
@@ -177,39 +176,3 @@ class Model:
     def velocity(self, x, t, **cond):
         """Predicted probability-flow velocity ``alpha' x0 + sigma' eps``."""
         return self.predict(x, t, "velocity", **cond)
-
-
-class _GuidedNet:
-    """``uncond + scale * (cond - uncond)`` of two evaluations of one network."""
-
-    def __init__(self, model: Model, cond: dict, uncond: dict, scale: float):
-        self.model, self.cond, self.uncond, self.scale = model, cond, uncond, scale
-
-    def __call__(self, x, t, **extra):
-        net = self.model.net
-        base = self.model.cond
-        if self.scale == 1.0:
-            return net(x, t, **{**base, **self.cond, **extra})
-        if self.scale == 0.0:
-            return net(x, t, **{**base, **self.uncond, **extra})
-        out_c = net(x, t, **{**base, **self.cond, **extra})
-        out_u = net(x, t, **{**base, **self.uncond, **extra})
-        return torch.lerp(out_u, out_c, self.scale)
-
-
-def guided(model: Model, *, cond: Optional[dict] = None, uncond: Optional[dict] = None,
-           scale: float = 1.0) -> Model:
-    """Classifier-free guidance (Ho & Salimans 2022) as a model combinator.
-
-    The guided prediction is ``uncond + scale * (cond - uncond)`` in the model's own kind;
-    because every kind is linear in ``(x0, eps)`` at fixed ``x_t``, this is the same guidance
-    in every kind. ``cond``/``uncond`` are keyword arguments for ``net``. The one-network
-    shorthand of ``genflow.guidance.cfg``, which with the other guidance operators there
-    (rescaled CFG, APG, CFG-Zero*, AutoGuidance, CFG++, guidance intervals) takes two models.
-    """
-    if not isinstance(model, Model):
-        raise TypeError(f"model must be a genflow.Model, got {type(model).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    net = _GuidedNet(model, dict(cond or {}), dict(uncond or {}), float(scale))
-    return Model(net, model.process, model.prediction, time=model.time)

@@ -22,7 +22,8 @@ from genflow._checks import check_choice, check_int, check_real, did_you_mean
 from genflow.engine.solve import solve
 from genflow.engine.terms import SDE
 from genflow.likelihood import log_likelihood as _log_likelihood
-from genflow.models import Model, guided
+from genflow.guidance import guided
+from genflow.models import Model
 from genflow.noise import generator_seed
 from genflow.ops import randn
 from genflow.sample import sample as _sample
