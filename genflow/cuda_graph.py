@@ -91,7 +91,7 @@ def _model_key(model) -> tuple:
     its conditioning tensors (by identity: the graph reads their memory)."""
     cond = getattr(model, "cond", None) or {}
     return (_Same(model), _Same(getattr(model, "net", None)), value_key(getattr(model, "process", None)),
-            getattr(model, "prediction", None), _Same(getattr(model, "time", None)),
+            getattr(model, "prediction", None), value_key(getattr(model, "time", None)),
             tuple(sorted((name, _Same(value)) for name, value in cond.items())))
 
 
