@@ -21,13 +21,14 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from genflow._cache import LRU
 from genflow.ops.fused_update import check_coef, fused_update_packed, fused_update_unchecked, host_tensor, use_kernel
 
 __all__ = [
     "SchedulerOutput", "Config", "Scheduler", "betas_for", "alphas_cumprod_for", "fused",
     "randn_like_diffusers", "check_prediction_type", "check_choice",
     "x0_eps_coefficients", "spaced_timesteps", "check_steps", "TIMESTEP_SPACINGS", "grid_plans", "pack",
-    "fused_planned",
+    "fused_planned", "cached_schedule",
 ]
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -449,9 +450,7 @@ def fused(x: torch.Tensor, terms: Sequence[torch.Tensor], coefs: Sequence, noise
         noise = _like(noise, x, "noise")
     values.append(noise_scale)
     device = x.device
-    kernel = _KERNEL.get(device)
-    if kernel is None:
-        kernel = _KERNEL[device] = use_kernel("auto", device)
+    kernel = _kernel_for(device)
     if all(type(v) is float for v in values) and not (
             torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in kept))):
         # the common step: host coefficients, no autograd: the out= op alone
@@ -467,6 +466,15 @@ def fused(x: torch.Tensor, terms: Sequence[torch.Tensor], coefs: Sequence, noise
 
 
 _KERNEL = {}  # device -> use_kernel("auto", device)
+_SCHEDULES = LRU(64)  # (scheduler class, config, set_timesteps arguments) -> the schedule's tensors and plans
+
+
+def cached_schedule(scheduler: "Scheduler", arguments: tuple, build):
+    """``build()`` (a tuple: the tensors and step plans ``set_timesteps`` sets) for ``scheduler``'s
+    class and config and these ``set_timesteps`` arguments (hashable values), computed once: a
+    pipeline that calls ``set_timesteps`` for every image rebuilds nothing. Tensors in the result
+    are shared: callers store clones."""
+    return _SCHEDULES.get_or_compute((type(scheduler), scheduler.config.key(), arguments), build)
 _GRID_PLANS = {}  # (scheduler class, config, grid values) -> {step key: packed coefficients}
 
 
@@ -494,21 +502,20 @@ def pack(coefs: Sequence[float]):
 def fused_planned(x: torch.Tensor, terms: Sequence[torch.Tensor], plan) -> torch.Tensor:
     """``fused(x, terms, coefs)`` (a new tensor) with ``plan = pack(coefs)``: the op call alone."""
     kept, coef = plan
-    live, grad = [], False
-    for t, k in zip(terms, kept):
-        if k:
-            if t.dtype is not x.dtype or t.shape != x.shape:
-                t = _like(t, x, "terms")
-            grad = grad or t.requires_grad
-            live.append(t)
-    if (grad or x.requires_grad) and torch.is_grad_enabled():
+    live = [t if t.dtype is x.dtype and t.shape == x.shape else _like(t, x, "terms")
+            for t, k in zip(terms, kept) if k]
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in live)):
         return fused(x, live, coef[:-1].tolist())
-    device = x.device
+    return fused_update_packed(x, live, coef, kernel=_kernel_for(x.device),
+                               out=torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def _kernel_for(device: torch.device) -> bool:
+    """``use_kernel("auto", device)``, remembered per device."""
     kernel = _KERNEL.get(device)
     if kernel is None:
         kernel = _KERNEL[device] = use_kernel("auto", device)
-    return fused_update_packed(x, live, coef, kernel=kernel,
-                               out=torch.empty_like(x, memory_format=torch.contiguous_format))
+    return kernel
 
 
 def _like(t: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -6,7 +6,10 @@ import math
 import numpy as np
 import torch
 
-from ._base import Scheduler, SchedulerOutput, check_choice, fused, fused_planned, grid_plans, pack, randn_like_diffusers
+from genflow._cache import value_key
+
+from ._base import (Scheduler, SchedulerOutput, cached_schedule, check_choice, fused, fused_planned, grid_plans, pack,
+                    randn_like_diffusers)
 from ._sigmas import beta_sigmas, exponential_sigmas, karras_sigmas
 
 __all__ = ["FlowMatchEulerDiscreteScheduler"]
@@ -104,6 +107,22 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
         else:
             num_inference_steps = len(sigmas) if sigmas is not None else len(timesteps)
         self.num_inference_steps = num_inference_steps
+        if sigmas is None and timesteps is None:  # the common call: its schedule is built once
+            arguments = (num_inference_steps, str(device), self._shift, value_key(mu))
+            schedule = cached_schedule(self, arguments, lambda: self._schedule(num_inference_steps, device, None, mu,
+                                                                               None, with_plans=True))
+            timesteps, sigmas, sig, plans = schedule
+            self.timesteps, self.sigmas, self._sig, self._plans = timesteps.clone(), sigmas.clone(), sig, plans
+        else:
+            self.timesteps, sigmas = self._schedule(num_inference_steps, device, sigmas, mu, timesteps)
+            self._set_sigmas(sigmas)
+        self._step_index = None
+        self._begin_index = None
+
+    def _schedule(self, num_inference_steps, device, sigmas, mu, timesteps, with_plans=False) -> tuple:
+        """``(timesteps, sigmas)`` of ``set_timesteps`` (and, ``with_plans``, the sigmas as floats and
+        the grid's step plans)."""
+        cfg = self.config
         given_timesteps = timesteps is not None
         if given_timesteps:
             timesteps = np.array(timesteps).astype(np.float32)
@@ -138,10 +157,10 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
             sigmas = torch.cat([sigmas, torch.ones(1, device=sigmas.device)])
         else:
             sigmas = torch.cat([sigmas, torch.zeros(1, device=sigmas.device)])
-        self.timesteps = timesteps
-        self._set_sigmas(sigmas)
-        self._step_index = None
-        self._begin_index = None
+        if not with_plans:
+            return timesteps, sigmas
+        sig = sigmas.double().tolist()
+        return timesteps, sigmas, sig, grid_plans(self, sig)
 
     def _indices(self, timestep) -> list:
         timestep = torch.as_tensor(timestep).reshape(-1)
