@@ -265,3 +265,37 @@ def test_evaluations_match_the_declared_nfe(solver):
     gf.solve(term_for(cls), torch.ones(2, 3, dtype=torch.float64), 0.0, 1.0, solver=solver, steps=6, generator=0,
              callback=infos.append)
     assert infos[-1]["nfe"] == cls.nfe(6) + (2 if solver == "reversible_heun" else 0)
+
+
+@pytest.mark.parametrize("process", [gf.VP(), gf.VE()], ids=["VP", "VE"])
+def test_sde_adaptive_is_one_engine_for_gf_sample_and_gf_solve(process):
+    """gf.sample's sde_adaptive without churn and gf.solve's sde_adaptive on the same probability-flow
+    ODE (zero diffusion) share the step control: same per-sample steps, the same samples."""
+    model = gf.GaussianMixture.ring().model(process)
+    x_T = process.sigma(process.T) * torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    counts = {}
+
+    def drift(t, y):
+        a, b = model.coefficients("velocity", t.expand(y.shape[0]))
+        return a[:, None] * y + b[:, None] * model.raw(y, t.expand(y.shape[0]))
+
+    term = SDE(drift, lambda t, y: torch.zeros(y.shape[0], dtype=y.dtype), noise="additive")
+    sampled = gf.sample(model, x_T=x_T, solver="sde_adaptive", eta=0.0, t_end=1e-3,
+                        callback=lambda info: counts.update(sample=info["accepted_steps"]))
+    solved = gf.solve(term, x_T, float(process.T), 1e-3, solver="sde_adaptive", generator=0,
+                      callback=lambda info: counts.update(solve=info["accepted_steps"]))
+    assert torch.equal(counts["sample"], counts["solve"])
+    torch.testing.assert_close(sampled, solved, rtol=1e-10, atol=1e-10)
+
+
+def test_gf_sample_sde_adaptive_batch_error_norm():
+    """error_norm="batch" (the shared step control's option) gives every sample one step sequence."""
+    model = gf.GaussianMixture.ring().model(gf.VP())
+    counts = {}
+    for norm in ("sample", "batch"):
+        gf.sample(model, (8, 2), solver="sde_adaptive", generator=list(range(8)), dtype=torch.float64,
+                  error_norm=norm, callback=lambda info, norm=norm: counts.update({norm: info["accepted_steps"]}))
+    assert len(set(counts["batch"].tolist())) == 1
+    assert len(set(counts["sample"].tolist())) > 1
+    with pytest.raises(ValueError, match="error_norm"):
+        gf.sample(model, (2, 2), solver="sde_adaptive", error_norm="global")
