@@ -9,7 +9,6 @@ other tables), and model inputs, ``prev_sample`` and ``pred_original_sample`` eq
 1e-4 relative (float32).
 """
 import copy
-import functools
 import math
 
 import pytest
@@ -41,15 +40,16 @@ def _latents(seed=0):
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-@functools.lru_cache(maxsize=None)
-def _built(name, items):
-    ref = getattr(diffusers(), name)(**dict(items))  # some build a 1000-step grid: slow, so built once
-    return ref, getattr(gf.compat.diffusers, name).from_config(ref.config)
+_BUILT = {}  # (name, config text) -> (diffusers', ours): some build a 1000-step grid (slow), so once
 
 
 def _pair(name, **config):
     """diffusers' ``name`` on ``config`` and ours from its config (fresh copies)."""
-    return copy.deepcopy(_built(name, tuple(sorted(config.items()))))
+    key = (name, repr(sorted(config.items())))
+    if key not in _BUILT:
+        ref = getattr(diffusers(), name)(**config)
+        _BUILT[key] = ref, getattr(gf.compat.diffusers, name).from_config(ref.config)
+    return copy.deepcopy(_BUILT[key])
 
 
 def _loop(scheduler, steps, *, stochastic, set_kwargs=None, **step_kwargs):
@@ -294,3 +294,40 @@ def test_flow_match_heun_churn_scale_noise_and_errors():
     with pytest.raises(ValueError, match="integer"):
         ours.step(_latents(), 3, _latents())
     assert type(ours).from_config(ref.config).config == ours.config
+
+
+# ------------------------------------------------------------------ PNDM, iPNDM
+
+@pytest.mark.parametrize("config", [
+    {},
+    {"skip_prk_steps": True},
+    {"prediction_type": "v_prediction", "set_alpha_to_one": True, "timestep_spacing": "trailing"},
+    {"skip_prk_steps": True, "prediction_type": "v_prediction", "timestep_spacing": "linspace",
+     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    {"steps_offset": 1, "beta_schedule": "squaredcos_cap_v2"},
+])
+@pytest.mark.parametrize("steps", [4, 11, 50])
+def test_pndm_equals_diffusers(config, steps):
+    _compare("PNDMScheduler", config, steps, tables=())
+
+
+def test_pndm_errors_and_config():
+    ref, ours = _pair("PNDMScheduler", skip_prk_steps=True)
+    assert type(ours).from_config(ours.config).config == ours.config
+    ours = gf.compat.diffusers.PNDMScheduler()
+    ours.set_timesteps(10)
+    with pytest.raises(ValueError, match="Runge-Kutta"):
+        ours.step_plms(_latents(), ours.timesteps[0], _latents())
+    with pytest.raises(ValueError, match="prediction_type"):
+        gf.compat.diffusers.PNDMScheduler(prediction_type="sample")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 23])
+def test_ipndm_equals_diffusers(steps):
+    _compare("IPNDMScheduler", {}, steps, tables=("betas", "alphas"))
+
+
+def test_ipndm_trained_betas():
+    n = 6
+    betas = torch.linspace(0.99, 0.0, n + 1).tolist()
+    _compare("IPNDMScheduler", {"trained_betas": betas}, n, tables=("betas", "alphas"))

@@ -42,3 +42,6 @@ __all__ += ["DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler"]
 from .flow_heun import FlowMatchHeunDiscreteScheduler
 
 __all__ += ["FlowMatchHeunDiscreteScheduler"]
+from .pndm import IPNDMScheduler, PNDMScheduler
+
+__all__ += ["PNDMScheduler", "IPNDMScheduler"]
