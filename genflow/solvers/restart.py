@@ -11,7 +11,8 @@ from genflow.solvers.euler import Heun
 
 __all__ = ["Restart", "check_restart_intervals"]
 
-# Xu et al. (2023), the authors' EDM example (CIFAR-10, 18 main Heun steps): {"0": [3, 2, 0.06, 0.30]}
+# Xu et al. (2023): the example restart_info of the authors' EDM code (with its default of 18 main Heun
+# steps), {"0": [3, 2, 0.06, 0.30]}: N_restart = 3 steps, K = 2 restarts on [0.06, 0.30]
 EDM_RESTART_INTERVALS = ((3, 2, 0.06, 0.30),)
 
 
@@ -41,9 +42,10 @@ class Restart(Heun):
     ``t_max`` and ``N_restart`` Heun steps back on a Karras (``rho = 7``) grid from ``t_max`` to that
     level (never a level 0). The jump is the forward process's exact transition,
     ``x <- (alpha_max/alpha_min) x + alpha_max sqrt(s_max^2 - s_min^2) z`` (``x + sqrt(t_max^2 -
-    t_min^2) z`` under EDM, Algorithm 1's restart forward step). Defaults: the authors' EDM setting
-    ``[(3, 2, 0.06, 0.30)]`` (``restart_intervals``). Intervals outside the solve (``t_max`` above
-    the starting level or ``t_min`` below the final one) are not applied. Order 2 between the
+    t_min^2) z`` under EDM, Algorithm 1's restart forward step). Default ``restart_intervals``: the
+    authors' EDM example ``[(3, 2, 0.06, 0.30)]`` (for 18 main steps; their Tables 3 and 5 list
+    more). Intervals outside the solve (``t_max`` above the starting level or ``t_min`` below the
+    final one) are not applied. Order 2 between the
     restarts; ``2 steps + sum_i 2 K_i N_restart,i`` NFE (at most). One time grid for the batch.
     """
 
@@ -70,7 +72,8 @@ class Restart(Heun):
             sub = table(self.process, time_grid(self.process, n, "karras", t_top, float(ts[end]))).copy()
             low, top = self.grid[end], sub[0]
             sub[-1] = low  # the level reached by the main step, exactly
-            jump = (top.alpha / low.alpha, top.alpha * sqrt((top.sigma / top.alpha) ** 2 - (low.sigma / low.alpha) ** 2))
+            spread = (top.sigma / top.alpha) ** 2 - (low.sigma / low.alpha) ** 2
+            jump = (top.alpha / low.alpha, top.alpha * sqrt(spread))
             self.restarts.setdefault(end - 1, []).append((k, jump, sub))
 
     @classmethod
