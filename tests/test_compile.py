@@ -32,10 +32,9 @@ def _run(name, step_fn_factory, seed):
 
 # Steps whose per-step host math does not trace yet (dynamo makes the step index dynamic after two
 # steps): the second version's er_sde, pndm, sa_solver and seeds read grid values through
-# data-dependent branches or hash off-grid times; midpoint and rk4, now run by the Butcher-tableau
-# engine, build their coefficient rows with NumPy. Strict xfails, so making one traceable turns
+# data-dependent branches or hash off-grid times. Strict xfails, so making one traceable turns
 # its entry into a failure.
-NOT_TRACEABLE_YET = {"er_sde", "midpoint", "pndm", "rk4", "sa_solver", "seeds_2", "seeds_3"}
+NOT_TRACEABLE_YET = {"er_sde", "pndm", "sa_solver", "seeds_2", "seeds_3"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="step not traceable yet"))

@@ -22,55 +22,56 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from genflow.engine.tableau import ButcherTableau, hermite_dense
-from genflow.ops.fused_update import MAX_TERMS, fused_update_packed, fused_update_unchecked
+from genflow.engine.dense import dense_polynomial, stage_weights
+from genflow.engine.tableau import ButcherTableau
+from genflow.ops.fused_update import MAX_TERMS, fused_update_packed, fused_update_unchecked, host_tensor
 
 __all__ = ["RungeKutta"]
 
 
 class _Combination:
     """The chunks of one linear combination ``c0 y + sum_j w_j k_j`` in a packed coefficient
-    matrix: ``chunks`` is a list of ``(refs, row)`` with ``refs`` the terms (``("T", j)`` or
+    vector: ``chunks`` is a list of ``(refs, row)`` with ``refs`` the terms (``("T", j)`` or
     ``("Y", j)``, at most ``MAX_TERMS``) and ``row`` the first of its ``len(refs) + 2`` rows.
-    ``weights`` holds one weight vector per variant (tableaux sharing the slots); ``m_t``,
-    ``m_y`` are ``[variants, rows, stages]``."""
+    ``weights`` holds one weight vector per variant (tableaux sharing the slots). Every row holds
+    at most one stage coefficient, so a row's value is ``base + weight * src[source]`` with
+    ``src = [h beta_0 .. h beta_{s-1}, h alpha_0 .. h alpha_{s-1}]``: ``base`` and ``source``
+    per row, ``weight`` per variant and row (plain Python numbers: traceable by torch.compile)."""
 
     def __init__(self, weights, c0: float, linear: bool, first_row: int, stages: int):
-        weights = np.asarray(weights, dtype=np.float64).reshape(-1, stages)
-        used = (weights != 0.0).any(0)
+        weights = [tuple(float(x) for x in w) for w in weights]
+        used = [any(w[j] != 0.0 for w in weights) for j in range(stages)]
         slots = [("T", j) for j in range(stages) if used[j]]
         if linear:
             slots += [("Y", j) for j in range(1, stages) if used[j]]
-        self.chunks, base, m_t, m_y = [], [], [], []
-        zero = np.zeros_like(weights)
+        none = tuple(0.0 for _ in weights)
+        self.chunks, self.base, self.source, rows = [], [], [], []
         row = first_row
         for s in range(0, max(len(slots), 1), MAX_TERMS):
             part = slots[s:s + MAX_TERMS]
             self.chunks.append((tuple(part), row))
-            base.append(c0 if s == 0 else 1.0)
-            m_t.append(zero)
-            y_row = zero.copy()
-            if s == 0 and linear:
-                y_row[:, 0] = weights[:, 0]  # y is Y_0: its alpha term joins c0
-            m_y.append(y_row)
+            self.base.append(c0 if s == 0 else 1.0)
+            y_term = s == 0 and linear  # y is Y_0: its alpha term joins c0
+            self.source.append(stages if y_term else 0)
+            rows.append(tuple(w[0] for w in weights) if y_term else none)
             for kind, j in part:
-                row_w = zero.copy()
-                row_w[:, j] = weights[:, j]
-                base.append(0.0)
-                m_t.append(row_w if kind == "T" else zero)
-                m_y.append(row_w if kind == "Y" else zero)
-            base.append(0.0)  # the noise scale
-            m_t.append(zero)
-            m_y.append(zero)
+                self.base.append(0.0)
+                self.source.append(j if kind == "T" else stages + j)
+                rows.append(tuple(w[j] for w in weights))
+            self.base.append(0.0)  # the noise scale
+            self.source.append(0)
+            rows.append(none)
             row += len(part) + 2
         self.rows = row - first_row
-        self.base, self.m_t, self.m_y = np.array(base), np.stack(m_t, 1), np.stack(m_y, 1)
+        self.weight = [tuple(r[v] for r in rows) for v in range(len(weights))]
 
 
 class _Plan:
     """Every static combination of a tableau (stages 1..s-1, the new state unless FSAL, the
-    error estimates) stacked into one coefficient matrix; ``variants`` are tableaux with the
-    same stage count and FSAL flag whose weights a step may pick per sample."""
+    error estimates) stacked into one coefficient vector; ``variants`` are tableaux with the
+    same stage count and FSAL flag whose weights a step may pick per sample. ``slope``: the
+    weights of a plain ODE's rows (``alpha = 0``, ``beta = 1``: ``pack = base + slope h``);
+    ``*_t``: the same as host tensors for per-sample steps."""
 
     def __init__(self, variants, linear: bool):
         first = variants[0]
@@ -90,24 +91,28 @@ class _Plan:
             self.combos[name] = combo
             row += combo.rows
         parts = list(self.combos.values())
-        self.base = np.concatenate([c.base for c in parts])
-        self.m_t = np.concatenate([c.m_t for c in parts], 1)
-        self.m_y = np.concatenate([c.m_y for c in parts], 1)
-        self.slope = self.m_t.sum(2)  # beta = 1, alpha = 0: pack = base + slope h
-        self.c = np.array([v.c for v in variants])
-        # every row holds at most one stage coefficient: pack = base + weight * [h beta; h alpha][source]
-        stacked = np.concatenate([self.m_t, self.m_y], 2)  # [variants, rows, 2 s]
-        self.source = np.abs(stacked).sum(0).argmax(1)
-        self.weight = np.take_along_axis(stacked, self.source[None, :, None], 2)[..., 0]
-        self.source_t = torch.from_numpy(self.source)
+        self.base = [b for c in parts for b in c.base]
+        self.source = [j for c in parts for j in c.source]
+        self.weight = [tuple(w for c in parts for w in c.weight[v]) for v in range(len(variants))]
+        self.slope = [tuple(w if j < s else 0.0 for w, j in zip(weights, self.source)) for weights in self.weight]
+        self.c = [tuple(v.c) for v in variants]
+        self.base_t = torch.tensor(self.base, dtype=torch.float64)[:, None]
+        self.source_t = torch.tensor(self.source, dtype=torch.int64)
+        self.weight_t = torch.tensor(self.weight, dtype=torch.float64)[:, :, None]
+        self.slope_t = torch.tensor(self.slope, dtype=torch.float64)[:, :, None]
+        self.c_t = torch.tensor(self.c, dtype=torch.float64)[:, :, None]
 
 
 def _as_host(values, times):
-    """Stage coefficients as float64 numpy [s] (shared step) or a host tensor [s, B], the shape
-    of the stage ``times`` (a float broadcasts)."""
+    """Stage coefficients as a list of floats (shared step: ``times`` a list) or a host tensor
+    [s, B] (per sample: ``times`` a tensor); a number broadcasts."""
     if isinstance(times, torch.Tensor):
         return torch.as_tensor(values, dtype=torch.float64).expand(times.shape)
-    return np.broadcast_to(np.asarray(values, dtype=np.float64), np.shape(times))
+    if isinstance(values, (int, float)):
+        return [float(values)] * len(times)
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        values = values.tolist()
+    return [float(v) for v in values]
 
 
 class RungeKutta:
@@ -144,18 +149,20 @@ class RungeKutta:
         self.terms = self.states = self.pack = None
         self.alpha = self.beta = self.h_alpha = self.h_beta = None
         self._dense = None
+        self._t = self._h = self._extended = None  # the last step's time and size, its extra dense stages
 
     def times(self, t, h, use_alternative=False):
-        """Stage times ``t + c_i h``: numpy [s] for a shared step, a host tensor [s, B] per sample
-        (``use_alternative``: False, True, or a bool [B] host mask of the samples on the alternative)."""
-        c = self.plan.c
+        """Stage times ``t + c_i h``: a list of s floats for a shared step, a host tensor [s, B]
+        per sample (``use_alternative``: False, True, or a bool [B] host mask of the samples on
+        the alternative)."""
+        c = self.plan.c_t
         if isinstance(use_alternative, torch.Tensor):
-            c = torch.where(use_alternative[None, :], torch.from_numpy(c[-1])[:, None], torch.from_numpy(c[0])[:, None])
+            c = torch.where(use_alternative[None, :], c[-1], c[0])
             return t[None, :] + c * h[None, :]
-        c = c[-1] if use_alternative else c[0]
+        v = -1 if use_alternative else 0
         if isinstance(h, torch.Tensor):
-            return t[None, :] + torch.from_numpy(c)[:, None] * h[None, :]
-        return t + c * h
+            return t[None, :] + c[v] * h[None, :]
+        return [t + ci * h for ci in self.plan.c[v]]
 
     def _buffer(self, like, busy):
         for buf in self.pool:
@@ -167,9 +174,10 @@ class RungeKutta:
         return buf
 
     def _coefficients(self, plan, h, device, use_alternative=False):
-        """``base + M_T (h beta) + M_Y (h alpha)`` (rows x B), on the device when per-sample
-        (the variant picked by ``use_alternative``); each row has one stage coefficient, so this
-        is a gather: ``base + weight * [h beta; h alpha][source]``."""
+        """The packed coefficients of every combination of the step, ``base + weight * [h beta;
+        h alpha][source]`` (``_Combination``): a float64 CPU [rows] for a shared step (Python
+        arithmetic: traceable), [rows, B] per sample (on the device; the variant picked by
+        ``use_alternative``)."""
         if isinstance(use_alternative, torch.Tensor):
             first = self._coefficients(plan, h, torch.device("cpu"), False).clone()  # the buffer is reused
             second = self._coefficients(plan, h, torch.device("cpu"), True)
@@ -178,22 +186,23 @@ class RungeKutta:
         v = -1 if use_alternative else 0
         if not isinstance(h, torch.Tensor):
             if self.linear:
-                pack = plan.base + plan.weight[v] * np.concatenate([self.h_beta, self.h_alpha])[plan.source]
+                src = self.h_beta + self.h_alpha
+                pack = [b + w * src[j] for b, w, j in zip(plan.base, plan.weight[v], plan.source)]
             else:
-                pack = plan.base + plan.slope[v] * h
-            return torch.from_numpy(np.ascontiguousarray(pack))
+                pack = [b + w * h for b, w in zip(plan.base, plan.slope[v])]
+            return host_tensor(pack, torch.float64, "d")
         # per sample: [rows, B] float64, written into a buffer kept for the solve (a fresh one per
         # step costs page faults that outweigh the arithmetic at large B)
-        rows, batch = plan.base.shape[0], h.shape[0]
+        rows, batch = len(plan.base), h.shape[0]
         if self._pack is None or self._pack.shape != (rows, batch):
             self._pack = torch.empty(rows, batch, dtype=torch.float64)
         pack = self._pack
         if self.linear:
             torch.index_select(torch.cat([self.h_beta, self.h_alpha]), 0, plan.source_t, out=pack)
-            pack.mul_(torch.from_numpy(plan.weight[v])[:, None])
+            pack.mul_(plan.weight_t[v])
         else:
-            torch.mul(torch.from_numpy(plan.slope[v])[:, None], h[None, :], out=pack)
-        pack.add_(torch.from_numpy(plan.base)[:, None])
+            torch.mul(plan.slope_t[v], h[None, :], out=pack)
+        pack.add_(plan.base_t)
         if device.type != "cpu":
             return pack.pin_memory().to(device, non_blocking=True)
         return pack
@@ -207,16 +216,17 @@ class RungeKutta:
         engine has no ``view`` to compute them. ``use_alternative``: run the alternative
         tableau (True) or, per sample, where a bool [B] host mask is True."""
         tab = self.tableau
+        self._t, self._h, self._extended = t, h, None
         times = self.times(t, h, use_alternative)
         if self.linear:
             if alpha is None:
                 alpha, beta = self.view(times)
             self.alpha, self.beta = _as_host(alpha, times), _as_host(beta, times)
-            self.h_alpha, self.h_beta = self.alpha * h, self.beta * h
-        plan = self.plan
-        self.pack = self._coefficients(plan, h, y.device, use_alternative)
-        if not isinstance(h, torch.Tensor):
-            times = times.tolist()
+            if isinstance(h, torch.Tensor):
+                self.h_alpha, self.h_beta = self.alpha * h, self.beta * h
+            else:
+                self.h_alpha, self.h_beta = [a * h for a in self.alpha], [b * h for b in self.beta]
+        self.pack = self._coefficients(self.plan, h, y.device, use_alternative)
         self.states = [y]
         self.terms = [first if first is not None else self.evaluate(y, times[0])]
         for i in range(1, tab.stages):
@@ -234,8 +244,9 @@ class RungeKutta:
 
     def record(self) -> tuple:
         """What ``dense`` needs of the last step, to interpolate in it later: ``(states, terms,
-        alpha, beta)`` (the caller clones the tensors if the engine's buffers move on)."""
-        return self.states, self.terms, self.alpha, self.beta
+        alpha, beta)`` with the extra dense-output stages evaluated (the caller clones the tensors
+        if the engine's buffers move on)."""
+        return self._extend()
 
     def combine(self, name, *, out: Optional[torch.Tensor] = None, combo=None, pack=None,
                 step: Optional[tuple] = None) -> torch.Tensor:
@@ -262,35 +273,72 @@ class RungeKutta:
                                              nonfinite=self.nonfinite, step=self.step_index)
         return result
 
+    def _gather(self, combo: _Combination, src_t, src_y, device):
+        """The pack ``base + weight * [src_t; src_y][source]`` of one combination: ``src_t``,
+        ``src_y`` the per-stage multipliers of the stage outputs and states (lists of floats, or
+        float64 host tensors [n, B] per sample, then moved to ``device``)."""
+        if isinstance(src_t, torch.Tensor):
+            src = torch.cat([src_t, src_y])
+            pack = torch.tensor(combo.base, dtype=torch.float64)[:, None] + torch.tensor(
+                combo.weight[0], dtype=torch.float64)[:, None] * src[torch.tensor(combo.source)]
+            return pack.to(device).contiguous()
+        src = list(src_t) + list(src_y)
+        return host_tensor([b + w * src[j] for b, w, j in zip(combo.base, combo.weight[0], combo.source)],
+                           torch.float64, "d")
+
+    def _multipliers(self, w, alpha, beta):
+        """``(w beta, w alpha)`` per stage (``beta = 1``, ``alpha = 0`` without a linear view)."""
+        if isinstance(w, torch.Tensor):
+            if not self.linear:
+                return w, torch.zeros_like(w)
+            return w * beta[:w.shape[0]], w * alpha[:w.shape[0]]
+        if not self.linear:
+            return w, [0.0] * len(w)
+        return [x * b for x, b in zip(w, beta)], [x * a for x, a in zip(w, alpha)]
+
+    def _extend(self) -> tuple:
+        """The last step's stages with the tableau's extra dense-output stages appended
+        (``Y_e = y + h sum_j a_ej k_j``, ``T_e = f(Y_e, t + c_e h)``, evaluated once per step):
+        ``(states, terms, alpha, beta)``; ``terms[-1]`` of the engine stays the step's last stage."""
+        extra = self.tableau.dense_stages
+        if extra is None:
+            return self.states, self.terms, self.alpha, self.beta
+        if self._extended is not None:
+            return self._extended
+        if self.linear and self.view is None:
+            raise ValueError(f"the dense output of {self.tableau.name!r} evaluates extra stages: it needs the "
+                             f"engine's view to compute their coefficients")
+        t, h, y = self._t, self._h, self.states[0]
+        states, terms, alpha, beta = list(self.states), list(self.terms), self.alpha, self.beta
+        for c, row in zip(*extra):
+            n = len(row)
+            time = t + c * h
+            if self.linear:
+                a, b = self.view(time[None, :] if isinstance(h, torch.Tensor) else [time])
+                a, b = _as_host(a, time[None, :] if isinstance(h, torch.Tensor) else [time]), \
+                    _as_host(b, time[None, :] if isinstance(h, torch.Tensor) else [time])
+                alpha = torch.cat([alpha, a]) if isinstance(a, torch.Tensor) else alpha + a
+                beta = torch.cat([beta, b]) if isinstance(b, torch.Tensor) else beta + b
+            combo = _Combination([row], 1.0, self.linear, 0, n)
+            steps = h[None, :].expand(n, -1) if isinstance(h, torch.Tensor) else [h] * n  # a_ej is in the combo
+            pack = self._gather(combo, *self._multipliers(steps, alpha, beta), y.device)
+            state = self.combine(None, combo=combo, pack=pack, step=(states, terms))
+            states.append(state)
+            terms.append(self.evaluate(state, time))
+        self._extended = (states, terms, alpha, beta)
+        return self._extended
+
     def dense(self, theta, h, *, out: Optional[torch.Tensor] = None, step: Optional[tuple] = None) -> torch.Tensor:
         """``y(t + theta h)`` inside the last step (or ``step``, a ``record()``; ``theta`` a float
-        or float64 [B] host tensor in [0, 1]) from the method's continuous extension or the
-        Hermite interpolant (Hairer et al. I, §II.6)."""
-        step = self.record() if step is None else step
+        or float64 [B] host tensor in [0, 1]) from the method's continuous extension
+        (``genflow.engine.dense``; the extra stages it needs are evaluated once per step)."""
+        step = self._extend() if step is None else step
+        states, terms, alpha, beta = step
         if self._dense is None:
-            weights = hermite_dense(self.tableau)
-            used = [1.0 if any(w != 0.0 for w in row) else 0.0 for row in weights]
-            self._dense = (np.array(weights), _Combination(used, 1.0, self.linear, 0, self.tableau.stages))
+            poly = dense_polynomial(self.tableau)
+            used = [1.0 if any(w != 0.0 for w in row) else 0.0 for row in poly]
+            self._dense = (poly, _Combination([used], 1.0, self.linear, 0, len(poly)))
         poly, combo = self._dense
-        per_sample = isinstance(h, torch.Tensor)
-        powers = np.arange(1, poly.shape[1] + 1)
-        if per_sample:
-            theta = torch.as_tensor(theta, dtype=torch.float64).expand_as(h)
-            w = torch.from_numpy(poly) @ (theta[None, :] ** torch.from_numpy(powers)[:, None].double())
-            w = w * h[None, :]
-        else:
-            w = poly @ (float(theta) ** powers) * h
-        h_beta = step[3] if self.linear else 1.0
-        h_alpha = step[2] if self.linear else 0.0
-        if per_sample:
-            beta_w = w * h_beta
-            pack = torch.from_numpy(combo.base)[:, None] + torch.from_numpy(combo.m_t[0]) @ beta_w
-            if self.linear:
-                pack = pack + torch.from_numpy(combo.m_y[0]) @ (w * h_alpha)
-            pack = pack.to(step[0][0].device).contiguous()
-        else:
-            pack = combo.base + combo.m_t[0] @ (w * h_beta)
-            if self.linear:
-                pack = pack + combo.m_y[0] @ (w * h_alpha)
-            pack = torch.from_numpy(np.ascontiguousarray(pack))
+        w = stage_weights(poly, theta, h)
+        pack = self._gather(combo, *self._multipliers(w, alpha, beta), states[0].device)
         return self.combine(None, out=out, combo=combo, pack=pack, step=step)

@@ -9,9 +9,9 @@ embedded pair adds error weights ``e = b - b_hat`` (``err = h sum_i e_i k_i``, t
 a lower-order solution, §II.4); FSAL methods ("first same as last") have a last stage with
 ``c = 1`` and ``a_s = b``, whose derivative ``f(t + h, y')`` is the next step's first stage.
 Dense output writes the solution inside a step as ``y(t + theta h) = y + h sum_i w_i(theta) k_i``
-with ``w_i(theta) = sum_m P_im theta^(m+1)``: the method's own continuous extension where it
-has one (dopri5, bosh3), else the cubic Hermite interpolant of ``y, y', f(t, y), f(t + h, y')``
-written in the same form (§II.6).
+with ``w_i(theta) = sum_m P_im theta^(m+1)`` (§II.6): each embedded pair's own continuous
+extension (bosh3's cubic, dopri5's quartic of Shampine 1986, tsit5's free quartic of Tsitouras
+2011, dop853's seventh-order one with three extra stages), evaluated by ``genflow.engine.dense``.
 
 ``TABLEAUX`` maps the engine's ODE solver names to tableaux; ``gf.solve`` and the diffusion
 Runge–Kutta solvers (``genflow.solvers.runge_kutta``, ``RK45``) run them through one engine
@@ -19,7 +19,7 @@ Runge–Kutta solvers (``genflow.solvers.runge_kutta``, ``RK45``) run them throu
 """
 from typing import NamedTuple, Optional, Tuple
 
-__all__ = ["ButcherTableau", "TABLEAUX", "hermite_dense"]
+__all__ = ["ButcherTableau", "TABLEAUX"]
 
 
 class ButcherTableau(NamedTuple):
@@ -34,8 +34,11 @@ class ButcherTableau(NamedTuple):
         error3 (s floats or None): DOP853's second, third-order error weights (its error norm
             is ``|err5|^2 / sqrt(|err5|^2 + 0.01 |err3|^2)``, Hairer's code).
         fsal: the last stage is ``f(t + h, y')`` (``a[-1] == b``, ``c[-1] == 1``).
-        dense (s rows of m floats or None): ``P`` of the method's own continuous extension.
+        dense (s + e rows of m floats or None): ``P`` of the method's continuous extension
+            (``w_i(theta) = sum_m P_im theta^(m+1)``), over the stages and the ``e`` extra ones.
         peer: the equivalent in torchdiffeq / scipy / diffrax.  reference: the paper.
+        dense_stages (``(c, a)`` or None): the extra stages the dense output evaluates after an
+            accepted step (``c``: e floats; ``a``: e rows over all earlier stages).
     """
 
     name: str
@@ -50,6 +53,7 @@ class ButcherTableau(NamedTuple):
     dense: Optional[Tuple[Tuple[float, ...], ...]] = None
     peer: str = ""
     reference: str = ""
+    dense_stages: Optional[Tuple[Tuple[float, ...], Tuple[Tuple[float, ...], ...]]] = None
 
     @property
     def stages(self) -> int:
@@ -64,26 +68,6 @@ class ButcherTableau(NamedTuple):
     def adaptive(self) -> bool:
         """Whether the method has an embedded error estimate (usable with rtol/atol)."""
         return self.error is not None
-
-
-def hermite_dense(tableau: ButcherTableau) -> Tuple[Tuple[float, ...], ...]:
-    """``P`` (s rows of [theta, theta^2, theta^3] weights) of the cubic Hermite interpolant
-    through ``y, y'`` with slopes ``k_1 = f(t, y)`` and ``k_s = f(t + h, y')`` of an FSAL method:
-    ``y(theta) = (1 - 3 theta^2 + 2 theta^3) y + (3 theta^2 - 2 theta^3) y' + h theta (theta - 1)^2 k_1
-    + h theta^2 (theta - 1) k_s`` with ``y' = y + h sum_i b_i k_i`` (Hairer et al. I, §II.6, eq. 6.7)."""
-    if tableau.dense is not None:
-        return tableau.dense
-    if not tableau.fsal:
-        raise ValueError(f"the Hermite interpolant needs an FSAL method, got {tableau.name!r}")
-    rows = []
-    for i, b in enumerate(tableau.b):
-        w = [0.0, 3.0 * b, -2.0 * b]
-        if i == 0:
-            w = [w[0] + 1.0, w[1] - 2.0, w[2] + 1.0]
-        if i == tableau.stages - 1:
-            w = [w[0], w[1] - 1.0, w[2] + 1.0]
-        rows.append(tuple(w))
-    return tuple(rows)
 
 
 def _lower(rows):
@@ -148,7 +132,17 @@ TSIT5 = ButcherTableau(
     _TSIT5_B,
     error=(0.0017800110522257773, 0.0008164344596567463, -0.007880878010261994, 0.14471100717326298,
            -0.5823571654525552, 0.45808210592918685, -1 / 66),
-    error_order=4, fsal=True, peer="diffrax Tsit5 (OrdinaryDiffEq.jl Tsit5)",
+    error_order=4, fsal=True,
+    # the free quartic interpolant b_i(theta) (Tsitouras 2011, §4; the coefficients of OrdinaryDiffEq.jl's
+    # Tsit5 interpolation and diffrax's _Tsit5Interpolation, expanded in powers of theta)
+    dense=((1.0, -2.763706197274826, 2.9132554618219126, -1.0530884977290216),
+           (0.0, 0.13169999999999998, -0.2234, 0.1017),
+           (0.0, 3.9302962368947516, -5.941033872131505, 2.490627285651253),
+           (0.0, -12.411077166933676, 30.33818863028232, -16.548102889244902),
+           (0.0, 37.50931341651104, -88.1789048947664, 47.37952196281928),
+           (0.0, -27.896526289197286, 65.09189467479366, -34.87065786149661),
+           (0.0, 1.5, -4.0, 2.5)),
+    peer="diffrax Tsit5 (OrdinaryDiffEq.jl Tsit5)",
     reference="Tsitouras 2011, Runge–Kutta pairs of order 5(4) satisfying only the first column simplifying "
               "assumption, Comput. Math. Appl. 62, Table 1")
 _DOP853_A = (
@@ -172,6 +166,53 @@ _DOP853_A = (
     {0: 0.054293734116568765, 5: 4.450312892752409, 6: 1.8915178993145003, 7: -5.801203960010585,
      8: 0.3111643669578199, 9: -0.1521609496625161, 10: 0.20136540080403034, 11: 0.04471061572777259},
 )
+# DOP853's dense output (Hairer, Nørsett & Wanner I, §II.6 and Hairer's code DOP853 / CONTD8):
+# three extra stages (c, a over the 12 stages, the FSAL stage f(t + h, y') and earlier extras) ...
+_DOP853_DENSE_C = (0.1, 0.2, 0.7777777777777778)
+_DOP853_DENSE_A = (
+    {0: 0.056167502283047954, 6: 0.25350021021662483, 7: -0.2462390374708025, 8: -0.12419142326381637,
+     9: 0.15329179827876568, 10: 0.00820105229563469, 11: 0.007567897660545699, 12: -0.008298},
+    {0: 0.03183464816350214, 5: 0.028300909672366776, 6: 0.053541988307438566, 7: -0.05492374857139099,
+     10: -0.00010834732869724932, 11: 0.0003825710908356584, 12: -0.00034046500868740456, 13: 0.1413124436746325},
+    {0: -0.42889630158379194, 5: -4.697621415361164, 6: 7.683421196062599, 7: 4.06898981839711,
+     8: 0.3567271874552811, 12: -0.0013990241651590145, 13: 2.9475147891527724, 14: -9.15095847217987},
+)
+# ... and the rows D of the code's coefficients d_4..d_7 of y(theta) = y + theta (F_0 + (1 - theta) (F_1 + theta
+# (F_2 + (1 - theta) (F_3 + theta (F_4 + (1 - theta) (F_5 + theta F_6)))))) with F_0 = y' - y,
+# F_1 = h k_1 - F_0, F_2 = 2 F_0 - h (k_1 + k_13), F_{3+i} = h sum_j D_ij k_j (scipy's dop853_coefficients.D)
+_DOP853_DENSE_D = (
+    {0: -8.428938276109013, 5: 0.5667149535193777, 6: -3.0689499459498917, 7: 2.38466765651207,
+     8: 2.117034582445028, 9: -0.871391583777973, 10: 2.2404374302607883, 11: 0.6315787787694688,
+     12: -0.08899033645133331, 13: 18.148505520854727, 14: -9.194632392478356, 15: -4.436036387594894},
+    {0: 10.427508642579134, 5: 242.28349177525817, 6: 165.20045171727028, 7: -374.5467547226902,
+     8: -22.113666853125306, 9: 7.733432668472264, 10: -30.674084731089398, 11: -9.332130526430229,
+     12: 15.697238121770845, 13: -31.139403219565178, 14: -9.35292435884448, 15: 35.81684148639408},
+    {0: 19.985053242002433, 5: -387.0373087493518, 6: -189.17813819516758, 7: 527.8081592054236,
+     8: -11.57390253995963, 9: 6.8812326946963, 10: -1.0006050966910838, 11: 0.7777137798053443,
+     12: -2.778205752353508, 13: -60.19669523126412, 14: 84.32040550667716, 15: 11.99229113618279},
+    {0: -25.69393346270375, 5: -154.18974869023643, 6: -231.5293791760455, 7: 357.6391179106141,
+     8: 93.40532418362432, 9: -37.45832313645163, 10: 104.0996495089623, 11: 29.8402934266605,
+     12: -43.53345659001114, 13: 96.32455395918828, 14: -39.17726167561544, 15: -149.72683625798564},
+)
+
+
+def _nested_dense(b: Tuple[float, ...], rows) -> Tuple[Tuple[float, ...], ...]:
+    """``P`` (16 rows of theta^1..theta^7 weights) of DOP853's nested dense-output formula above:
+    each ``F_i`` is ``h sum_j f_ij k_j`` and enters multiplied by the polynomial ``g_i(theta)``
+    (``theta``, ``theta (1 - theta)``, ``theta^2 (1 - theta)``, ...)."""
+    stages = 16
+    b = b + (0.0,) * (stages - len(b))
+    unit = [1.0 if j == 0 else 0.0 for j in range(stages)]
+    last = [1.0 if j == 12 else 0.0 for j in range(stages)]
+    f = [list(b), [u - x for u, x in zip(unit, b)], [2 * x - u - v for x, u, v in zip(b, unit, last)]]
+    f += [[row.get(j, 0.0) for j in range(stages)] for row in rows]
+    g, poly = [0.0, 1.0], []  # g_0 = theta, coefficients of theta^0.., then times (1 - theta) or theta in turn
+    for i in range(len(f)):
+        poly.append(g + [0.0] * (8 - len(g)))
+        g = [a - c for a, c in zip(g + [0.0], [0.0] + g)] if i % 2 == 0 else [0.0] + g
+    return tuple(tuple(sum(f[i][j] * poly[i][m] for i in range(len(f))) for m in range(1, 8)) for j in range(stages))
+
+
 DOP853 = ButcherTableau(
     "dop853", 8,
     (0.0, 0.05260015195876773, 0.0789002279381516, 0.1183503419072274, 0.2816496580927726, 1 / 3, 0.25,
@@ -184,8 +225,10 @@ DOP853 = ButcherTableau(
     error3=_padded({0: -0.18980075407240762, 5: 4.450312892752409, 6: 1.8915178993145003, 7: -5.801203960010585,
                     8: -0.4226823213237919, 9: -0.1521609496625161, 10: 0.20136540080403034,
                     11: 0.02265179219836082}, 13),
-    fsal=True, peer="scipy DOP853, torchdiffeq 'dopri8' (a different 8(7) pair)",
+    fsal=True, dense=_nested_dense(_padded(_DOP853_A[-1], 12), _DOP853_DENSE_D),
+    peer="scipy DOP853, torchdiffeq 'dopri8' (a different 8(7) pair)",
     reference=f"Prince & Dormand 1981, High order embedded Runge–Kutta formulae, J. Comp. Appl. Math. 7; "
-              f"{_HNW}, §II.10 (DOP853, with the 5th/3rd-order error estimate of Hairer's code)")
+              f"{_HNW}, §II.10 (DOP853, with the 5th/3rd-order error estimate and the 7th-order dense output of Hairer's code)",
+    dense_stages=(_DOP853_DENSE_C, tuple(_padded(row, 13 + i) for i, row in enumerate(_DOP853_DENSE_A))))
 
 TABLEAUX = {t.name: t for t in (EULER, MIDPOINT, HEUN, RALSTON, RK4, RK4_38, BOSH3, TSIT5, DOPRI5, DOP853)}

@@ -10,7 +10,8 @@ import torch
 from scipy.integrate import solve_ivp
 
 import genflow as gf
-from genflow.engine.tableau import TABLEAUX, hermite_dense
+from genflow.engine.dense import dense_polynomial
+from genflow.engine.tableau import TABLEAUX
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
@@ -71,9 +72,11 @@ def test_tableau_is_consistent(name):
     if tab.error is not None:
         assert sum(tab.error) == pytest.approx(0.0, abs=1e-14)
         assert tab.fsal
-        dense = np.array(hermite_dense(tab))
-        np.testing.assert_allclose(dense.sum(1), tab.b, atol=1e-12)  # w(1) = b
-        np.testing.assert_allclose(dense[:, 0], np.eye(tab.stages)[0], atol=1e-12)  # w'(0) = e_1
+        dense = np.array(dense_polynomial(tab))
+        extra = 0 if tab.dense_stages is None else len(tab.dense_stages[0])
+        assert dense.shape[0] == tab.stages + extra
+        np.testing.assert_allclose(dense.sum(1), tab.b + (0.0,) * extra, atol=1e-12)  # w(1) = b
+        np.testing.assert_allclose(dense[:, 0], np.eye(tab.stages + extra)[0], atol=1e-12)  # w'(0) = e_1
     if tab.fsal:
         assert tab.c[-1] == 1.0 and tab.b[-1] == 0.0
         np.testing.assert_allclose(tab.a[-1], tab.b[:-1], rtol=0, atol=0)
@@ -143,9 +146,8 @@ def test_dop853_adaptive_agrees_with_scipy():
 @pytest.mark.parametrize("name", ["bosh3", "dopri5", "tsit5", "dop853"])
 def test_dense_output_and_saveat_are_accurate(name):
     times = torch.linspace(0.0, T_END, 23, dtype=torch.float64)
-    # the interpolant's order: 4 for dopri5's own extension, 3 for bosh3's and the cubic Hermite of tsit5
-    # and dop853 (whose large steps make the Hermite error the largest)
-    tol, bound = {"dopri5": (1e-7, 1e-5), "bosh3": (1e-6, 1e-4), "tsit5": (1e-7, 1e-4), "dop853": (1e-7, 3e-3)}[name]
+    # each method's own continuous extension: order 3 (bosh3), 4 (dopri5, tsit5), 7 (dop853)
+    tol, bound = {"dopri5": (1e-7, 1e-5), "bosh3": (1e-6, 1e-4), "tsit5": (1e-7, 1e-5), "dop853": (1e-7, 1e-5)}[name]
     out = gf.solve(gf.ODE(rhs), Y0, 0.0, T_END, solver=name, rtol=tol, atol=tol, saveat=times, dense=True)
     for j, t in enumerate(times.tolist()):
         truth = exact(Y0, t)
@@ -153,3 +155,44 @@ def test_dense_output_and_saveat_are_accurate(name):
         assert torch.equal(out.evaluate(t), out.ys[j]) or (out.evaluate(t) - out.ys[j]).abs().max() <= 1e-12
     assert torch.equal(out.ys[0], Y0)
     assert (out.ys[-1] - out.y).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("name, order, steps", [("bosh3", 3, (0.2, 0.1, 0.05, 0.025)),
+                                                ("dopri5", 4, (0.1, 0.05, 0.025, 0.0125)),
+                                                ("tsit5", 4, (0.1, 0.05, 0.025, 0.0125)),
+                                                ("dop853", 7, (0.8, 0.4, 0.2, 0.1))])
+def test_interpolant_error_inside_one_step_falls_at_its_order(name, order, steps):
+    """One accepted step of size h from the exact state at t0 = 0.3 (tolerances that accept it):
+    the dense output's error at theta = 0.3, 0.5, 0.7 against the closed form is O(h^(order+1))
+    (bosh3's cubic, dopri5's and tsit5's quartic extensions, dop853's seventh-order one)."""
+    errors = []
+    for h in steps:
+        thetas = (0.3, 0.5, 0.7)
+        out = gf.solve(gf.ODE(rhs), exact(Y0, 0.3), 0.3, 0.3 + h, solver=name, rtol=1e3, atol=1e3, h_init=h,
+                       saveat=[0.3 + x * h for x in thetas])
+        assert out.stats["accepted_steps"].tolist() == [1, 1, 1]
+        errors.append(max((out.ys[j] - exact(Y0, 0.3 + x * h)).abs().max().item() for j, x in enumerate(thetas)))
+    slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert abs(slope - (order + 1)) <= 0.5, (name, slope, errors)
+
+
+@pytest.mark.parametrize("name, peer", [("dopri5", "RK45"), ("dop853", "DOP853")])
+def test_dense_output_equals_scipy_inside_the_same_step(name, peer):
+    """The same first step (h_init = scipy's first_step, both accept it): gf.solve's dense output
+    at save times inside it equals scipy's step interpolant (RK45: Shampine's quartic; DOP853:
+    Hairer's seventh-order output with its three extra stages)."""
+    from scipy.integrate import DOP853, RK45
+
+    def scipy_rhs(t, y):
+        return rhs(t, torch.from_numpy(y)[None])[0].numpy()
+
+    for y0 in Y0:
+        stepper = {"RK45": RK45, "DOP853": DOP853}[peer](scipy_rhs, 0.0, y0.numpy(), T_END, rtol=1e-3, atol=1e-3,
+                                                        first_step=0.3)
+        stepper.step()
+        interpolant, h = stepper.dense_output(), stepper.t
+        times = [h * x for x in (0.1, 0.35, 0.5, 0.9, 1.0)]
+        out = gf.solve(gf.ODE(rhs), y0[None], 0.0, h, solver=name, rtol=1e-3, atol=1e-3, h_init=h, saveat=times)
+        assert out.stats["accepted_steps"].tolist() == [1]
+        for j, t in enumerate(times):
+            assert np.abs(out.ys[j, 0].numpy() - interpolant(t)).max() <= 1e-12
