@@ -112,7 +112,8 @@ def test_default_noise_follows_the_global_rng_like_k_diffusion():
     torch.manual_seed(3)
     ours = zoo.sample_seeds_2(denoiser, x, sigmas)
     torch.manual_seed(3)
-    expect = gf.sample(MIXTURE, x_T=x, solver="seeds_2", schedule=sigmas, noise_sampler=lambda a, b: torch.randn_like(x))
+    expect = gf.sample(MIXTURE, x_T=x, solver="seeds_2", schedule=sigmas,
+                       noise_sampler=lambda a, b: torch.randn_like(x))
     torch.testing.assert_close(ours, expect, rtol=1e-12, atol=1e-12)
 
 

@@ -188,7 +188,8 @@ def test_restart_skips_intervals_outside_the_solve_and_is_heun_without_them():
     model, x_T, ts, _ = _edm_problem(10)
     heun = gf.sample(model, x_T=x_T, solver="heun", schedule=ts)
     assert torch.equal(gf.sample(model, x_T=x_T, solver="restart", schedule=ts, restart_intervals=[]), heun)
-    outside = gf.sample(model, x_T=x_T, solver="restart", schedule=ts, restart_intervals=[(2, 2, 1e-4, 0.3), (2, 1, 5.0, 50.0)])
+    outside = gf.sample(model, x_T=x_T, solver="restart", schedule=ts,
+                        restart_intervals=[(2, 2, 1e-4, 0.3), (2, 1, 5.0, 50.0)])
     assert torch.equal(outside, heun)
 
 

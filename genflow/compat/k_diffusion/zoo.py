@@ -51,7 +51,8 @@ def run_native(name, solver, model, x, sigmas, extra_args, callback, disable, *,
     noise = None
     if get_solver(solver).stochastic or options.get("eta"):
         noise_sampler = default_noise(x, extra_args) if noise_sampler is None else noise_sampler
-        draw = noise_sampler if s_noise == 1.0 else (lambda sigma, sigma_next: noise_sampler(sigma, sigma_next) * s_noise)
+        unscaled = noise_sampler
+        draw = unscaled if s_noise == 1.0 else (lambda sigma, sigma_next: unscaled(sigma, sigma_next) * s_noise)
         noise = SuppliedNoise(draw)
     stepper = get_solver(solver)(glue.model_of(denoiser), plan.ts, noise=noise, **options)
     return glue.run(name, stepper, x, plan, sigmas, denoiser, disable)
@@ -133,4 +134,5 @@ def sample_dpmpp_2m_sde_heun(model, x, sigmas, extra_args=None, callback=None, d
                                s_noise=s_noise, noise_sampler=noise_sampler, solver_type=solver_type)
 
 
-__all__ = ["ENTRY_POINTS", "deterministic", "run_native", "stochastic"] + [f"sample_{name}" for name in sorted(ENTRY_POINTS)]
+__all__ = ["ENTRY_POINTS", "deterministic", "run_native", "stochastic"] + [
+    f"sample_{name}" for name in sorted(ENTRY_POINTS)]
