@@ -25,9 +25,10 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["RECENT", "InputMutationError", "OutputAliasError", "OutputOwnership", "check_input_unchanged",
+__all__ = ["FRESH_OUTPUT_ADVICE", "RECENT", "InputMutationError", "OutputAliasError", "OutputOwnership", "check_input_unchanged",
            "own_output", "shares_storage", "storage_id"]
 
+FRESH_OUTPUT_ADVICE = "return a new tensor on every call (e.g. out.clone())"  # where no option copies for you
 RECENT = 4  # outputs a solver holds across later model calls: at most 3 (RK4 stages, 3rd-order history)
 
 
@@ -74,13 +75,18 @@ class OutputOwnership:
     Args:
         reuses_buffers: the model returns memory it reuses on later calls (a static output
             buffer or a pool of them): copy every output.
+        advice: what ``OutputAliasError`` tells the caller to do about a pool of buffers.
+        recent: how many outputs to keep alive: more than the caller holds across later calls
+            (``RECENT`` for the diffusion solvers; a Runge–Kutta tableau's stages plus one).
     """
 
-    def __init__(self, reuses_buffers: bool = False):
+    def __init__(self, reuses_buffers: bool = False,
+                 advice: str = "pass model_reuses_buffers=True to copy every output", recent: int = RECENT):
         self.copy_all = bool(reuses_buffers)
+        self.advice = advice
         self.first: Optional[int] = None  # storage of the first (copied) output
-        self.recent = deque(maxlen=RECENT)  # the last RECENT outputs (the first one included), kept alive
-        self.recent_ids = deque(maxlen=RECENT)
+        self.recent = deque(maxlen=recent)  # the last `recent` outputs (the first one included), kept alive
+        self.recent_ids = deque(maxlen=recent)
 
     def own(self, out: torch.Tensor, x: torch.Tensor, where: Callable[[], str]) -> torch.Tensor:
         """The output a solver may hold: ``out`` itself or a copy (``x``: the evaluated state;
@@ -105,7 +111,7 @@ class OutputOwnership:
                 return out.clone(memory_format=torch.contiguous_format)
             raise OutputAliasError(
                 f"{where()}: the model returned memory of an earlier output (a pool of reused output buffers), "
-                f"which the solver may still hold; pass model_reuses_buffers=True to copy every output")
+                f"which the solver may still hold; {self.advice}")
         if self.first is None:
             self.first = ptr
             self.recent.append(out)
@@ -114,3 +120,12 @@ class OutputOwnership:
         self.recent.append(out)
         self.recent_ids.append(ptr)
         return out
+
+    def call(self, fn: Callable, y: torch.Tensor, *args, where: Callable[[], str]) -> torch.Tensor:
+        """``fn(*args)`` (a call that reads the state ``y``) owned: ``InputMutationError`` when it
+        wrote into ``y``, and its output through ``own``."""
+        version = y._version
+        out = fn(*args)
+        if y._version != version:
+            check_input_unchanged(y, version, where())
+        return self.own(out, y, where) if isinstance(out, torch.Tensor) else out

@@ -21,6 +21,8 @@ import torch
 import genflow as gf
 from genflow.ownership import (InputMutationError, OutputAliasError, OutputOwnership, check_input_unchanged,
                                own_output, shares_storage)
+from genflow.engine.sde import SDE_SOLVERS
+from genflow.engine.tableau import TABLEAUX
 from genflow.solvers import SOLVERS
 
 MIXTURE = gf.GaussianMixture.ring()
@@ -227,3 +229,72 @@ def test_diffusers_schedulers_with_the_sample_as_model_output(name, prediction_t
     """``step(sample, t, sample)``: the model output is the sample tensor itself."""
     assert torch.equal(_diffusers_run(name, lambda x, t: x, prediction_type),
                        _diffusers_run(name, lambda x, t: x.clone(), prediction_type))
+
+
+# -- gf.solve: the engine's ODE tableaux and SDE solvers own their stages the same way --
+
+W = torch.tensor([[0.4, -0.3], [0.2, 0.5]], dtype=torch.float64)
+Y0 = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+def _drift(t, y):
+    return torch.tanh(y @ W) - 0.1 * y
+
+
+def _diffusion(t, y):
+    return 0.3 * torch.cos(y)
+
+
+def _buffered(fn, count=1):
+    """``fn(t, y)`` answering from ``count`` static buffers in turn."""
+    buffers = StaticBuffers(lambda y, t: fn(t, y), count)
+    return lambda t, y: buffers(y, t)
+
+
+def _ode_solve(drift, name):
+    options = {"rtol": 1e-6, "atol": 1e-6} if TABLEAUX[name].adaptive else {"steps": 6}
+    return gf.solve(gf.ODE(drift), Y0, 0.0, 1.0, solver=name, **options)
+
+
+@pytest.mark.parametrize("name", sorted(TABLEAUX))
+def test_gf_solve_ode_with_aliasing_drifts(name):
+    expected = _ode_solve(_drift, name)
+    assert torch.equal(_ode_solve(_buffered(_drift), name), expected)
+    assert torch.equal(_ode_solve(lambda t, y: y, name), _ode_solve(lambda t, y: y.clone(), name))
+    try:
+        assert torch.equal(_ode_solve(_buffered(_drift, count=3), name), expected)
+    except OutputAliasError as error:
+        assert "gf.solve: drift call" in str(error) and "return a new tensor" in str(error)
+
+    def mutating(t, y):
+        y.mul_(1.001)
+        return _drift(t, y)
+
+    with pytest.raises(InputMutationError, match=r"gf.solve: drift call 1: .*modified its input"):
+        _ode_solve(mutating, name)
+
+
+def _sde_solve(drift, diffusion, name):
+    cls = SDE_SOLVERS[name]
+    noise = "diagonal" if "diagonal" in cls.noise_types else "additive"
+    term = gf.SDE(drift, diffusion, noise=noise, sde_type=cls.sde_types[0])
+    options = {"rtol": 1e-2, "atol": 1e-2, "brownian": "brownian_tree"} if cls.adaptive else {"steps": 6}
+    return gf.solve(term, Y0, 0.0, 1.0, solver=name, generator=list(range(5)), **options)
+
+
+@pytest.mark.parametrize("name", sorted(SDE_SOLVERS))
+def test_gf_solve_sde_with_aliasing_drift_and_diffusion(name):
+    additive = SDE_SOLVERS[name].noise_types == ("additive",)
+    diffusion = (lambda t, y: torch.full_like(y, 0.3)) if additive else _diffusion
+    expected = _sde_solve(_drift, diffusion, name)
+    assert torch.equal(_sde_solve(_buffered(_drift), _buffered(diffusion), name), expected)
+    assert torch.equal(_sde_solve(lambda t, y: y, diffusion, name), _sde_solve(lambda t, y: y.clone(), diffusion, name))
+
+    def mutating(t, y):
+        y.mul_(1.001)
+        return diffusion(t, y)
+
+    # milstein differentiates the diffusion at a leaf y that requires grad: torch refuses the write itself
+    message = "in-place operation" if name == "milstein" else rf"solver '{name}', step \d+, diffusion call"
+    with pytest.raises(RuntimeError, match=message):
+        _sde_solve(_drift, mutating, name)

@@ -14,6 +14,7 @@ import torch
 from genflow.engine.brownian import rows
 from genflow.engine.terms import NOISE_TYPES, SDE
 from genflow.ops.fused_update import MAX_TERMS, fused_update_unchecked, use_kernel
+from genflow.ownership import FRESH_OUTPUT_ADVICE, OutputOwnership
 
 __all__ = ["SDESolver", "reciprocal"]
 
@@ -78,6 +79,8 @@ class SDESolver:
         self.ts = ts.detach().to("cpu", torch.float64)
         self.grid = self.ts.tolist() if self.ts.dim() == 1 else list(self.ts)
         self.evaluations = 0
+        # the solver owns its stages: drift and diffusion outputs that share memory are copied (genflow.ownership)
+        self.ownership = {kind: OutputOwnership(advice=FRESH_OUTPUT_ADVICE) for kind in ("drift", "diffusion")}
         self.nonfinite = None  # int32 [1] divergence flag, set by the loop (check_finite)
         self.step_index = 0
         self._kernel = None
@@ -118,9 +121,7 @@ class SDESolver:
     def drift(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``term.drift(t, y)`` (one evaluation), checked against ``y``."""
         self.evaluations += 1
-        out = self.term.drift(t, y)
-        if out is y:  # the steps write into y: keep the drift
-            out = out.clone()
+        out = self.ownership["drift"].call(self.term.drift, y, t, y, where=lambda: self.where("drift"))
         if not isinstance(out, torch.Tensor) or out.shape != y.shape or out.dtype != y.dtype:
             got = f"{out.dtype} {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"drift(t, y) must return a tensor like y ({y.dtype} {list(y.shape)}), got {got}")
@@ -129,8 +130,12 @@ class SDESolver:
     def diffusion(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``term.diffusion(t, y)`` (one evaluation), checked for the noise type."""
         self.evaluations += 1
-        out = self.term.diffusion(t, y)
-        return self.check_diffusion(out.clone() if out is y else out, y)
+        out = self.ownership["diffusion"].call(self.term.diffusion, y, t, y, where=lambda: self.where("diffusion"))
+        return self.check_diffusion(out, y)
+
+    def where(self, call: str) -> str:
+        """Names the current call in error messages: solver, step and evaluation."""
+        return f"gf.solve: solver {self.name!r}, step {self.step_index + 1}, {call} call (evaluation {self.evaluations})"
 
     def check_diffusion(self, g, y: torch.Tensor) -> torch.Tensor:
         """``g`` when its shape fits the noise type: ``y``'s shape (diagonal, additive, scalar; a

@@ -18,6 +18,7 @@ from genflow.engine.loop import NO_STEP, grid_steps, raise_diverged, run
 from genflow.engine.ode import AdaptiveRK, FixedRK
 from genflow.engine.tableau import TABLEAUX
 from genflow.engine.terms import ODE, SDE
+from genflow.ownership import FRESH_OUTPUT_ADVICE, OutputOwnership
 from genflow.ops.fused_update import use_kernel
 
 __all__ = ["Solution", "clear_graphs", "graphed_solve", "solve"]
@@ -25,6 +26,8 @@ __all__ = ["Solution", "clear_graphs", "graphed_solve", "solve"]
 BACKENDS = ("auto", "torch", "cpu", "cuda")
 DRIFT_ADVICE = "the drift at these times (a NaN/Inf output, or a solution that blows up there)"
 ERROR_NORMS = ("sample", "batch")
+# the most drift outputs a Runge–Kutta step holds across later calls: its stages and dense-output stages
+HELD_STAGES = max(t.stages + (len(t.dense_stages[0]) if t.dense_stages else 0) for t in TABLEAUX.values())
 
 
 class Solution(NamedTuple):
@@ -95,8 +98,15 @@ def _grid(ts, steps, t0, t1, batch):
 
 def _drift(term, y0: torch.Tensor, shared: bool):
     """``f(y, t)`` for the engine: the user's ``drift(t, y)`` with ``t`` as a tensor of y's dtype
-    and device (0-d for a shared time, [B] per sample); its first output is checked."""
+    and device (0-d for a shared time, [B] per sample); its first output is checked, and every
+    output owned (``genflow.ownership``: a drift returning ``y``, one static buffer or a pool of
+    them never corrupts the stages; one writing into ``y`` raises ``InputMutationError``)."""
     drift, checked = term.drift, []
+    ownership = OutputOwnership(advice=FRESH_OUTPUT_ADVICE, recent=HELD_STAGES + 1)
+    calls = [0]
+
+    def where():
+        return f"gf.solve: drift call {calls[0]}"
 
     def f(y, t):
         if isinstance(t, torch.Tensor):
@@ -104,7 +114,8 @@ def _drift(term, y0: torch.Tensor, shared: bool):
             t = t.to(device=y.device, dtype=y.dtype)
         else:
             t = torch.scalar_tensor(t, dtype=y.dtype, device=y.device)
-        out = drift(t, y)
+        calls[0] += 1
+        out = ownership.call(drift, y, t, y, where=where)
         if not checked:
             if not isinstance(out, torch.Tensor) or out.shape != y.shape or out.dtype != y.dtype:
                 got = f"{out.dtype} {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
