@@ -331,3 +331,25 @@ def test_ipndm_trained_betas():
     n = 6
     betas = torch.linspace(0.99, 0.0, n + 1).tolist()
     _compare("IPNDMScheduler", {"trained_betas": betas}, n, tables=("betas", "alphas"))
+
+
+# ------------------------------------------------------------------ cosine DPM-Solver (SDE, Brownian tree)
+
+@pytest.mark.parametrize("config", [
+    {},
+    {"solver_type": "heun", "sigma_schedule": "karras"},
+    {"solver_order": 1, "prediction_type": "epsilon", "sigma_data": 0.5},
+    {"euler_at_final": True, "lower_order_final": False, "sigma_max": 80.0},
+])  # final_sigmas_type="sigma_min": diffusers' last noise query is [0.3, 0.3], which torchsde cannot split
+@pytest.mark.parametrize("steps", [1, 6, 16])
+def test_cosine_dpm_solver_equals_diffusers(config, steps):
+    """The same Brownian path (torchsde's tree, seeded by the generator's initial seed) on both sides."""
+    _compare("CosineDPMSolverMultistepScheduler", config, steps, stochastic=True)
+
+
+def test_cosine_dpm_solver_config_and_errors():
+    ref, ours = _pair("CosineDPMSolverMultistepScheduler")
+    assert {k: v for k, v in ours.config.items() if not k.startswith("_")} == {
+        k: v for k, v in ref.config.items() if not k.startswith("_")}
+    with pytest.raises(ValueError, match="solver_order"):
+        gf.compat.diffusers.CosineDPMSolverMultistepScheduler(solver_order=3)

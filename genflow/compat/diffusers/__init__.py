@@ -33,9 +33,9 @@ __all__ += ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniP
 from .kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 
 __all__ += ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]
-from .edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+from .edm import CosineDPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
-__all__ += ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
+__all__ += ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler"]
 from .inverse import DDIMInverseScheduler, DPMSolverMultistepInverseScheduler
 
 __all__ += ["DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler"]

@@ -1,5 +1,5 @@
-"""diffusers' EDM schedulers on genflow's fused update: ``EDMEulerScheduler`` and
-``EDMDPMSolverMultistepScheduler``.
+"""diffusers' EDM schedulers on genflow's fused update: ``EDMEulerScheduler``,
+``EDMDPMSolverMultistepScheduler`` and ``CosineDPMSolverMultistepScheduler``.
 
 Both work in Karras et al.'s (2022) variables: the state ``x = x0 + sigma eps`` (alpha = 1), the
 model preconditioned as in their Table 1 (``c_in``, ``c_noise`` on the way in, ``x0 = c_skip x +
@@ -17,10 +17,13 @@ from genflow.train.objectives import edm_coefficients
 
 from ._base import (Scheduler, SchedulerOutput, check_choice, check_prediction_type, fused, fused_planned, grid_plans,
                     pack, randn_like_diffusers)
+from genflow.compat.k_diffusion.noise import BrownianTreeNoiseSampler
+from genflow.solvers.dpm_coefficients import dpm_multistep_coefficients
+
 from ._sigmas import SigmaScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 
-__all__ = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
+__all__ = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler"]
 
 
 def _edm_sigmas(config, ramp: torch.Tensor) -> torch.Tensor:
@@ -199,11 +202,19 @@ class EDMDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
         if self.config.algorithm_type == "sde-dpmsolver++" and c.solver_order == 3:
             raise ValueError("algorithm_type='sde-dpmsolver++' supports solver_order 1 or 2 (diffusers has no "
                              "third-order SDE update), got solver_order=3")
-        sigmas = _edm_sigmas(c, torch.linspace(0, 1, c.num_train_timesteps))
-        self.timesteps = _c_noise(sigmas)
+        self._training_grid()
+
+    def _training_grid(self) -> None:
+        """The grid of ``num_train_timesteps`` levels diffusers builds at construction."""
+        sigmas = _edm_sigmas(self.config, torch.linspace(0, 1, self.config.num_train_timesteps))
+        self.timesteps = self._noise_input(sigmas)
         self.sigmas = torch.cat([sigmas, torch.zeros(1)])
         self._grid(self.sigmas)
         self._reset()
+
+    @staticmethod
+    def _noise_input(sigmas: torch.Tensor) -> torch.Tensor:
+        return _c_noise(sigmas)
 
     @property
     def init_noise_sigma(self) -> float:
@@ -216,7 +227,7 @@ class EDMDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         self.num_inference_steps = num_inference_steps
         sigmas = _edm_sigmas(self.config, torch.linspace(0, 1, num_inference_steps)).to(torch.float32)
-        self.timesteps = _c_noise(sigmas).to(device)
+        self.timesteps = self._noise_input(sigmas).to(device)
         last = self.config.sigma_min if self.config.final_sigmas_type == "sigma_min" else 0.0
         self.sigmas = torch.cat([sigmas, torch.tensor([last], dtype=torch.float32)])
         self._step_index = None
@@ -245,3 +256,86 @@ class EDMDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
         if plan is None:
             plan = self._plans[key] = pack([_c_in(self.config, self._s[self._step_index])])
         return fused_planned(sample, [], plan)
+
+
+class CosineDPMSolverMultistepScheduler(EDMDPMSolverMultistepScheduler):
+    """SDE-DPM-Solver++ (orders 1-2) on an EDM grid with the "cosine" noise input, diffusers'
+    ``CosineDPMSolverMultistepScheduler`` (Stable Audio Open).
+
+    ``EDMDPMSolverMultistepScheduler``'s ``sde-dpmsolver++`` steps (the native
+    ``dpm_multistep_coefficients``, ``variant="diffusers"``, ``eta = 1``: ``x' = (sigma'/sigma) e^{-h} x
+    + (1 - e^{-2h}) D0 + [correction] + sigma' sqrt(1 - e^{-2h}) z``; Lu et al. 2022b, "DPM-Solver++",
+    section 4) with ``timesteps = 2 atan(sigma) / pi`` and z the increments of one Brownian path over
+    ``[sigma_min, sigma_max]`` (torchsde's Brownian tree seeded with ``generator.initial_seed()`` as
+    diffusers seeds it: ``genflow.compat.k_diffusion.BrownianTreeNoiseSampler``). 1 NFE per step,
+    one fused call (plus one materialising the converted output for the next step).
+    """
+
+    defaults = dict(sigma_min=0.3, sigma_max=500, sigma_data=1.0, sigma_schedule="exponential",
+                    num_train_timesteps=1000, solver_order=2, prediction_type="v_prediction", rho=7.0,
+                    solver_type="midpoint", lower_order_final=True, euler_at_final=False, final_sigmas_type="zero")
+
+    def __init__(self, **kwargs):
+        Scheduler.__init__(self, **kwargs)  # not the VP tables of MultistepScheduler.__init__
+        c = self.config
+        _check_edm_config(c)
+        if c.solver_type in ("logrho", "bh1", "bh2"):
+            self._replace_config(solver_type="midpoint")
+        else:
+            check_choice("solver_type", c.solver_type, ("midpoint", "heun"))
+        if c.solver_order not in (1, 2) or isinstance(c.solver_order, bool):
+            raise ValueError(f"solver_order must be 1 or 2 (diffusers has no third-order step here), got "
+                             f"{c.solver_order!r}")
+        self.noise_sampler = None
+        self._training_grid()
+
+    @staticmethod
+    def _noise_input(sigmas: torch.Tensor) -> torch.Tensor:
+        return sigmas.atan() / math.pi * 2
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """Set the grid as ``EDMDPMSolverMultistepScheduler`` does and forget the Brownian path."""
+        super().set_timesteps(num_inference_steps, device)
+        self.noise_sampler = None
+
+    def _coefficients(self, i: int, order: int):
+        lam = self._lam
+        h_prev = [lam[i - j] - lam[i - j - 1] for j in range(order - 1)]
+        coefs, scale = dpm_multistep_coefficients(
+            lam[i + 1] - lam[i], h_prev, self._alpha[i], self._sigma[i], self._alpha[i + 1], self._sigma[i + 1],
+            data_prediction=True, eta=1.0, solver_type=self.config.solver_type, variant="diffusers")
+        return coefs[0], coefs[1:], scale
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        """One SDE-DPM-Solver++ step from ``timesteps[step_index]`` to the next grid point.
+
+        Args:
+            model_output (Tensor[B, *D]): the network output F on ``scale_model_input(sample)``.
+            timestep (float or 0-dim Tensor): the current entry of ``timesteps``.
+            sample (Tensor[B, *D]): x at ``timestep``.
+            generator (torch.Generator or list, optional): its ``initial_seed()`` seeds the Brownian
+                path on the first step (None: a seed drawn from torch's global RNG, as diffusers).
+            return_dict (bool): SchedulerOutput if True, else ``(prev_sample,)``.
+        """
+        i = self._start_step(timestep)
+        c = self.config
+        order = self._order(i)
+        x = sample if sample.dtype == model_output.dtype else sample.to(model_output.dtype)
+        view = self._view(model_output, x, i, True, False)
+        keep = c.solver_order > 1 and i + 1 < len(self.timesteps)
+        if keep:
+            view = (self._materialise(x, view, i), 0.0, 1.0)
+        self.model_outputs = self.model_outputs[1:] + [view[0] if keep else None]
+        if self.noise_sampler is None:
+            seed = None
+            if generator is not None:
+                seed = [g.initial_seed() for g in generator] if isinstance(generator, list) else generator.initial_seed()
+            self.noise_sampler = BrownianTreeNoiseSampler(model_output, c.sigma_min, c.sigma_max, seed=seed)
+        noise = self.noise_sampler(self.sigmas[i], self.sigmas[i + 1]).to(model_output.device)
+        history = [self.model_outputs[-1 - j] for j in range(1, order)]
+        prev = self._update(("cosine", i, order), x, x, view, history, lambda: self._coefficients(i, order), noise)
+        if self.lower_order_nums < c.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        return self._output(prev, return_dict)
