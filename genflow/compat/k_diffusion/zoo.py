@@ -9,6 +9,8 @@ tqdm bar off. Each runs the native solver of the same name (``gf.solvers``; ``dp
 is ``dpmpp_2m_sde`` with ``solver_type="heun"``) on ``gf.EDM`` with the sigmas as its time grid
 (``glue``), so it equals ``gf.sample`` with that grid and the denoiser as an ``x0`` model. Further
 keyword options go to the native solver (``max_order=3``, ``restart_intervals=...``, ``eta=0.5``).
+The adaptive ``rk45`` and ``sde_adaptive`` choose their own steps, so they have no entry point here
+(k-diffusion's own adaptive sampler is ``sample_dpm_adaptive``).
 
 The stochastic ones take k-diffusion's ``noise_sampler(sigma, sigma_next)`` (called with the
 levels, as floats, that each draw's noise spans: a step's, a stage's or, for ``restart``, a jump's)
