@@ -143,3 +143,11 @@ def test_exported_from_the_package():
 def test_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_every_native_fixed_grid_sampler_has_an_entry_point():
+    """k-diffusion's own samplers (``sample_euler``, ...) are drop-ins; every other fixed-grid native
+    sampler, present or future, has its zoo entry point."""
+    for name, cls in gf.solvers.SOLVERS.items():
+        if not getattr(cls, "adaptive", False):
+            assert callable(getattr(C, f"sample_{name}", None)), f"no k-diffusion-style entry point for {name!r}"
