@@ -353,3 +353,59 @@ def test_cosine_dpm_solver_config_and_errors():
         k: v for k, v in ref.config.items() if not k.startswith("_")}
     with pytest.raises(ValueError, match="solver_order"):
         gf.compat.diffusers.CosineDPMSolverMultistepScheduler(solver_order=3)
+
+
+# ------------------------------------------------------------------ LCM, TCD
+
+def _consistency_loop(scheduler, steps, set_kwargs=None, **step_kwargs):
+    scheduler.set_timesteps(steps, **(set_kwargs or {})) if steps else scheduler.set_timesteps(**set_kwargs)
+    x, gen, outs = _latents(), torch.Generator().manual_seed(5), []
+    for t in scheduler.timesteps:
+        out = scheduler.step(_net(x, t), t, x, generator=gen, **step_kwargs)
+        x = out.prev_sample
+        outs.append(out.to_tuple())
+    return outs
+
+
+CONSISTENCY_CONFIGS = [
+    {},
+    {"prediction_type": "v_prediction", "beta_schedule": "linear", "set_alpha_to_one": False},
+    {"prediction_type": "sample", "clip_sample": True, "clip_sample_range": 0.8},
+    {"thresholding": True, "sample_max_value": 1.2, "timestep_scaling": 4.0},
+    {"rescale_betas_zero_snr": True, "original_inference_steps": 100, "prediction_type": "v_prediction"},
+]
+
+
+@pytest.mark.parametrize("name", ["LCMScheduler", "TCDScheduler"])
+@pytest.mark.parametrize("config", CONSISTENCY_CONFIGS)
+def test_consistency_schedulers_equal_diffusers(name, config):
+    cases = [(1, None), (4, None), (7, None), (4, {"strength": 0.6}), (3, {"original_inference_steps": 20}),
+             (None, {"timesteps": [999, 759, 499, 259]}), (None, {"timesteps": [899, 699, 400, 99], "strength": 0.5})]
+    step_kwargs = [{}] if name == "LCMScheduler" else [{}, {"eta": 0.0}, {"eta": 1.0}]
+    for steps, set_kwargs in cases:
+        for kwargs in step_kwargs:
+            ref, ours = _pair(name, **config)
+            r = _consistency_loop(ref, steps, set_kwargs, **kwargs)
+            o = _consistency_loop(ours, steps, set_kwargs, **kwargs)
+            torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=0)
+            assert len(r) == len(o)
+            for i, (rt, ot) in enumerate(zip(r, o)):
+                for k, (a, b) in enumerate(zip(ot, rt)):
+                    _assert_rel(a, b, what=f"{steps} {set_kwargs} {kwargs} step {i} field {k}")
+
+
+def test_consistency_outputs_and_errors():
+    ref, ours = _pair("LCMScheduler")
+    ours.set_timesteps(4)
+    out = ours.step(_latents(), ours.timesteps[0], _latents(1), generator=torch.Generator().manual_seed(0))
+    assert out.keys() == ["prev_sample", "denoised"] and out[1] is out.denoised and len(out) == 2
+    _, tcd = _pair("TCDScheduler")
+    tcd.set_timesteps(4)
+    out = tcd.step(_latents(), tcd.timesteps[0], _latents(1), generator=torch.Generator().manual_seed(0))
+    assert out.keys() == ["prev_sample", "pred_noised_sample"] and out["pred_noised_sample"] is out[1]
+    with pytest.raises(ValueError, match="eta"):
+        tcd.step(_latents(), tcd.timesteps[1], _latents(1), eta=1.5)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        ours.set_timesteps(60)
+    with pytest.raises(ValueError, match="decreasing"):
+        ours.set_timesteps(timesteps=[10, 500])

@@ -45,3 +45,6 @@ __all__ += ["FlowMatchHeunDiscreteScheduler"]
 from .pndm import IPNDMScheduler, PNDMScheduler
 
 __all__ += ["PNDMScheduler", "IPNDMScheduler"]
+from .consistency import LCMScheduler, TCDScheduler
+
+__all__ += ["LCMScheduler", "TCDScheduler"]

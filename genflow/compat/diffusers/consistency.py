@@ -1,0 +1,240 @@
+"""diffusers' consistency-model schedulers on genflow's fused update: ``LCMScheduler`` and
+``TCDScheduler`` (the native ``lcm`` and ``tcd`` solvers of ``genflow.solvers.consistency`` on a
+DDPM table, with diffusers' integer timesteps and its boundary-condition scalings)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from genflow.solvers.base import dynamic_threshold
+
+from ._base import (Scheduler, SchedulerOutput, check_choice, check_prediction_type, fused, randn_like_diffusers,
+                    x0_eps_coefficients)
+
+__all__ = ["LCMScheduler", "TCDScheduler", "LCMSchedulerOutput", "TCDSchedulerOutput"]
+
+
+class LCMSchedulerOutput(SchedulerOutput):
+    """``LCMScheduler.step``'s result: ``prev_sample`` and ``denoised`` (Tensor[B, *D], the
+    boundary-condition-scaled x0); reads as diffusers' output does (attributes, indexing, tuples)."""
+
+    __slots__ = ("denoised",)
+    _fields = ("prev_sample", "denoised")
+
+    def __init__(self, prev_sample: torch.Tensor, denoised: torch.Tensor):
+        super().__init__(prev_sample)
+        self.denoised = denoised
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self._fields)
+
+    def keys(self) -> list:
+        return list(self._fields)
+
+
+class TCDSchedulerOutput(LCMSchedulerOutput):
+    """``TCDScheduler.step``'s result: ``prev_sample`` and ``pred_noised_sample`` (Tensor[B, *D])."""
+
+    __slots__ = ("pred_noised_sample",)
+    _fields = ("prev_sample", "pred_noised_sample")
+
+    def __init__(self, prev_sample: torch.Tensor, pred_noised_sample: torch.Tensor):
+        SchedulerOutput.__init__(self, prev_sample)
+        self.pred_noised_sample = pred_noised_sample
+
+
+class _ConsistencyScheduler(Scheduler):
+    """Tables, timesteps and bookkeeping shared by the LCM and TCD schedulers."""
+
+    defaults = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    trained_betas=None, original_inference_steps=50, clip_sample=False, clip_sample_range=1.0,
+                    set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon", thresholding=False,
+                    dynamic_thresholding_ratio=0.995, sample_max_value=1.0, timestep_spacing="leading",
+                    timestep_scaling=10.0, rescale_betas_zero_snr=False)
+    order = 1
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        check_prediction_type(self.config.prediction_type)
+        check_choice("beta_schedule", self.config.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+        self._set_tables()
+        self.final_alpha_cumprod = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
+        self._final_abar = 1.0 if self.config.set_alpha_to_one else self._abar[0]
+        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        self.custom_timesteps = False
+
+    def _origin_timesteps(self, original_inference_steps, strength: float) -> np.ndarray:
+        """The distillation schedule ``k i - 1`` (``k = N // original_steps``, ``i = 1..original_steps
+        strength``), increasing."""
+        original = self.config.original_inference_steps if original_inference_steps is None else original_inference_steps
+        if original > self.config.num_train_timesteps:
+            raise ValueError(f"original_inference_steps must be <= num_train_timesteps = "
+                             f"{self.config.num_train_timesteps}, got {original}")
+        k = self.config.num_train_timesteps // original
+        return np.asarray(list(range(1, int(original * strength) + 1))) * k - 1
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None,
+                      original_inference_steps: Optional[int] = None, timesteps=None, strength: float = 1.0) -> None:
+        """Set ``timesteps`` (int64, decreasing): ``num_inference_steps`` evenly spaced entries of the
+        distillation schedule (``original_inference_steps`` of the ``strength`` part of training time),
+        or custom decreasing ``timesteps`` (their last ``strength`` part)."""
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps or timesteps")
+        origin = self._origin_timesteps(original_inference_steps, strength)
+        original = self.config.original_inference_steps if original_inference_steps is None else original_inference_steps
+        if timesteps is not None:
+            for i in range(1, len(timesteps)):
+                if timesteps[i] >= timesteps[i - 1]:
+                    raise ValueError(f"timesteps must be decreasing, got {list(timesteps)}")
+            if timesteps[0] >= self.config.num_train_timesteps:
+                raise ValueError(f"timesteps must start below num_train_timesteps = {self.config.num_train_timesteps}, "
+                                 f"got {timesteps[0]}")
+            timesteps = np.array(timesteps, dtype=np.int64)
+            self.num_inference_steps = len(timesteps)
+            self.custom_timesteps = True
+            start = max(self.num_inference_steps - min(int(self.num_inference_steps * strength),
+                                                       self.num_inference_steps), 0)
+            timesteps = timesteps[start * self.order:]
+        else:
+            if num_inference_steps > self.config.num_train_timesteps:
+                raise ValueError(f"num_inference_steps must be <= num_train_timesteps = "
+                                 f"{self.config.num_train_timesteps}, got {num_inference_steps}")
+            if len(origin) // num_inference_steps < 1 or num_inference_steps > original:
+                raise ValueError(f"num_inference_steps = {num_inference_steps} must be <= original_inference_steps = "
+                                 f"{original} and <= the {len(origin)} entries of the distillation schedule "
+                                 "(original_inference_steps x strength)")
+            self.num_inference_steps = num_inference_steps
+            origin = origin[::-1].copy()
+            indices = np.floor(np.linspace(0, len(origin), num=num_inference_steps, endpoint=False)).astype(np.int64)
+            timesteps = origin[indices]
+        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.long)
+        self._step_index = None
+        self._begin_index = None
+
+    def _check_ready(self, timestep) -> int:
+        if self.num_inference_steps is None:
+            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        return self._step_index
+
+    def _abar_at(self, t: int) -> float:
+        return self._abar[t] if t >= 0 else self._final_abar
+
+
+class LCMScheduler(_ConsistencyScheduler):
+    """Latent Consistency Models' multistep sampling, diffusers' ``LCMScheduler``.
+
+    With ``x0 = x0(x_t, out)`` (clipped or thresholded if configured) and the consistency boundary
+    scalings ``c_skip = sd^2 / ((10 t)^2 + sd^2)``, ``c_out = 10 t / sqrt((10 t)^2 + sd^2)`` (``sd = 0.5``,
+    ``10 = timestep_scaling``)::
+
+        denoised = c_out x0 + c_skip x_t
+        x'       = sqrt(abar') denoised + sqrt(1 - abar') z       (the last step: x' = denoised)
+
+    The update is the native ``lcm`` step (``x' = alpha' x0 + sigma' z``) on ``denoised``. Luo et al.
+    (2023), "Latent Consistency Models", Algorithm 1 (Song et al. 2023, "Consistency Models",
+    Algorithm 1 and eq. 7 for the scalings). 1 NFE per step; two fused passes (denoised, x').
+    """
+
+    def get_scalings_for_boundary_condition_discrete(self, timestep):
+        """``(c_skip, c_out)`` at training timestep ``timestep`` (see the class docstring)."""
+        self.sigma_data = 0.5
+        scaled = timestep * self.config.timestep_scaling
+        return (self.sigma_data ** 2 / (scaled ** 2 + self.sigma_data ** 2),
+                scaled / (scaled ** 2 + self.sigma_data ** 2) ** 0.5)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        """One LCM step from ``timestep`` (see the class docstring).
+
+        Args:
+            model_output (Tensor[B, *D]): the network output at ``(sample, timestep)``.
+            timestep (int or 0-dim Tensor): the current entry of ``timesteps``.
+            sample (Tensor[B, *D]): x_t.
+            generator (torch.Generator or list, optional): for z.
+            return_dict (bool): an LCMSchedulerOutput, else ``(prev_sample, denoised)``.
+        """
+        i = self._check_ready(timestep)
+        cfg = self.config
+        t = int(timestep)
+        t_prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else t
+        a, a_prev = self._abar[t], self._abar_at(t_prev)
+        c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(float(t))
+        (x0_x, x0_out), _ = x0_eps_coefficients(cfg.prediction_type, math.sqrt(a), math.sqrt(1.0 - a))
+        if cfg.thresholding or cfg.clip_sample:
+            x0 = fused(sample, [model_output], [x0_x, x0_out])
+            if cfg.thresholding:
+                x0 = dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+            else:
+                x0.clamp_(-cfg.clip_sample_range, cfg.clip_sample_range)
+            terms, coefs = [x0], [c_skip, c_out]
+        else:
+            terms, coefs = [model_output], [c_out * x0_x + c_skip, c_out * x0_out]
+        denoised = fused(sample, terms, coefs)
+        if i != self.num_inference_steps - 1:
+            noise = randn_like_diffusers(model_output.shape, generator, model_output.device, denoised.dtype)
+            scale = math.sqrt(a_prev)  # the native lcm update x' = alpha' denoised + sigma' z, in one pass
+            prev = fused(sample, terms, [scale * c for c in coefs], math.sqrt(1.0 - a_prev), noise=noise)
+        else:
+            prev = denoised
+        self._step_index += 1
+        return LCMSchedulerOutput(prev, denoised) if return_dict else (prev, denoised)
+
+
+class TCDScheduler(_ConsistencyScheduler):
+    """Trajectory Consistency Distillation's strategic stochastic sampling, diffusers' ``TCDScheduler``.
+
+    From ``t`` to ``t'`` with ``s = floor((1 - eta) t')`` (``eta``, TCD's gamma, default 0.3)::
+
+        x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps                     (pred_noised_sample)
+        x'  = sqrt(abar'/abar_s) x_s + sqrt(1 - abar'/abar_s) z         (the last step or eta = 0: x' = x_s)
+
+    The native ``tcd`` step with diffusers' integer intermediate timestep (and ``t' = 0`` after the
+    last step). Zheng et al. (2024), "Trajectory Consistency Distillation", section 4.3, eq. 15.
+    1 NFE per step; two fused passes (x_s, x'). When ``set_timesteps`` gets
+    ``original_inference_steps`` explicitly, the schedule is drawn from every training timestep
+    (diffusers' behaviour, reproduced).
+    """
+
+    def _origin_timesteps(self, original_inference_steps, strength: float) -> np.ndarray:
+        if original_inference_steps is None:
+            return super()._origin_timesteps(None, strength)
+        return np.asarray(list(range(0, int(self.config.num_train_timesteps * strength))))
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.3, generator=None,
+             return_dict: bool = True):
+        """One TCD step from ``timestep`` (see the class docstring).
+
+        Args:
+            model_output (Tensor[B, *D]): the network output at ``(sample, timestep)``.
+            timestep (int or 0-dim Tensor): the current entry of ``timesteps``.
+            sample (Tensor[B, *D]): x_t.
+            eta (float): the stochasticity gamma in [0, 1] (0: DDIM-like, 1: LCM-like).
+            generator (torch.Generator or list, optional): for z.
+            return_dict (bool): a TCDSchedulerOutput, else ``(prev_sample, pred_noised_sample)``.
+        """
+        i = self._check_ready(timestep)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        t = int(timestep)
+        t_prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else 0
+        t_s = int(torch.floor((1 - eta) * torch.tensor(t_prev)))  # as diffusers rounds it (float32)
+        a, a_prev, a_s = self._abar[t], self._abar_at(t_prev), self._abar[t_s]
+        (x0_x, x0_out), (eps_x, eps_out) = x0_eps_coefficients(self.config.prediction_type, math.sqrt(a),
+                                                               math.sqrt(1.0 - a))
+        ca, cs = math.sqrt(a_s), math.sqrt(1.0 - a_s)
+        coefs = [ca * x0_x + cs * eps_x, ca * x0_out + cs * eps_out]
+        noised = fused(sample, [model_output], coefs)
+        if eta > 0 and i != self.num_inference_steps - 1:
+            noise = randn_like_diffusers(model_output.shape, generator, model_output.device, noised.dtype)
+            ratio = a_prev / a_s
+            prev = fused(sample, [model_output], [math.sqrt(ratio) * c for c in coefs], math.sqrt(1.0 - ratio),
+                         noise=noise)
+        else:
+            prev = noised
+        self._step_index += 1
+        return TCDSchedulerOutput(prev, noised) if return_dict else (prev, noised)
