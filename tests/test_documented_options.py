@@ -299,3 +299,32 @@ def test_the_engine_section_is_parsed():
 def test_each_documented_engine_option_arrives(option):
     assert option in ENGINE_CHECKS, f"README's gf.solve section names {option!r}: add a check to ENGINE_CHECKS"
     ENGINE_CHECKS[option]()
+
+
+# -- README's reliability table: every test it names exists --
+
+def _reliability_references():
+    """``(file, function or None)`` for every test the "What genflow does with bad input" table names
+    (``tests/x.py::f``, ``tests/x.py`` and the ``::g`` shorthands that follow a file)."""
+    start = README.index("### What genflow does with bad input")
+    table = README[start:README.index("\n### ", start + 1)]
+    references = []
+    for row in (line for line in table.splitlines() if line.startswith("| ") and "tests/" in line):
+        current = None
+        for token in re.findall(r"`((?:tests/[\w/.*-]+)?(?:::[\w*]+)?)`", row.rsplit("|", 2)[-2]):
+            path, _, function = token.partition("::")
+            current = path or current
+            references.append((current, function or None))
+    return references
+
+
+def test_every_test_the_reliability_table_names_exists():
+    references = _reliability_references()
+    assert len(references) >= 40
+    root = Path(__file__).resolve().parents[1]
+    for path, function in references:
+        target = root / path
+        assert target.exists(), f"README's reliability table names {path}, which does not exist"
+        if function is not None and target.is_file():
+            pattern = function.replace("*", r"\w*")
+            assert re.search(rf"^def {pattern}\(", target.read_text(), re.M), f"{path}::{function} does not exist"
