@@ -409,3 +409,29 @@ def test_consistency_outputs_and_errors():
         ours.set_timesteps(60)
     with pytest.raises(ValueError, match="decreasing"):
         ours.set_timesteps(timesteps=[10, 500])
+
+
+# ------------------------------------------------------------------ DPM-Solver SDE (Brownian tree)
+
+@pytest.mark.parametrize("config", [
+    {"noise_sampler_seed": 3},
+    {"noise_sampler_seed": 3, "prediction_type": "v_prediction", "use_karras_sigmas": True},
+    {"noise_sampler_seed": 11, "use_exponential_sigmas": True, "beta_schedule": "scaled_linear"},
+    {"noise_sampler_seed": 5, "timestep_spacing": "leading", "steps_offset": 1},
+    {"noise_sampler_seed": 5, "timestep_spacing": "trailing", "use_beta_sigmas": True},
+])
+def test_dpm_solver_sde_equals_diffusers(config):
+    """The same torchsde Brownian path (noise_sampler_seed) on both sides: equal to float32 rounding."""
+    for steps in (1, 2, 7):
+        _compare("DPMSolverSDEScheduler", config, steps)
+
+
+def test_dpm_solver_sde_global_seed_and_s_noise():
+    """noise_sampler_seed=None draws the path's seed from torch's global RNG, as diffusers."""
+    ref, ours = _pair("DPMSolverSDEScheduler")
+    torch.manual_seed(0)
+    r = _loop(ref, 5, stochastic=False, s_noise=0.7)[1]
+    torch.manual_seed(0)
+    o = _loop(ours, 5, stochastic=False, s_noise=0.7)[1]
+    for i, (a, b) in enumerate(zip(o, r)):
+        _assert_rel(a, b, what=f"prev_sample {i}")

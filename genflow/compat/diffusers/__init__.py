@@ -48,3 +48,6 @@ __all__ += ["PNDMScheduler", "IPNDMScheduler"]
 from .consistency import LCMScheduler, TCDScheduler
 
 __all__ += ["LCMScheduler", "TCDScheduler"]
+from .sde import DPMSolverSDEScheduler
+
+__all__ += ["DPMSolverSDEScheduler"]

@@ -13,7 +13,7 @@ from ._sigmas import SigmaScheduler
 __all__ = ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]
 
 
-def _ve_x0(prediction_type: str, s: float):
+def ve_x0_coefficients(prediction_type: str, s: float):
     """``(a, b)`` with ``x0 = a y + b out`` in the VE variables ``y = x / alpha`` at noise level
     ``s``: the VP map of ``x0_eps_coefficients`` (``alpha = 1/sqrt(1 + s^2)``) with ``x = alpha y``."""
     alpha = 1.0 / math.sqrt(s * s + 1.0)
@@ -139,11 +139,11 @@ class KDPM2DiscreteScheduler(_KDPM2Base):
         kind = self.config.prediction_type
         if first:
             s, s_m = self._sig[i], self._sig_interpol[i + 1]
-            a, b = _ve_x0(kind, s)
+            a, b = ve_x0_coefficients(kind, s)
             r = (s_m - s) / s
             return pack([a, b]), pack([1.0 + r * (1.0 - a), -r * b])
         s, s_m, s_next = self._sig[i - 1], self._sig_interpol[i], self._sig[i]
-        a, b = _ve_x0(kind, s_m)
+        a, b = ve_x0_coefficients(kind, s_m)
         g = (s_next - s) / s_m
         return pack([a, b]), pack([1.0, g * (1.0 - a), -g * b])
 
@@ -231,7 +231,7 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Base):
             plans = self._plans.get(("kdpm2a", i))
             if plans is None:
                 s, s_m = self._sig[i], self._sig_interpol[i]
-                a, b = _ve_x0(kind, s)
+                a, b = ve_x0_coefficients(kind, s)
                 r = (s_m - s) / s
                 plans = self._plans[("kdpm2a", i)] = (pack([a, b]), pack([1.0 + r * (1.0 - a), -r * b]))
             x0 = fused_planned(sample, [model_output], plans[0])
@@ -239,7 +239,7 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Base):
             self.sample = sample
         else:
             s, s_m, s_down, s_up = self._sig[i - 1], self._sig_interpol[i - 1], self._sig_down[i - 1], self._sig_up[i - 1]
-            a, b = _ve_x0(kind, s_m)
+            a, b = ve_x0_coefficients(kind, s_m)
             x0 = fused(sample, [model_output], [a, b])
             noise = randn_like_diffusers(model_output.shape, generator, model_output.device, model_output.dtype)
             g = (s_down - s) / s_m
