@@ -127,7 +127,7 @@ class DivergenceDrift:
             return self._exact_loop(x, t) if fn is None else fn(x, t)
         if self.mode == "batched":
             return self._exact_batched(x, t)
-        if self.mode == "loop" or self.graph or x[0].numel() == 1 or not times_schemes(x.device):
+        if self.mode == "loop" or self.graph or x.numel() == x.shape[0] or not times_schemes(x.device):
             return self._exact_loop(x, t)
         entry = EXACT_CHOICE.get_or_compute((self.model, tuple(x.shape), x.dtype, str(x.device)), lambda: [None, []])
         if entry[0] is not None:
@@ -156,7 +156,7 @@ class DivergenceDrift:
             for i in range(dim):
                 (g,) = torch.autograd.grad(vf[:, i].sum(), xg, create_graph=self.graph,
                                            retain_graph=self.graph or i + 1 < dim)
-                div = div + g.reshape(batch, -1)[:, i]
+                div = div + g.reshape(batch, -1)[:, i] if self.graph else div.add_(g.reshape(batch, -1)[:, i])
         return self._out(v, div)
 
     def _exact_batched(self, x, t):

@@ -60,6 +60,7 @@ class AugmentedDrift:
     def __init__(self, drift, shape):
         self.drift, self.shape = drift, tuple(shape)
         self.dim = math.prod(self.shape[1:])
+        self._time = (None, None)  # the last shared time and its [B] tensor (a grid's stages repeat)
 
     def state(self, x: torch.Tensor) -> torch.Tensor:
         """``z = [x, 0]`` (differentiable in x)."""
@@ -67,20 +68,27 @@ class AugmentedDrift:
 
     def split(self, z: torch.Tensor):
         """``(x, delta)`` of ``z``: x contiguous in its own shape, delta float64 [B]."""
-        return z[:, :self.dim].reshape(self.shape).contiguous(), z[:, self.dim].to(torch.float64)
+        return self.x(z), z[:, self.dim].to(torch.float64)
+
+    def x(self, z: torch.Tensor) -> torch.Tensor:
+        """The x part of ``z`` as a contiguous Tensor[B, *D] (a copy: networks may ``view`` it)."""
+        return z.narrow(1, 0, self.dim).reshape(self.shape).clone(memory_format=torch.contiguous_format)
 
     def __call__(self, z, t):
         batch = z.shape[0]
-        if isinstance(t, torch.Tensor):
-            t = t.to(z.device)
+        if isinstance(t, torch.Tensor):  # per-sample stage times from the host: no stream sync
+            t = t if t.device == z.device else t.pin_memory().to(z.device, non_blocking=True)
+        elif self._time[0] == t:
+            t = self._time[1]
         else:
-            t = torch.full((batch,), t, dtype=torch.float64, device=z.device)
-        v, div = self.drift(self.split(z)[0], t)
+            value, t = t, torch.full((batch,), t, dtype=torch.float64, device=z.device)
+            self._time = (value, t)
+        v, div = self.drift(self.x(z), t)
         if torch.is_grad_enabled() and (v.requires_grad or div.requires_grad):
             return torch.cat([v.reshape(batch, self.dim), div.to(z.dtype)[:, None]], 1)
         out = torch.empty_like(z)
-        out[:, :self.dim] = v.reshape(batch, self.dim)
-        out[:, self.dim] = div
+        out.narrow(1, 0, self.dim).copy_(v.reshape(batch, self.dim))
+        out.select(1, self.dim).copy_(div)
         return out
 
 
