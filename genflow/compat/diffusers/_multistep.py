@@ -190,9 +190,8 @@ class MultistepScheduler(Scheduler):
     def _view(self, model_output, sample, i, data: bool, threshold: bool):
         """``(term, a, b)`` with the prediction ``x0`` (``data``) or ``eps`` equal to
         ``a sample + b term``; ``threshold`` applies dynamic thresholding to ``x0`` first (then
-        ``term`` is the thresholded ``x0``, materialised). The output is owned first
-        (``genflow.ownership``): kept in the history, it must not be memory the model reuses."""
-        model_output = self.ownership.own(model_output, sample, lambda: f"{type(self).__name__}.step")
+        ``term`` is the thresholded ``x0``, materialised). The view is for this step's updates;
+        what the history keeps is ``_materialise``d (and so owned)."""
         if threshold:
             a0, b0 = self._x0_coefs(i)
             x0 = model_output if (a0, b0) == (0.0, 1.0) else fused(sample, [model_output], [a0, b0])
@@ -204,10 +203,12 @@ class MultistepScheduler(Scheduler):
         return model_output, a, b
 
     def _materialise(self, sample, view, i: int) -> torch.Tensor:
-        """The prediction ``a sample + b term`` of ``view = (term, a, b)`` at grid index ``i`` as a tensor."""
+        """The prediction ``a sample + b term`` of ``view = (term, a, b)`` at grid index ``i`` as a tensor
+        the scheduler owns, for its history: a new tensor, or ``term`` itself when it is the
+        prediction, owned (``genflow.ownership``: copied when it is memory the model reuses)."""
         term, a, b = view
         if (a, b) == (0.0, 1.0):
-            return term
+            return self.ownership.own(term, sample, lambda: f"{type(self).__name__}.step")
         plan = self._plans.get(("m", i, a, b))
         if plan is None:
             plan = self._plans[("m", i, a, b)] = pack([a, b])
