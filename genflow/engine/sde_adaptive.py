@@ -41,10 +41,6 @@ class AdaptivePair:
         self.extrapolate = check_bool("extrapolate", extrapolate)
         self.error_norm = check_choice("error_norm", error_norm, ("sample", "batch"))
 
-    def pair(self, y, t, h, out):
-        """The Euler–Maruyama and Heun stages ``(y', y'')`` of a step of size ``h`` from ``t``."""
-        raise NotImplementedError
-
     def _start(self, y, t, span):
         self._buffers = [torch.empty_like(y), torch.empty_like(y)]  # y', y''
         self._y_prev = y.clone()

@@ -94,11 +94,23 @@ def _default_noise_sampler(run):
 def _ancestral_step(sigma_from, sigma_to, eta):
     """``(sigma_down, sigma_up)`` of an ancestral step, as k-diffusion's ``get_ancestral_step``:
     ``sigma_up = min(sigma_to, eta sigma_to sqrt(1 - sigma_to^2/sigma_from^2))``,
-    ``sigma_down = sqrt(sigma_to^2 - sigma_up^2)``; ``(sigma_to, 0)`` when ``eta = 0``."""
+    ``sigma_down = sqrt(sigma_to^2 - sigma_up^2)``; ``(sigma_to, 0)`` when ``eta = 0``. Tensors,
+    elementwise (0-dim for one step, or a grid's steps at once)."""
     if not eta:
         return sigma_to, 0.
-    up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    up = torch.minimum(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
     return (sigma_to ** 2 - up ** 2) ** 0.5, up
+
+
+def _ancestral_target(s, t, t_end, eta):
+    """``(t_down, sigma_up)``: the ancestral step from ``sigma(s)`` to ``sigma(t)`` in ``t = -log
+    sigma``, ``t_down`` capped at ``t_end``, and the noise that restores ``sigma(t)``
+    (k-diffusion's DPM-Solver ``eta``); elementwise on tensors."""
+    if not eta:
+        return t, 0.
+    sigma_down, _ = _ancestral_step(_sigma_of(s), _sigma_of(t), eta)
+    t_down = torch.minimum(t_end, _t_of(sigma_down))
+    return t_down, (_sigma_of(t) ** 2 - _sigma_of(t_down) ** 2) ** 0.5
 
 
 def _sigma_of(t):
@@ -200,15 +212,6 @@ class _DPMSolver:
         b = float(_sigma_of(t_next) / r2 * phi_2)
         return self.parts(x, 1.0, [(b - a, e), (-b, e2)])
 
-    def noisy_target(self, s, t, t_end, eta):
-        """``(t_down, sigma_up)``: the ancestral step from ``sigma(s)`` to ``sigma(t)`` in t-space,
-        ``t_down`` capped at ``t_end``, and the noise that restores ``sigma(t)``."""
-        if not eta:
-            return t, 0.
-        sigma_down, _ = _ancestral_step(_sigma_of(s), _sigma_of(t), eta)
-        t_down = torch.minimum(t_end, _t_of(sigma_down))
-        return t_down, (_sigma_of(t) ** 2 - _sigma_of(t_down) ** 2) ** 0.5
-
 
 def _dpm_setup(name, model, x, sigma_min, sigma_max, extra_args, callback, eta, s_noise, noise_sampler):
     t_start, t_end, eta, s_noise = _dpm_checks(name, model, x, sigma_min, sigma_max, extra_args, callback, eta,
@@ -263,12 +266,10 @@ def _fast_plan(ts, eta):
     if not eta:
         grid = sig.to(torch.float64)
         return glue.Plan(grid, grid, list(range(n)), None, [0.0] * n, [0.0] * n, [True] * n)
-    s, s1 = sig[:-1], sig[1:]
-    up = torch.minimum(s1, eta * (s1 ** 2 * (s ** 2 - s1 ** 2) / s ** 2) ** 0.5)
-    t_down = torch.minimum(ts[-1], _t_of((s1 ** 2 - up ** 2) ** 0.5))
-    post = ((s1 ** 2 - _sigma_of(t_down) ** 2) ** 0.5).tolist()
-    ts_native = torch.stack([s, _sigma_of(t_down)], dim=1).reshape(-1).to(torch.float64)
-    return glue.Plan(ts_native, sig.to(torch.float64), [2 * k for k in range(n)], None, [0.0] * n, post, [True] * n)
+    t_down, post = _ancestral_target(ts[:-1], ts[1:], ts[-1], eta)
+    ts_native = torch.stack([sig[:-1], _sigma_of(t_down)], dim=1).reshape(-1).to(torch.float64)
+    return glue.Plan(ts_native, sig.to(torch.float64), [2 * k for k in range(n)], None, [0.0] * n, post.tolist(),
+                     [True] * n)
 
 
 @torch.no_grad()
@@ -337,7 +338,7 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
         while s < t_end - 1e-5 if forward else s > t_end + 1e-5:
             cache = {}
             t = torch.minimum(t_end, s + h) if forward else torch.maximum(t_end, s + h)
-            t_down, sigma_up = solver.noisy_target(s, t, t_end, eta)
+            t_down, sigma_up = _ancestral_target(s, t, t_end, eta)
             den = solver.eps(cache, 'eps', x, s)[1]
             if order == 2:
                 x_low = run.combine(solver.step_1(x, s, t_down, cache))
