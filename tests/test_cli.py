@@ -301,3 +301,18 @@ def test_train_on_data_with_a_nan_row_names_the_row(tmp_path, capsys):
     err = _exit_message(argv + ["--on-nonfinite", "skip"], capsys)
     assert "data set 'bad' has non-finite values (NaN/Inf) in 1 of 40 rows; the first is row 9" in err
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_train_into_an_unwritable_folder_and_sample_from_a_missing_run_are_named(trained_run, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    err = _exit_message(_train_argv(blocker / "run"), capsys)
+    assert f"--out: cannot create the folder '{blocker / 'run'}'" in err and "Traceback" not in err
+    err = _exit_message(["sample", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "x.npy")], capsys)
+    assert f"'{tmp_path / 'none'}' is not a genflow train run directory (no run.json)" in err
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "checkpoint.pt").unlink()
+    err = _exit_message(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "x.npy")], capsys)
+    assert "checkpoint" in err and str(run) in err and "Traceback" not in err
+    assert not (tmp_path / "x.npy").exists()
