@@ -92,28 +92,34 @@ class PIDController:
     with ``e_(n-1)``, ``e_(n-2)`` the last two accepted steps' (all three the first error at the
     start) and ``k`` the order of the error estimate; ``kI = 1`` alone is the I controller
     ``h (1/err)^(1/k)``. A step is accepted where ``f >= accept_safety`` and ``h <- f h`` either
-    way. Unlike ``StepController`` the controller itself decides acceptance. Per-sample float64
-    [B] host tensors; the powers are ``power``'s (batch-invariant), the arctangent NumPy's.
+    way. Unlike ``StepController`` the controller itself decides acceptance. Per-sample (float64
+    [B] host tensors in and out), in Python floats per sample (C's ``pow`` and ``atan``), so that
+    it takes k-diffusion's decisions bit for bit on every platform; DPM-Solver's adaptive sampler
+    runs it on one batch-wide error, where that costs nothing.
     """
 
     def __init__(self, pcoeff: float, icoeff: float, dcoeff: float, order: float, *, accept_safety: float = 0.81,
                  eps: float = 1e-8):
         self.b = ((pcoeff + icoeff + dcoeff) / order, -(pcoeff + 2 * dcoeff) / order, dcoeff / order)
         self.accept_safety, self.eps = accept_safety, eps
-        self.inv_errors = None  # [current, previous accepted, the one before], float64 [B] each
+        self.inv_errors = None  # per sample: [current, previous accepted, the one before]
 
     def __call__(self, err: torch.Tensor, h: torch.Tensor):
         """``(accept, h_next)`` (bool [B], float64 [B]) for the error norms ``err`` of steps ``h``."""
-        inv = 1 / (err.to(torch.float64) + self.eps)
+        inv = [1 / (e + self.eps) for e in err.tolist()]
         if self.inv_errors is None:
-            self.inv_errors = [inv, inv, inv]
-        e = self.inv_errors
-        e[0] = inv
-        factor = power(e[0], self.b[0]) * power(e[1], self.b[1]) * power(e[2], self.b[2])
-        factor = 1 + torch.from_numpy(np.arctan((factor - 1).numpy()))
-        accept = factor >= self.accept_safety
-        e[1], e[2] = torch.where(accept, e[0], e[1]), torch.where(accept, e[1], e[2])
-        return accept, h * factor
+            self.inv_errors = [[v, v, v] for v in inv]
+        b1, b2, b3 = self.b
+        factors, accepts = [], []
+        for e, v in zip(self.inv_errors, inv):
+            e[0] = v
+            factor = 1 + math.atan(e[0] ** b1 * e[1] ** b2 * e[2] ** b3 - 1)
+            accept = factor >= self.accept_safety
+            if accept:
+                e[1], e[2] = e[0], e[1]
+            factors.append(factor)
+            accepts.append(accept)
+        return torch.tensor(accepts), h * torch.tensor(factors, dtype=torch.float64)
 
 
 def initial_step(y, f0, step_to, derivative, span, *, rtol: float, atol: float, error_order: int,
