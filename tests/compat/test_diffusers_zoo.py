@@ -435,3 +435,43 @@ def test_dpm_solver_sde_global_seed_and_s_noise():
     o = _loop(ours, 5, stochastic=False, s_noise=0.7)[1]
     for i, (a, b) in enumerate(zip(o, r)):
         _assert_rel(a, b, what=f"prev_sample {i}")
+
+
+# ------------------------------------------------------------------ DDIM / DDPM parallel
+
+PARALLEL_CONFIGS = [
+    {},
+    {"prediction_type": "v_prediction", "clip_sample": False, "timestep_spacing": "trailing"},
+    {"prediction_type": "sample", "thresholding": True, "sample_max_value": 1.5},
+    {"beta_schedule": "scaled_linear", "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
+     "timestep_spacing": "linspace"},
+]
+
+
+@pytest.mark.parametrize("name", ["DDIMParallelScheduler", "DDPMParallelScheduler"])
+@pytest.mark.parametrize("config", PARALLEL_CONFIGS)
+def test_parallel_schedulers_equal_diffusers(name, config):
+    stochastic = name == "DDPMParallelScheduler"
+    for steps in (1, 9):
+        _compare(name, config, steps, stochastic=stochastic, tables=())
+    ref, ours = _pair(name, **config)
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    x, t = _latents(), ref.timesteps[[0, 3]]
+    out = _net(x, 500)
+    kwargs = [{}, {"use_clipped_model_output": True}] if name == "DDIMParallelScheduler" else [{}]
+    for kw in kwargs:
+        _assert_rel(ours.batch_step_no_noise(out, t, x, **kw), ref.batch_step_no_noise(out, t, x, **kw), what=str(kw))
+    ref_last, ours_last = ref.timesteps[[9, 8]], ours.timesteps[[9, 8]]  # the last step: abar_prev = 1
+    _assert_rel(ours.batch_step_no_noise(out, ours_last, x), ref.batch_step_no_noise(out, ref_last, x))
+
+
+def test_parallel_errors():
+    s = gf.compat.diffusers.DDIMParallelScheduler()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.batch_step_no_noise(_latents(), torch.tensor([10, 20]), _latents())
+    s.set_timesteps(5)
+    with pytest.raises(ValueError, match="eta"):
+        s.batch_step_no_noise(_latents(), s.timesteps[:2], _latents(), eta=0.5)
+    with pytest.raises(ValueError, match="one timestep per sample"):
+        s.batch_step_no_noise(_latents(), s.timesteps[:3], _latents())

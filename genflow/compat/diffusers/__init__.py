@@ -51,3 +51,6 @@ __all__ += ["LCMScheduler", "TCDScheduler"]
 from .sde import DPMSolverSDEScheduler
 
 __all__ += ["DPMSolverSDEScheduler"]
+from .parallel import DDIMParallelScheduler, DDPMParallelScheduler
+
+__all__ += ["DDIMParallelScheduler", "DDPMParallelScheduler"]
