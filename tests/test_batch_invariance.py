@@ -52,6 +52,29 @@ def test_step_size_power_is_batch_invariant():
     torch.testing.assert_close(together, err ** -0.9, rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("noise", ["seed", "supplied", "none"])
+def test_fused_update_rows_are_batch_invariant(dtype, noise):
+    """A row of the fused update (per-sample coefficients, per-sample seeds or supplied noise) has
+    the same bits alone and in a batch of 16, for row sizes that end inside and outside a vector."""
+    from genflow.ops.fused_update import fused_update
+
+    g = torch.Generator().manual_seed(0)
+    for size in (1, 2, 3, 7, 65, 2049):
+        x, t1, t2, z = (torch.randn(BATCH, size, dtype=dtype, generator=g) for _ in range(4))
+        c0, c1, c2, s = (torch.rand(BATCH, dtype=torch.float64, generator=g) for _ in range(4))
+        seeds = torch.arange(100, 100 + BATCH)
+
+        def update(rows):
+            extra = {"seed": {"seed": seeds[rows], "offset": 3}, "supplied": {"noise": z[rows]}, "none": {}}[noise]
+            return fused_update(x[rows], [t1[rows], t2[rows]], [c0[rows], c1[rows], c2[rows]],
+                                s[rows] if noise != "none" else 0.0, **extra)
+
+        together = update(slice(None))
+        for i in (0, 5, BATCH - 1):
+            assert torch.equal(update(slice(i, i + 1))[0], together[i]), (size, i)
+
+
 def test_pc_batch_norm_is_batch_dependent():
     """The explicit ``norm="batch"`` option (Song et al.'s code) couples the samples of a batch."""
     batch, singles = _batch_and_singles("pc", PROCESSES["VE"], norm="batch")
