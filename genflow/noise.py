@@ -252,6 +252,10 @@ def generator_seed(generator, batch: int):
         return int(torch.randint(0, _SEED_LIMIT, (), generator=generator).item())
     if isinstance(generator, bool):
         raise TypeError("generator must be an int seed, a sequence of per-sample seeds or a torch.Generator, got bool")
+    if isinstance(generator, np.integer) or (isinstance(generator, torch.Tensor) and generator.dim() == 0
+                                             and not generator.dtype.is_floating_point and not generator.is_complex()
+                                             and generator.dtype != torch.bool):
+        generator = int(generator)  # a NumPy or 0-d tensor integer seed
     if isinstance(generator, int):
         if not 0 <= generator <= _SEED_LIMIT:
             raise ValueError(f"generator seed must be in [0, 2**63 - 1], got {generator}")

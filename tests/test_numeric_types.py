@@ -117,3 +117,33 @@ def test_mixture_constructors_accept_every_numeric_type():
     for bad in ({"k": "8"}, {"radius": "4"}, {"std": [0.5]}):
         with pytest.raises(TypeError, match=next(iter(bad))):
             gf.GaussianMixture.ring(**bad)
+
+
+@pytest.mark.parametrize("seed", _ints(7)[1:], ids=["np.int64", "np.int32", "tensor", "tensor_int32"])
+def test_integer_seeds_of_every_type(seed):
+    """``generator=`` takes a NumPy or 0-d tensor integer as the int seed it holds (gf.sample, gf.solve)."""
+    options = {"solver": "euler_ancestral", "steps": 3}
+    assert torch.equal(gf.sample(MODEL, (4, 2), generator=seed, **options), gf.sample(MODEL, (4, 2), generator=7, **options))
+    sde = gf.SDE(lambda t, y: -y, lambda t, y: torch.full_like(y, 0.3), noise="additive")
+    assert torch.equal(gf.solve(sde, X_T, 0.0, 1.0, solver="euler_maruyama", steps=4, generator=seed),
+                       gf.solve(sde, X_T, 0.0, 1.0, solver="euler_maruyama", steps=4, generator=7))
+
+
+@pytest.mark.parametrize("seed", [np.float64(7.0), torch.tensor(7.0), torch.tensor(True), np.bool_(True), "7"])
+def test_non_integer_seeds_are_refused_naming_the_generator(seed):
+    with pytest.raises((TypeError, ValueError), match="generator"):
+        gf.sample(MODEL, (4, 2), generator=seed, solver="euler_ancestral", steps=3)
+
+
+@pytest.mark.parametrize("convert", [np.float64, lambda v: torch.tensor(v, dtype=torch.float64)], ids=["numpy", "tensor"])
+def test_gf_solve_numbers_of_every_type(convert):
+    ode = gf.ODE(lambda t, y: torch.tanh(y) - 0.1 * y)
+    expected = gf.solve(ode, X_T, 0.0, 1.0, solver="rk4", steps=5)
+    assert torch.equal(gf.solve(ode, X_T, convert(0.0), convert(1.0), solver="rk4", steps=np.int64(5)), expected)
+    adaptive = gf.solve(ode, X_T, 0.0, 1.0, solver="dopri5", rtol=1e-4, atol=1e-5)
+    assert torch.equal(gf.solve(ode, X_T, 0.0, 1.0, solver="dopri5", rtol=convert(1e-4), atol=convert(1e-5)), adaptive)
+    for options, name in (({"steps": "5"}, "steps"), ({"steps": 5.5}, "steps"), ({"rtol": "1e-3"}, "rtol")):
+        with pytest.raises(TypeError, match=name):
+            gf.solve(ode, X_T, 0.0, 1.0, solver="rk4" if "steps" in options else "dopri5", **options)
+    with pytest.raises(TypeError, match="t0"):
+        gf.solve(ode, X_T, "0", 1.0, solver="rk4", steps=3)
