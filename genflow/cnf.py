@@ -157,8 +157,9 @@ def cnf_log_likelihood(net: Callable, x: torch.Tensor, *, steps: int = 8, method
         seed = generator_seed(generator, batch)
         eps = [hutchinson.probes(x.shape, seed=seed, offset=k, kind=noise, dtype=x.dtype, device=x.device)
                for k in range(probes)]
-    graph = torch.is_grad_enabled()
-    drift = DivergenceDrift(NetVelocity(net), method, eps, "loop" if method == "exact" else "vjp", graph=graph)
+    # under grad mode the drift keeps its graph (double backward) and the engine its differentiable path
+    drift = DivergenceDrift(NetVelocity(net), method, eps, "loop" if method == "exact" else "vjp",
+                            graph=torch.is_grad_enabled())
     x1, delta, _, _ = integrate_divergence(drift, x, 0.0, 1.0, solver=solver, steps=steps,
                                            check_finite=bool(check_finite), caller="gf.cnf_log_likelihood")
     z = x1.reshape(batch, -1).to(torch.float64)

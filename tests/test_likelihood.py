@@ -187,3 +187,23 @@ def test_argument_errors():
         gf.bits_per_dim(model, x, dequantization=torch.ones(2, 2))
     with pytest.raises(TypeError, match="dtype"):
         gf.bits_per_dim(model, x, dtype=torch.float16)
+
+
+def test_rk45_is_the_engines_dopri5_on_the_augmented_state():
+    """log_likelihood's rk45 is gf.solve's dopri5 on z = [x, delta] with dz/dt = [v, div v]:
+    the same engine, so the same steps and the same numbers to rounding (float64)."""
+    gm = _mixture(2, 3, seed=8)
+    model = _velocity_model(gm, gf.LinearPath())
+    x = gm.sample(6, generator=torch.Generator().manual_seed(5)).double()
+    _, info = gf.log_likelihood(model, x, method="exact", rtol=1e-6, atol=1e-6, t_end=0.05, return_info=True)
+    drift = DivergenceDrift(model, "exact", (), "loop")
+
+    def augmented(t, z):
+        v, div = drift(z[:, :2].contiguous(), t.expand(z.shape[0]))
+        return torch.cat([v, div[:, None]], 1)
+
+    z0 = torch.cat([x, torch.zeros(6, 1, dtype=torch.float64)], 1)
+    z = gf.solve(gf.ODE(augmented), z0, 0.05, 1.0, solver="dopri5", rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(z[:, :2], info["x_T"], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(z[:, 2], info["delta_logp"], rtol=1e-13, atol=1e-13)
+    assert drift.nfe == info["nfe"]
