@@ -477,7 +477,7 @@ class SlicedScoreFamily(_ODEFamily):
         else:
             t = torch.ones(batch.shape[0], dtype=torch.float64, device=batch.device)
             sigma = torch.full_like(t, self.single)
-        x_t = batch + obj._coef(sigma, batch) * eps
+        x_t = batch + obj.per_sample_coefficient(sigma, batch) * eps
         v = torch.stack([obj.draw_normal(batch.shape, seeds, _PROBES + k, dtype=batch.dtype, device=batch.device)
                          for k in range(self.projections)])
         if self.projection == "rademacher":
@@ -486,7 +486,7 @@ class SlicedScoreFamily(_ODEFamily):
         net_t = t.to(batch.dtype)
 
         def score(x):
-            return -self.modules["net"](x, net_t, **cond) / obj._coef(sigma, x)
+            return -self.modules["net"](x, net_t, **cond) / obj.per_sample_coefficient(sigma, x)
 
         per = obj.sliced_score_loss(score, x_t, v, variance_reduction=self.variance_reduction)
         return (sigma.to(per.dtype) ** 2 * per).mean()

@@ -108,7 +108,7 @@ def edm_sigmas(u: torch.Tensor, *, P_mean: float = -1.2, P_std: float = 1.2) -> 
 
 # ---------------------------------------------------------------- denoising score matching
 
-def _coef(c, x: torch.Tensor):
+def per_sample_coefficient(c, x: torch.Tensor):
     """A float64 [B] coefficient shaped to broadcast against x, in x's dtype."""
     return c.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
 
@@ -184,12 +184,12 @@ def dsm_loss(model: Model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
     process, kind = model.process, model.prediction
     t = t.to(device=x0.device, dtype=torch.float64)
     alpha, sigma = process.alpha(t), process.sigma(t)
-    x_t = _coef(alpha, x0) * x0 + _coef(sigma, x0) * eps
+    x_t = per_sample_coefficient(alpha, x0) * x0 + per_sample_coefficient(sigma, x0) * eps
     dalpha, dsigma = (process.dalpha(t), process.dsigma(t)) if kind == "velocity" else (0.0, 0.0)
     p, q = basis(kind, alpha, sigma, dalpha, dsigma)
     p = p if isinstance(p, torch.Tensor) else torch.full_like(t, p)
     q = q if isinstance(q, torch.Tensor) else torch.full_like(t, q)
-    target = _coef(p, x0) * x0 + _coef(q, x0) * eps
+    target = per_sample_coefficient(p, x0) * x0 + per_sample_coefficient(q, x0) * eps
     out = model.raw(x_t, t, **cond)
     err = (out - target).square().reshape(x0.shape[0], -1).mean(1)
     weight = dsm_weight(process, t, kind, weighting, gamma=gamma, sigma_data=sigma_data)
@@ -232,9 +232,9 @@ class EDMPrecond(torch.nn.Module):
         alpha = self.process.alpha(t64)
         s = self.process.sigma(t64) / alpha
         c_skip, c_out, c_in, c_noise = edm_coefficients(s, self.sigma_data)
-        x_vp = x / _coef(alpha, x)
-        out = self.net(_coef(c_in, x) * x_vp, c_noise.to(x.dtype), **cond)
-        return _coef(c_skip, x) * x_vp + _coef(c_out, x) * out
+        x_vp = x / per_sample_coefficient(alpha, x)
+        out = self.net(per_sample_coefficient(c_in, x) * x_vp, c_noise.to(x.dtype), **cond)
+        return per_sample_coefficient(c_skip, x) * x_vp + per_sample_coefficient(c_out, x) * out
 
 
 # ---------------------------------------------------------------- sliced score matching
@@ -288,7 +288,7 @@ def cfm_path(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, sigma_min: 
     ``sigma_t = 1 - (1 - sigma_min) t`` of Lipman et al. 2023, eqs. 20-23, with ``t -> 1 - t``
     so that data sits at ``t = 0`` as in ``genflow.LinearPath(sigma_min)``). Returns ``(x_t, u_t)``.
     """
-    tc = _coef(t, x0)
+    tc = per_sample_coefficient(t, x0)
     x_t = (1.0 - tc) * x0 + (sigma_min + (1.0 - sigma_min) * tc) * noise
     return x_t, (1.0 - sigma_min) * noise - x0
 
