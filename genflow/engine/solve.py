@@ -103,10 +103,12 @@ def _drift(term, y0: torch.Tensor, shared: bool):
     them never corrupts the stages; one writing into ``y`` raises ``InputMutationError``)."""
     drift, checked = term.drift, []
     ownership = OutputOwnership(advice=FRESH_OUTPUT_ADVICE, recent=HELD_STAGES + 1)
-    calls = [0]
+    calls = [0, None]  # drift calls so far, the time of the last one
 
     def where():
-        return f"gf.solve: drift call {calls[0]}"
+        low, high = float(calls[1].min()), float(calls[1].max())
+        at = f"{low:.4g}" if low == high else f"[{low:.4g}, {high:.4g}] (per sample)"
+        return f"gf.solve: drift call {calls[0]} at t={at}"
 
     def f(y, t):
         if isinstance(t, torch.Tensor):
@@ -114,7 +116,7 @@ def _drift(term, y0: torch.Tensor, shared: bool):
             t = t.to(device=y.device, dtype=y.dtype)
         else:
             t = torch.scalar_tensor(t, dtype=y.dtype, device=y.device)
-        calls[0] += 1
+        calls[0], calls[1] = calls[0] + 1, t
         out = ownership.call(drift, y, t, y, where=where)
         if not checked:
             if not isinstance(out, torch.Tensor) or out.shape != y.shape or out.dtype != y.dtype:
