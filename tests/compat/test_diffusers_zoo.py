@@ -475,3 +475,43 @@ def test_parallel_errors():
         s.batch_step_no_noise(_latents(), s.timesteps[:2], _latents(), eta=0.5)
     with pytest.raises(ValueError, match="one timestep per sample"):
         s.batch_step_no_noise(_latents(), s.timesteps[:3], _latents())
+
+
+# ------------------------------------------------------------------ SA-Solver
+
+SA_CONFIGS = [
+    {},
+    {"predictor_order": 3, "corrector_order": 4, "prediction_type": "v_prediction"},
+    {"predictor_order": 1, "corrector_order": 1, "use_karras_sigmas": True},
+    {"predictor_order": 2, "corrector_order": 3, "lower_order_final": False, "timestep_spacing": "trailing"},
+    {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"},
+    {"thresholding": True, "prediction_type": "sample", "use_exponential_sigmas": True},
+]
+
+
+@pytest.mark.parametrize("config", SA_CONFIGS)
+def test_sa_solver_equals_diffusers(config):
+    for steps in (1, 5, 12):
+        _compare("SASolverScheduler", config, steps, stochastic=True)
+
+
+def test_sa_solver_second_order_shift_is_pinned_and_tau_func():
+    """diffusers' order-2 shift (not in Xue et al.): needed to match diffusers, and O(h^2)."""
+    shift = gf.compat.diffusers.sa_solver.diffusers_second_order_shift
+    for predictor in (True, False):
+        small, smaller = (abs(shift(h, 1.0, 0.9, predictor, h)) for h in (1e-2, 5e-3))
+        assert math.isclose(small / smaller, 4.0, rel_tol=0.05)
+        assert math.isclose(shift(1e-3, 1.0, 0.9, predictor, 1e-3), 4 * 0.9 * 1e-6 / 6, rel_tol=0.01)
+    ref, ours = _pair("SASolverScheduler")
+    r = _loop(ref, 6, stochastic=True)[1]
+    original = gf.compat.diffusers.sa_solver.diffusers_second_order_shift
+    gf.compat.diffusers.sa_solver.diffusers_second_order_shift = lambda *args: 0.0
+    try:
+        o = _loop(ours, 6, stochastic=True)[1]
+    finally:
+        gf.compat.diffusers.sa_solver.diffusers_second_order_shift = original
+    assert (o[-1] - r[-1]).abs().max() > 1e-3  # without the shift: Xue et al.'s weights, not diffusers'
+    tau = lambda t: 0.5 if t > 300 else 0.0  # noqa: E731
+    _compare("SASolverScheduler", {"tau_func": tau, "predictor_order": 3}, 7, stochastic=True)
+    with pytest.raises(ValueError, match="algorithm_type"):
+        gf.compat.diffusers.SASolverScheduler(algorithm_type="noise_prediction")

@@ -54,3 +54,6 @@ __all__ += ["DPMSolverSDEScheduler"]
 from .parallel import DDIMParallelScheduler, DDPMParallelScheduler
 
 __all__ += ["DDIMParallelScheduler", "DDPMParallelScheduler"]
+from .sa_solver import SASolverScheduler
+
+__all__ += ["SASolverScheduler"]
