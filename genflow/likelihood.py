@@ -67,12 +67,14 @@ class AugmentedDrift:
         return torch.cat([x.reshape(x.shape[0], self.dim), x.new_zeros(x.shape[0], 1)], 1)
 
     def split(self, z: torch.Tensor):
-        """``(x, delta)`` of ``z``: x contiguous in its own shape, delta float64 [B]."""
-        return self.x(z), z[:, self.dim].to(torch.float64)
+        """``(x, delta)`` of ``z``: x a contiguous copy in its own shape, delta float64 [B]."""
+        return self.x(z).contiguous(), z[:, self.dim].to(torch.float64)
 
     def x(self, z: torch.Tensor) -> torch.Tensor:
-        """The x part of ``z`` as a contiguous Tensor[B, *D] (a copy: networks may ``view`` it)."""
-        return z.narrow(1, 0, self.dim).reshape(self.shape).clone(memory_format=torch.contiguous_format)
+        """The x part of ``z`` as a Tensor[B, *D] view (no copy; its rows are D + 1 apart, each
+        row contiguous, so ``view``/``reshape`` of a sample's dimensions still work)."""
+        x = z.narrow(1, 0, self.dim)
+        return x if len(self.shape) == 2 else x.view(self.shape)
 
     def __call__(self, z, t):
         batch = z.shape[0]
@@ -85,9 +87,9 @@ class AugmentedDrift:
             self._time = (value, t)
         v, div = self.drift(self.x(z), t)
         if torch.is_grad_enabled() and (v.requires_grad or div.requires_grad):
-            return torch.cat([v.reshape(batch, self.dim), div.to(z.dtype)[:, None]], 1)
+            return torch.cat([v if v.dim() == 2 else v.reshape(batch, self.dim), div.to(z.dtype).unsqueeze(1)], 1)
         out = torch.empty_like(z)
-        out.narrow(1, 0, self.dim).copy_(v.reshape(batch, self.dim))
+        out.narrow(1, 0, self.dim).copy_(v if v.dim() == 2 else v.reshape(batch, self.dim))
         out.select(1, self.dim).copy_(div)
         return out
 
