@@ -97,7 +97,7 @@ class AugmentedDrift:
 def integrate_divergence(drift, x: torch.Tensor, t0: float, t1: float, *, solver: str, steps=None,
                          rtol: float = 1e-5, atol: float = 1e-5, error_norm: str = "sample", max_steps: int = 10_000,
                          check_finite: bool = True, caller: str = "gf.log_likelihood"):
-    """``(x(t1), delta, accepted)``: the augmented ODE ``d[x, delta]/dt = [v, div v]`` from
+    """``(x(t1), delta, accepted, evaluations)``: the augmented ODE ``d[x, delta]/dt = [v, div v]`` from
     ``x(t0) = x``, ``delta(t0) = 0`` with the engine tableau ``solver`` (``TABLEAUX``), so that
     ``delta = int_{t0}^{t1} div v(x_t, t) dt`` (instantaneous change of variables, Chen et al.
     2018, Theorem 1).
@@ -109,7 +109,8 @@ def integrate_divergence(drift, x: torch.Tensor, t0: float, t1: float, *, solver
     +2 for the start). ``accepted``: accepted steps per sample (int64 [B], adaptive only).
     ``check_finite``: ``gf.NonFiniteError`` (from ``caller``) at the first step leaving a NaN/Inf
     state or log-density, or when a sample's error estimate stays NaN/Inf down to the smallest
-    step. Returns ``(x_T, delta float64 [B], accepted or None, evaluations)``."""
+    step. ``delta`` is float64 [B] (accumulated in x's dtype, the state's), ``evaluations`` the
+    drift calls."""
     aug = AugmentedDrift(drift, x.shape)
     z = aug.state(x)
     batch, kernel = x.shape[0], use_kernel("auto", x.device)
