@@ -30,15 +30,7 @@ def _run(name, step_fn_factory, seed):
     return x
 
 
-# Steps whose per-step host math does not trace yet (dynamo makes the step index dynamic after two
-# steps): the second version's er_sde, pndm, sa_solver and seeds read grid values through
-# data-dependent branches or hash off-grid times. Strict xfails, so making one traceable turns
-# its entry into a failure.
-NOT_TRACEABLE_YET = {"er_sde", "pndm", "sa_solver", "seeds_2", "seeds_3"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="step not traceable yet"))
-                                  if n in NOT_TRACEABLE_YET else n for n in FIXED_GRID])
+@pytest.mark.parametrize("name", FIXED_GRID)
 def test_solver_step_compiles_without_graph_breaks(name):
     torch._dynamo.reset()
     eager = _run(name, lambda solver: (lambda x, i: solver.step(i, x)), seed=7)

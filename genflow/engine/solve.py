@@ -230,8 +230,9 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
     saveat = _saveat(saveat, batch)
     if isinstance(term, SDE):
         if adjoint:
-            raise ValueError("adjoint=True is for ODE terms: genflow provides no SDE adjoint; backpropagation through "
-                             "the steps (the default) is the exact gradient of the discretised SDE on its Brownian path")
+            raise ValueError("adjoint=True is for ODE terms: genflow provides no SDE adjoint; backpropagation "
+                             "through the steps (the default) is the exact gradient of the discretised SDE on its "
+                             "Brownian path")
         return _solve_sde(term, y0, t0, t1, solver, steps, ts, rtol, atol, generator, brownian, saveat, callback,
                           progress, check_finite, backend, h_init, max_steps, solver_options)
     tableau = TABLEAUX[check_choice("solver", solver, tuple(TABLEAUX))]

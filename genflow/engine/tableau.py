@@ -228,7 +228,8 @@ DOP853 = ButcherTableau(
     fsal=True, dense=_nested_dense(_padded(_DOP853_A[-1], 12), _DOP853_DENSE_D),
     peer="scipy DOP853, torchdiffeq 'dopri8' (a different 8(7) pair)",
     reference=f"Prince & Dormand 1981, High order embedded Runge–Kutta formulae, J. Comp. Appl. Math. 7; "
-              f"{_HNW}, §II.10 (DOP853, with the 5th/3rd-order error estimate and the 7th-order dense output of Hairer's code)",
+              f"{_HNW}, §II.10 (DOP853, with the 5th/3rd-order error estimate and the 7th-order dense output "
+              f"of Hairer's code)",
     dense_stages=(_DOP853_DENSE_C, tuple(_padded(row, 13 + i) for i, row in enumerate(_DOP853_DENSE_A))))
 
 TABLEAUX = {t.name: t for t in (EULER, MIDPOINT, HEUN, RALSTON, RK4, RK4_38, BOSH3, TSIT5, DOPRI5, DOP853)}

@@ -88,6 +88,14 @@ class ERSDE(Solver):
         self.noise_free = noise_scaler == "ode" or self.eta == 0
         self.points = integration_points
         self.history = []  # (s, D, D1) of earlier grid points, newest first
+        # s = sigma/alpha and phi(s) at every grid point, and the integrals (S, S_u) of every step that
+        # runs stage 2 or 3 (step i >= 1, sigma' > 0), on the host once per solve: a step reads numbers
+        # (traceable by torch.compile)
+        self.s = [g.sigma / g.alpha for g in self.grid]
+        self.phis = [self.scaler(v) for v in self.s]
+        self.integrals = [er_sde_integrals(self.s[i], self.s[i + 1], self.phi, self.points)
+                          if i >= 1 and max_stage >= 2 and not (not isinstance(q.sigma, torch.Tensor) and q.sigma == 0)
+                          else None for i, q in enumerate(self.grid[1:])]
 
     def scaler(self, s):
         """``phi(s)`` as a float, or a [B] tensor for per-sample ``s``."""
@@ -101,16 +109,16 @@ class ERSDE(Solver):
             return self.update(x, [term], [q.alpha * a, q.alpha * b], out=x)
         identity = not isinstance(a, torch.Tensor) and (a, b) == (0.0, 1.0)
         D = term if identity else self.update(x, [term], [a, b])
-        s, s_next = p.sigma / p.alpha, q.sigma / q.alpha
-        phi_next = self.scaler(s_next)
-        r = phi_next / self.scaler(s)
+        s, s_next = self.s[i], self.s[i + 1]
+        phi_next = self.phis[i + 1]
+        r = phi_next / self.phis[i]
         noise = 0.0 if self.noise_free else q.alpha * sqrt(where(s_next ** 2 > (s * r) ** 2,
                                                                  s_next ** 2 - (s * r) ** 2, 0.0))
         terms, coefs = [D], [(q.alpha / p.alpha) * r, q.alpha * (1 - r)]
         stage = min(self.max_stage, len(self.history) + 1)
         D1 = None
         if stage >= 2:  # D1 = (D - D_old)/dp and Du = 2 (D1 - D1_old)/(s - s_{-2}), folded into the terms
-            S, S_u = er_sde_integrals(s, s_next, self.phi, self.points)
+            S, S_u = self.integrals[i]
             s_old, D_old, D1_old = self.history[0]
             dp = s - s_old
             c1 = q.alpha * (s_next - s + S * phi_next)

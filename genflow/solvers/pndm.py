@@ -13,6 +13,8 @@ at ``t = 1``) is the DDIM step ``x' = alpha' x0 + sigma' eps`` and starts the hi
 ``lms`` (``genflow/solvers/runge_kutta.py``) is the same transfer with the exact
 variable-step Adams–Bashforth weights.
 """
+import itertools
+
 import torch
 
 from genflow.solvers.base import Solver, point
@@ -260,11 +262,20 @@ class PNDM(_FixedWeights):
     def nfe(cls, steps: int) -> int:
         return steps + 3 * min(steps, cls.warmup_steps)
 
+    def __init__(self, model, ts, **kwargs):
+        super().__init__(model, ts, **kwargs)
+        # the midpoints of the steps that can be warm-up steps (the first three from alpha > 0 to
+        # sigma' > 0), on the host once per solve: a step reads them (traceable by torch.compile)
+        grid = self.grid
+        candidates = (i for i in range(len(grid) - 1) if not (_any_zero(grid[i].alpha) or _any_zero(grid[i + 1].sigma)))
+        self.midpoints = {i: point(self.process, (grid[i].t + grid[i + 1].t) / 2)
+                          for i in itertools.islice(candidates, self.warmup_steps)}
+
     def step(self, i, x):
         p, q = self.grid[i], self.grid[i + 1]
         if self.warm >= self.warmup_steps or _any_zero(p.alpha) or _any_zero(q.sigma):
             return super().step(i, x)
-        m = point(self.process, (p.t + q.t) / 2)
+        m = self.midpoints[i]
         e1 = self.noise_prediction(x, p)
         e2 = self.noise_prediction(self.transfer(x, [e1], [1.0], p, m), m)
         e3 = self.noise_prediction(self.transfer(x, [e2], [1.0], p, m), m)

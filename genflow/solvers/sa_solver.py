@@ -82,7 +82,31 @@ class SASolver(Solver):
         self.predictor_order, self.corrector_order = predictor_order, corrector_order
         self.tau_range = (tau_interval[0] * self.process.T, tau_interval[1] * self.process.T)
         self.history = []  # (lambda, x0) at the previous grid points, newest first
-        self.pending = None  # (start point, tau, predictor nodes' lambdas, predictor coefficients)
+        self.pending = None  # the predictor coefficients of the last step, until the corrector redoes it
+        # the predictor's and the corrector's coefficients of every step, on the host once per solve: a
+        # step reads numbers (traceable by torch.compile)
+        self.predictor_coefficients = [self._predictor(i) for i in range(len(self.grid) - 1)]
+        self.corrector_coefficients = [self._corrector(i) for i in range(len(self.grid) - 1)]
+
+    def _nodes(self, i, count):
+        """The log-SNRs of grid points ``i, i - 1, ...`` the history holds at step ``i`` (at most ``count``)."""
+        return [self.grid[j].lam for j in range(i, max(i - min(count, 4), -1), -1)]
+
+    def _predictor(self, i):
+        """``alpha' b_j`` of the SA-Predictor of step ``i`` (None for a step to sigma' = 0)."""
+        p, q = self.grid[i], self.grid[i + 1]
+        if not isinstance(q.sigma, torch.Tensor) and q.sigma == 0:
+            return None
+        nodes = self._nodes(i, self.predictor_order)
+        return [q.alpha * bj for bj in sa_coefficients(p.lam, q.lam, nodes, self.tau(q.t))]
+
+    def _corrector(self, i):
+        """``alpha b^c_j`` of the SA-Corrector of the step ``i - 1 -> i``, run at step ``i``."""
+        if i == 0 or self.corrector_order == 0:
+            return None
+        start, p = self.grid[i - 1], self.grid[i]
+        return [p.alpha * bj for bj in sa_coefficients(start.lam, p.lam, self._nodes(i, self.corrector_order),
+                                                       self.tau(p.t))]
 
     def tau(self, t):
         inside = (t >= self.tau_range[0]) & (t <= self.tau_range[1]) if isinstance(t, torch.Tensor) else \
@@ -96,11 +120,8 @@ class SASolver(Solver):
         x0 = term if identity else self.update(x, [term], [a, b])
         self.history = ([(p.lam, x0)] + self.history)[:4]  # predictor_order + 1 and corrector_order are <= 4
         if self.pending is not None and self.corrector_order > 0:  # SA-Corrector of the step i-1 -> i
-            start, tau, predicted = self.pending
-            c = min(self.corrector_order, len(self.history))
-            nodes = [lam for lam, _ in self.history[:c]]
-            corrected = [p.alpha * bj for bj in sa_coefficients(start.lam, p.lam, nodes, tau)]
-            coefs = {j: cj for j, cj in enumerate(corrected)}
+            predicted = self.pending
+            coefs = {j: cj for j, cj in enumerate(self.corrector_coefficients[i])}
             for j, bj in enumerate(predicted):  # the predictor's nodes are history[1:]
                 coefs[j + 1] = coefs.get(j + 1, 0.0) - bj
             order = sorted(coefs)
@@ -110,14 +131,13 @@ class SASolver(Solver):
             return self.update(x, [x0], [0.0, q.alpha], out=x)
         tau = self.tau(q.t)
         h = q.lam - p.lam
-        k = min(self.predictor_order, len(self.history))
-        nodes = [lam for lam, _ in self.history[:k]]
-        predicted = [q.alpha * bj for bj in sa_coefficients(p.lam, q.lam, nodes, tau)]
+        predicted = self.predictor_coefficients[i]
+        k = len(predicted)
         noise = 0.0
         if self.eta > 0:  # drawn on every step, also where tau = 0, so per-sample grids stay batch-invariant
             noise = q.sigma * sqrt(-expm1(-2 * tau ** 2 * h))
             if not isinstance(noise, torch.Tensor):
                 noise = torch.full((x.shape[0],), noise, dtype=torch.float64)
-        self.pending = (p, tau, predicted)
+        self.pending = predicted
         return self.update(x, [x0 for _, x0 in self.history[:k]], [q.sigma / p.sigma * exp(-tau ** 2 * h)] + predicted,
                            noise, out=x, noise_at=(p.sigma, q.sigma))

@@ -25,17 +25,27 @@ class _Seeds(Solver):
         if bool(torch.as_tensor(self.grid[0].alpha == 0).any()):
             raise ValueError(f"{self.name} needs alpha > 0 at the start (finite log-SNR); start at t_start < T")
 
+    def off_grid_points(self, fractions):
+        """The ``Point`` at ``lambda + r h`` of every step for each stage fraction ``r < 1`` (dicts
+        ``{r: Point}``, None for a step to ``sigma' = 0``), on the host once per solve: a step reads
+        them (traceable by torch.compile)."""
+        points = []
+        for p, q in zip(self.grid[:-1], self.grid[1:]):
+            h = q.lam - p.lam
+            points.append(None if not isinstance(q.sigma, torch.Tensor) and q.sigma == 0 else {
+                r: point(self.process, self.process.t_from_log_snr(torch.as_tensor(p.lam + r * h, dtype=torch.float64)))
+                for r in fractions})
+        return points
+
     def data_prediction(self, x, p):
         term, a, b = self.x0_view(x, self.evaluate(x, p), p)
         return term if not isinstance(a, torch.Tensor) and (a, b) == (0.0, 1.0) else self.update(x, [term], [a, b])
 
-    def stage(self, x, p, end, h, r, weights, x0s, previous):
-        """The state at ``lambda + r h`` (``end`` for ``r = 1``) and its ``Point``, from ``x`` at ``p``.
+    def stage(self, x, p, q, h, r, weights, x0s, previous):
+        """The state at ``lambda + r h`` (its ``Point`` ``q``) and ``q``, from ``x`` at ``p``.
 
         ``weights`` multiply ``-alpha_r`` times the ``x0s``; ``previous`` is None or
         ``(state, r_prev, point_prev, [(coefficient, term)] of its deterministic part)``."""
-        q = point(self.process, self.process.t_from_log_snr(torch.as_tensor(p.lam + r * h, dtype=torch.float64))) \
-            if r < 1 else end
         eta = self.eta
         cx = q.sigma / p.sigma * exp(-eta * r * h)
         terms, coefs = list(x0s), [-q.alpha * w for w in weights]
@@ -63,7 +73,8 @@ class _Seeds(Solver):
         x0s, previous = [x0], None
         stages = self.tableau(h, H)
         for k, (r, weights) in enumerate(stages):
-            state, s, det = self.stage(x, p, q, h, r, weights, x0s, previous)
+            end = q if r >= 1 else self.stage_points[i][r]
+            state, s, det = self.stage(x, p, end, h, r, weights, x0s, previous)
             if k == len(stages) - 1:
                 return x.copy_(state)
             x0s.append(self.data_prediction(state, s))
@@ -122,6 +133,7 @@ class SEEDS2(_Seeds):
         if solver_type not in ("phi_1", "phi_2"):
             raise ValueError(f"solver_type must be 'phi_1' or 'phi_2', got {solver_type!r}")
         self.r, self.solver_type = float(r), solver_type
+        self.stage_points = self.off_grid_points((self.r,))
 
     def tableau(self, h, H):
         r = self.r
@@ -158,6 +170,7 @@ class SEEDS3(_Seeds):
         if not r_1 < r_2:
             raise ValueError(f"r_1 must be < r_2, got r_1={r_1}, r_2={r_2}")
         self.r_1, self.r_2 = float(r_1), float(r_2)
+        self.stage_points = self.off_grid_points((self.r_1, self.r_2))
 
     def tableau(self, h, H):
         r1, r2 = self.r_1, self.r_2

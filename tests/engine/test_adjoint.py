@@ -84,7 +84,8 @@ def test_saveat_gradients_match_backpropagation(solver, options, rtol):
     _close(adjoint, backprop, rtol)
 
 
-@pytest.mark.parametrize("solver, peer, options", [("rk4_38", "rk4", {"steps": 64}), ("midpoint", "midpoint", {"steps": 64}),
+@pytest.mark.parametrize("solver, peer, options", [("rk4_38", "rk4", {"steps": 64}),
+                                                   ("midpoint", "midpoint", {"steps": 64}),
                                                    ("dopri5", "dopri5", {"rtol": 1e-10, "atol": 1e-10})])
 def test_equals_torchdiffeq_odeint_adjoint(solver, peer, options):
     """Same drift, y0, loss: fixed grids give the same backward solve (the grid reversed); the
