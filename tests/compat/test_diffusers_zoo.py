@@ -515,3 +515,33 @@ def test_sa_solver_second_order_shift_is_pinned_and_tau_func():
     _compare("SASolverScheduler", {"tau_func": tau, "predictor_order": 3}, 7, stochastic=True)
     with pytest.raises(ValueError, match="algorithm_type"):
         gf.compat.diffusers.SASolverScheduler(algorithm_type="noise_prediction")
+
+
+# ------------------------------------------------------------------ flow-match LCM
+
+@pytest.mark.parametrize("config, set_kwargs", [
+    ({}, None),
+    ({"shift": 3.0, "use_karras_sigmas": True}, None),
+    ({"use_dynamic_shifting": True}, {"mu": 0.8}),
+    ({"invert_sigmas": True}, None),
+])
+def test_flow_match_lcm_equals_diffusers(config, set_kwargs):
+    for steps in (1, 4, 9):
+        _compare("FlowMatchLCMScheduler", config, steps, stochastic=True, set_kwargs=set_kwargs)
+
+
+def test_flow_match_lcm_scale_factors():
+    outs = []
+    for lib in (diffusers(), gf.compat.diffusers):
+        s = lib.FlowMatchLCMScheduler(scale_factors=[1.0, 1.5, 2.0], upscale_mode="bilinear")
+        s.set_timesteps(4)
+        x, gen = torch.randn(1, 2, 4, 6, generator=torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1)
+        for t in s.timesteps:
+            x = s.step(torch.tanh(x), t, x, generator=gen).prev_sample
+        outs.append(x)
+    assert outs[0].shape == (1, 2, 8, 12)
+    _assert_rel(outs[1], outs[0])
+    with pytest.raises(ValueError, match="scale_factors"):
+        s = gf.compat.diffusers.FlowMatchLCMScheduler(scale_factors=[1.0])
+        s.set_timesteps(4)
+        s.step(_latents(), s.timesteps[0], _latents())

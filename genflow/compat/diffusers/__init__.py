@@ -57,3 +57,6 @@ __all__ += ["DDIMParallelScheduler", "DDPMParallelScheduler"]
 from .sa_solver import SASolverScheduler
 
 __all__ += ["SASolverScheduler"]
+from .flow_lcm import FlowMatchLCMScheduler
+
+__all__ += ["FlowMatchLCMScheduler"]
