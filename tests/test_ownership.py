@@ -1,6 +1,7 @@
 """The solver owns its state and history (issue 16, item 1): models that share memory with it.
 
-For every registered solver and the compat layers, three kinds of network that real code
+For every registered solver, every k-diffusion sampler and diffusers scheduler of the compat
+layers and every ``gf.solve`` tableau and SDE solver, three kinds of network that real code
 produces are run against a pure one (the exact denoiser of the 8-Gaussian ring, fresh output
 every call, input untouched), on identical inputs and per-sample seeds:
 
@@ -19,10 +20,11 @@ import pytest
 import torch
 
 import genflow as gf
-from genflow.ownership import (InputMutationError, OutputAliasError, OutputOwnership, check_input_unchanged,
-                               own_output, shares_storage)
+from genflow.compat import diffusers, k_diffusion
 from genflow.engine.sde import SDE_SOLVERS
 from genflow.engine.tableau import TABLEAUX
+from genflow.ownership import (InputMutationError, OutputAliasError, OutputOwnership, check_input_unchanged,
+                               own_output, shares_storage)
 from genflow.solvers import SOLVERS
 
 MIXTURE = gf.GaussianMixture.ring()
@@ -146,9 +148,9 @@ def test_model_reuses_buffers_is_checked():
 
 # ------------------------------------------------------------------ compat layers
 
-KD_SAMPLERS = ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
-               "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
-               "sample_dpmpp_3m_sde"]
+# every k-diffusion sampler on a sigma grid (dpm_fast and dpm_adaptive take sigma_min/sigma_max instead)
+KD_SAMPLERS = sorted(n for n in dir(k_diffusion) if n.startswith("sample_")
+                     and "sigmas" in inspect.signature(getattr(k_diffusion, n)).parameters)
 _EDM_MODEL = MIXTURE.model(gf.EDM())
 
 
@@ -157,9 +159,9 @@ def _denoiser(x, sigma):
 
 
 def _k_run(name, model):
-    from genflow.compat import k_diffusion
-
     sigmas = k_diffusion.get_sigmas_karras(6, 0.03, 80.0, device="cpu").double()
+    if name == "sample_ald":  # annealed Langevin ends at its last noise level, not at 0
+        sigmas = sigmas[:-1]
     x = 80.0 * torch.randn(BATCH, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     draws = iter([torch.randn(BATCH, 2, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
                   for k in range(64)])
@@ -189,16 +191,30 @@ def test_k_diffusion_samplers_with_aliasing_models(name):
     assert torch.equal(result, _k_run(name, lambda x, s: _denoiser(x * 1.001, s)))
 
 
-DIFFUSERS = ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-             "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler",
-             "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"]
+def _scheduler_cases():
+    """``(scheduler, prediction_type)`` for every diffusers scheduler and each of ``epsilon`` and
+    ``sample`` it takes (None: one without the option, e.g. the flow-matching schedulers)."""
+    cases = []
+    for name in (n for n in diffusers.__all__ if n.endswith("Scheduler") and n != "Scheduler"):
+        for prediction_type in ("epsilon", "sample"):
+            try:
+                getattr(diffusers, name)(prediction_type=prediction_type)
+            except TypeError:  # no prediction_type option
+                cases.append((name, None))
+                break
+            except ValueError:  # a prediction type it does not take
+                continue
+            if (name, prediction_type) != ("DDIMInverseScheduler", "sample"):  # inverts from t = 0: x0 is undefined
+                cases.append((name, prediction_type))
+    return cases
 
 
 def _diffusers_run(name, eps_net, prediction_type="epsilon"):
     """diffusers' pipeline loop; the model output handed to ``step`` comes from ``eps_net``."""
-    from genflow.compat import diffusers
-
-    scheduler = getattr(diffusers, name)(prediction_type=prediction_type)
+    options = {} if prediction_type is None else {"prediction_type": prediction_type}
+    if "noise_sampler_seed" in getattr(diffusers, name)().config:  # a Brownian tree seeded per run
+        options["noise_sampler_seed"] = 0
+    scheduler = getattr(diffusers, name)(**options)
     scheduler.set_timesteps(6)
     x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(2)) * scheduler.init_noise_sigma
     generator = torch.Generator().manual_seed(5)
@@ -213,7 +229,7 @@ def _toy(x, t):
     return torch.tanh(0.9 * x + 0.3 * x.roll(1, dims=-1)) + 0.001 * float(t)
 
 
-_CASES = [(n, p) for n in DIFFUSERS for p in ("epsilon", "sample")]
+_CASES = _scheduler_cases()
 
 
 @pytest.mark.parametrize("name, prediction_type", _CASES)
