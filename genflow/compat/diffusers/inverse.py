@@ -4,13 +4,12 @@ e.g. to find the latent of an image before editing it)."""
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch
 
-from ._base import (Scheduler, SchedulerOutput, check_choice, check_prediction_type, fused, spaced_timesteps,
-                    x0_eps_coefficients)
+from ._base import (Scheduler, SchedulerOutput, check_choice, check_prediction_type, fused_planned, grid_plans,
+                    pack, spaced_timesteps, x0_eps_coefficients)
 from ._multistep import MultistepScheduler, flow_sigmas
 from ._sigmas import beta_sigmas, exponential_sigmas, karras_sigmas, sigma_to_t
 from .dpm_solver import ALGORITHMS, SOLVER_TYPES, DPMSolverMultistepScheduler
@@ -49,6 +48,7 @@ class DDIMInverseScheduler(Scheduler):
         self.initial_alpha_cumprod = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
         self._initial_abar = 1.0 if self.config.set_alpha_to_one else self._abar[0]
         self.timesteps = torch.arange(0, self.config.num_train_timesteps, dtype=torch.int64)
+        self._plans = grid_plans(self, ())  # the step plans by (start, end) timestep: the table is the config's
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """Set ``timesteps`` (int64 [n], increasing) by ``timestep_spacing``: DDIM's, reversed."""
@@ -70,14 +70,19 @@ class DDIMInverseScheduler(Scheduler):
         cfg = self.config
         end = int(timestep)
         start = min(end - cfg.num_train_timesteps // self.num_inference_steps, cfg.num_train_timesteps - 1)
-        a = self._abar[start] if start >= 0 else self._initial_abar
-        a_end = self._abar[end]
-        (x0_x, x0_out), (eps_x, eps_out) = x0_eps_coefficients(cfg.prediction_type, math.sqrt(a), math.sqrt(1.0 - a))
-        x0 = fused(sample, [model_output], [x0_x, x0_out])
+        plans = self._plans.get((start, end))
+        if plans is None:
+            a = self._abar[start] if start >= 0 else self._initial_abar
+            (x0_x, x0_out), (eps_x, eps_out) = x0_eps_coefficients(cfg.prediction_type, math.sqrt(a),
+                                                                   math.sqrt(1.0 - a))
+            a_end = self._abar[end]
+            direction = math.sqrt(1.0 - a_end)
+            plans = self._plans[(start, end)] = (pack([x0_x, x0_out]),
+                                                 pack([math.sqrt(a_end), direction * eps_x, direction * eps_out]))
+        x0 = fused_planned(sample, [model_output], plans[0])
         if cfg.clip_sample:
             x0.clamp_(-cfg.clip_sample_range, cfg.clip_sample_range)
-        direction = math.sqrt(1.0 - a_end)
-        prev = fused(x0, [sample, model_output], [math.sqrt(a_end), direction * eps_x, direction * eps_out])
+        prev = fused_planned(x0, [sample, model_output], plans[1])
         if not return_dict:
             return prev, x0
         return SchedulerOutput(prev, x0)

@@ -16,7 +16,8 @@ import torch
 from genflow.ownership import OutputOwnership
 from genflow.solvers.pndm import adams_bashforth_weights
 
-from ._base import Scheduler, SchedulerOutput, check_choice, check_prediction_type, fused, spaced_timesteps
+from ._base import (Scheduler, SchedulerOutput, check_choice, check_prediction_type, fused, fused_planned, grid_plans,
+                    pack, spaced_timesteps)
 
 __all__ = ["PNDMScheduler", "IPNDMScheduler"]
 
@@ -208,6 +209,7 @@ class IPNDMScheduler(Scheduler):
         self.alphas = (1.0 - self.betas ** 2) ** 0.5
         self.timesteps = (torch.atan2(self.betas, self.alphas) / math.pi * 2)[:-1].to(device)
         self._sigma, self._alpha = self.betas.double().tolist(), self.alphas.double().tolist()
+        self._plans = grid_plans(self, self._sigma + self._alpha)
         self.ets = []
         self._step_index = None
         self._begin_index = None
@@ -227,13 +229,17 @@ class IPNDMScheduler(Scheduler):
             self._init_step_index(timestep)
         i = self._step_index
         sigma, alpha = self._sigma[i], self._alpha[i]
-        weights = adams_bashforth_weights(min(len(self.ets) + 1, 4))
-        c_x, c_e = _transfer_coefficients(max(alpha, 1e-8), sigma, self._alpha[i + 1], self._sigma[i + 1])
         history = self.ets[::-1][:3]
-        # x' = c_x x + c_e (w0 (sigma x + alpha out) + sum_j w_j e_{i-j})
-        prev = fused(sample, [model_output] + history,
-                     [c_x + c_e * weights[0] * sigma, c_e * weights[0] * alpha] + [c_e * w for w in weights[1:]])
+        plans = self._plans.get(("ipndm", i, len(history)))
+        if plans is None:
+            weights = adams_bashforth_weights(len(history) + 1)
+            c_x, c_e = _transfer_coefficients(max(alpha, 1e-8), sigma, self._alpha[i + 1], self._sigma[i + 1])
+            # x' = c_x x + c_e (w0 (sigma x + alpha out) + sum_j w_j e_{i-j}); e_i = sigma x + alpha out
+            plans = self._plans[("ipndm", i, len(history))] = (
+                pack([c_x + c_e * weights[0] * sigma, c_e * weights[0] * alpha] + [c_e * w for w in weights[1:]]),
+                pack([sigma, alpha]))
+        prev = fused_planned(sample, [model_output] + history, plans[0])
         if i + 1 < len(self.timesteps):  # e_i for the later steps (a new tensor: nothing of the model's is held)
-            self.ets = self.ets[-2:] + [fused(sample, [model_output], [sigma, alpha])]
+            self.ets = self.ets[-2:] + [fused_planned(sample, [model_output], plans[1])]
         self._step_index += 1
         return SchedulerOutput(prev) if return_dict else (prev,)
