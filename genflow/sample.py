@@ -15,7 +15,7 @@ from genflow._extension import check_device
 from genflow.engine.loop import run
 from genflow.models import Model
 from genflow.noise import NOISE_KINDS, noise_source
-from genflow.schedules import time_grid, validate_grid
+from genflow.schedules import Schedule, split_schedule_options, time_grid, validate_grid
 from genflow.solvers import get as get_solver
 from genflow.errors import NonFiniteError, diverged_rows
 
@@ -48,11 +48,12 @@ def _check_shape(shape):
     return shape
 
 
-def _grid(process, steps, schedule, t_start, t_end, rho) -> torch.Tensor:
-    """The time grid: ``time_grid`` for a schedule name (``steps`` default 20, ``rho`` passed
-    through), or an explicit grid, which ``steps`` (when given) must agree with."""
-    if isinstance(schedule, str):
-        options = {} if rho is None else {"rho": rho}
+def _grid(process, steps, schedule, t_start, t_end, rho, options) -> torch.Tensor:
+    """The time grid: ``time_grid`` for a schedule name or ``Schedule`` (``steps`` default 20,
+    ``rho`` and the schedule's ``options`` passed through), or an explicit grid, which ``steps``
+    (when given) must agree with."""
+    if isinstance(schedule, (str, Schedule)):
+        options = options if rho is None else {**options, "rho": rho}
         return time_grid(process, 20 if steps is None else steps, schedule, t_start, t_end, **options)
     ts = validate_grid(schedule, process)
     if steps is not None and check_int("steps", steps, low=1) != ts.shape[0] - 1:
@@ -109,12 +110,13 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
             ``sde_adaptive``) pick their own steps between ``t_start`` and ``t_end``: ``steps``
             and ``schedule`` then only fix those endpoints; pass ``rtol``/``atol`` instead.
         steps: number of solver steps (``>= 1``, default 20; a Python, NumPy or 0-d tensor int).
-        schedule: a name from ``gf.schedules.SCHEDULES`` or an explicit decreasing grid
+        schedule: a name from ``gf.schedules.SCHEDULES`` (its options, e.g. ``alpha``/``beta``
+            of ``"beta"``, as keywords here), a ``gf.schedules.Schedule``, or an explicit decreasing grid
             (``[N+1]`` or per-sample ``[N+1, B]``; ``t_start``, ``t_end`` are then ignored, and
             ``steps``, when given, must equal ``N``).
         t_start, t_end: integration limits (default ``process.T`` and ``process.t_min``);
             numbers or length-B tensors (each sample starts or ends at its own time).
-        rho: the ``karras`` schedule's exponent (default 7, ``gf.time_grid``).
+        rho: the ``karras`` (default 7) or ``polyexponential`` (default 1) schedule's exponent.
         eta: churn for solvers that take it (None: the solver's default).
         generator: None, an int seed, B per-sample seeds, or a ``torch.Generator``. Noise comes
             from the in-kernel Philox stream; with per-sample seeds a sample does not depend on
@@ -173,12 +175,13 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
     if final_step not in (None, "x0"):
         raise ValueError(f"final_step must be None or 'x0', got {final_step!r}")
     solver_cls = get_solver(solver)
+    schedule_options, solver_options = split_schedule_options(schedule, solver_options)
     solver_options = {name: _plain_number(value) for name, value in solver_options.items()}
     if backend not in ("auto", "torch", "cpu", "cuda"):
         raise ValueError(f"backend must be 'auto', 'torch', 'cpu' or 'cuda', got {backend!r}")
     device = check_device("device", device)
     process = model.process
-    ts = _grid(process, steps, schedule, t_start, t_end, rho)
+    ts = _grid(process, steps, schedule, t_start, t_end, rho, schedule_options)
     if ts.device.type != "cpu":  # the grid is host data: step coefficients are host float64 math
         ts = ts.cpu()
     if x_T is not None:
