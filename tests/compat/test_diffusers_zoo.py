@@ -54,7 +54,10 @@ def _pair(name, **config):
 
 def _loop(scheduler, steps, *, stochastic, set_kwargs=None, **step_kwargs):
     """diffusers' standard loop; the model inputs, new samples and x0 predictions of every step."""
-    scheduler.set_timesteps(steps, **(set_kwargs or {}))
+    if steps is None:
+        scheduler.set_timesteps(**set_kwargs)
+    else:
+        scheduler.set_timesteps(steps, **(set_kwargs or {}))
     x = _latents() * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching has none
     if stochastic:
         step_kwargs["generator"] = torch.Generator().manual_seed(1)
@@ -542,3 +545,13 @@ def test_flow_match_lcm_scale_factors():
         s = gf.compat.diffusers.FlowMatchLCMScheduler(scale_factors=[1.0])
         s.set_timesteps(4)
         s.step(_latents(), s.timesteps[0], _latents())
+
+
+# ------------------------------------------------------------------ consistency models (CM stochastic iterative)
+
+@pytest.mark.parametrize("config", [{}, {"clip_denoised": False, "s_noise": 0.8, "sigma_data": 0.7},
+                                    {"num_train_timesteps": 151, "rho": 5.0, "clip_denoised": False}])
+def test_cm_stochastic_iterative_equals_diffusers(config):
+    for steps in (1, 2, 7):
+        _compare("CMStochasticIterativeScheduler", config, steps, stochastic=True)
+    _compare("CMStochasticIterativeScheduler", config, None, stochastic=True, set_kwargs={"timesteps": [22, 9, 0]})

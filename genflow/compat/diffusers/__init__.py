@@ -45,9 +45,9 @@ __all__ += ["FlowMatchHeunDiscreteScheduler"]
 from .pndm import IPNDMScheduler, PNDMScheduler
 
 __all__ += ["PNDMScheduler", "IPNDMScheduler"]
-from .consistency import LCMScheduler, TCDScheduler
+from .consistency import CMStochasticIterativeScheduler, LCMScheduler, TCDScheduler
 
-__all__ += ["LCMScheduler", "TCDScheduler"]
+__all__ += ["LCMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler"]
 from .sde import DPMSolverSDEScheduler
 
 __all__ += ["DPMSolverSDEScheduler"]

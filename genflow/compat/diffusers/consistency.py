@@ -1,6 +1,7 @@
 """diffusers' consistency-model schedulers on genflow's fused update: ``LCMScheduler`` and
 ``TCDScheduler`` (the native ``lcm`` and ``tcd`` solvers of ``genflow.solvers.consistency`` on a
-DDPM table, with diffusers' integer timesteps and its boundary-condition scalings)."""
+DDPM table, with diffusers' integer timesteps and its boundary-condition scalings) and
+``CMStochasticIterativeScheduler`` (consistency models on an EDM grid)."""
 from __future__ import annotations
 
 import math
@@ -13,8 +14,10 @@ from genflow.solvers.base import dynamic_threshold
 
 from ._base import (Scheduler, SchedulerOutput, check_choice, check_prediction_type, fused, randn_like_diffusers,
                     x0_eps_coefficients)
+from ._sigmas import SigmaScheduler
+from .edm import karras_ramp
 
-__all__ = ["LCMScheduler", "TCDScheduler", "LCMSchedulerOutput", "TCDSchedulerOutput"]
+__all__ = ["LCMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler", "LCMSchedulerOutput", "TCDSchedulerOutput"]
 
 
 class LCMSchedulerOutput(SchedulerOutput):
@@ -238,3 +241,117 @@ class TCDScheduler(_ConsistencyScheduler):
             prev = noised
         self._step_index += 1
         return TCDSchedulerOutput(prev, noised) if return_dict else (prev, noised)
+
+
+class CMStochasticIterativeScheduler(SigmaScheduler):
+    """Consistency models' multistep sampling, diffusers' ``CMStochasticIterativeScheduler``.
+
+    On a Karras grid (``karras_ramp`` of the training ramp at the chosen timesteps), with the
+    consistency boundary scalings ``c_skip = sd^2 / ((s - s_min)^2 + sd^2)``,
+    ``c_out = (s - s_min) sd / sqrt(s^2 + sd^2)`` (Song et al. 2023, "Consistency Models", eq. 7 and
+    Appendix C)::
+
+        denoised = c_out out + c_skip x                 (clipped to [-1, 1] if clip_denoised)
+        x'       = denoised + s_noise sqrt(s_hat'^2 - s_min^2) z,   s_hat' = clamp(s', s_min, s_max)
+
+    Song et al. (2023), Algorithm 1 (the native ``lcm`` step in the VE variables). 1 NFE per step;
+    one or two fused passes (two when clipping). z is drawn as diffusers draws it (zeros for a
+    one-step schedule); ``timesteps = 250 log(sigma)``.
+    """
+
+    defaults = dict(num_train_timesteps=40, sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, s_noise=1.0, rho=7.0,
+                    clip_denoised=True)
+    order = 1
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        c = self.config
+        sigmas = karras_ramp(np.linspace(0, 1, c.num_train_timesteps), c.sigma_min, c.sigma_max, c.rho)
+        self.timesteps = torch.from_numpy(self.sigma_to_t(sigmas))
+        self._set_sigmas(torch.from_numpy(sigmas))
+        self.custom_timesteps = False
+        self.is_scale_input_called = False
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return self.config.sigma_max
+
+    @staticmethod
+    def sigma_to_t(sigmas):
+        """The network's time input ``1000 log(sigma + 1e-44) / 4`` (float64)."""
+        return 1000 * 0.25 * np.log(np.asarray(sigmas, dtype=np.float64) + 1e-44)
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, timesteps=None) -> None:
+        """Set ``sigmas`` (float32 [n + 1], ending with ``sigma_min``) and ``timesteps`` (float64 [n])
+        from ``num_inference_steps`` (every ``N // n``-th training index) or custom decreasing
+        training indices ``timesteps``."""
+        c = self.config
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps or timesteps")
+        if timesteps is not None:
+            if any(timesteps[i] >= timesteps[i - 1] for i in range(1, len(timesteps))):
+                raise ValueError(f"timesteps must be decreasing, got {list(timesteps)}")
+            if timesteps[0] >= c.num_train_timesteps:
+                raise ValueError(f"timesteps must start below num_train_timesteps = {c.num_train_timesteps}, "
+                                 f"got {timesteps[0]}")
+            indices = np.array(timesteps, dtype=np.int64)
+            self.custom_timesteps = True
+        else:
+            if not 1 <= num_inference_steps <= c.num_train_timesteps:
+                raise ValueError(f"num_inference_steps must be in [1, num_train_timesteps = {c.num_train_timesteps}], "
+                                 f"got {num_inference_steps}")
+            self.num_inference_steps = num_inference_steps
+            ratio = c.num_train_timesteps // num_inference_steps
+            indices = (np.arange(0, num_inference_steps) * ratio).round()[::-1].copy().astype(np.int64)
+            self.custom_timesteps = False
+        sigmas = karras_ramp(indices[::-1].copy() / (c.num_train_timesteps - 1), c.sigma_min, c.sigma_max, c.rho)
+        self.timesteps = torch.from_numpy(self.sigma_to_t(sigmas)).to(device=device)
+        self._set_sigmas(torch.from_numpy(np.concatenate([sigmas, [c.sigma_min]]).astype(np.float32)))
+        self._step_index = None
+        self._begin_index = None
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
+        """The network input ``sample / sqrt(sigma^2 + sigma_data^2)``."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        self.is_scale_input_called = True
+        sigma = self._sig[self._step_index]
+        return fused(sample, [], [1.0 / math.sqrt(sigma * sigma + self.config.sigma_data ** 2)])
+
+    def get_scalings_for_boundary_condition(self, sigma):
+        """``(c_skip, c_out)`` of the consistency parameterisation at ``sigma``."""
+        c = self.config
+        return (c.sigma_data ** 2 / ((sigma - c.sigma_min) ** 2 + c.sigma_data ** 2),
+                (sigma - c.sigma_min) * c.sigma_data / (sigma ** 2 + c.sigma_data ** 2) ** 0.5)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        """One consistency step from ``timestep`` (see the class docstring).
+
+        Args:
+            model_output (Tensor[B, *D]): the network output on ``scale_model_input(sample)``.
+            timestep (float or 0-dim float Tensor): a value of ``timesteps``.
+            sample (Tensor[B, *D]): x at the current sigma.
+            generator (torch.Generator or list, optional): for z.
+            return_dict (bool): a SchedulerOutput (``prev_sample`` only), else ``(prev_sample,)``.
+        """
+        self._check_float_timestep(timestep)
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        c, i = self.config, self._step_index
+        sigma = self._sig[i]
+        sigma_next = self._sig[i + 1] if i + 1 < c.num_train_timesteps else self._sig[-1]
+        c_skip, c_out = self.get_scalings_for_boundary_condition(sigma)
+        if len(self.timesteps) > 1:
+            noise = randn_like_diffusers(model_output.shape, generator, model_output.device, model_output.dtype)
+        else:
+            noise = torch.zeros_like(model_output)
+        sigma_hat = min(max(sigma_next, c.sigma_min), c.sigma_max)
+        scale = c.s_noise * math.sqrt(max(sigma_hat ** 2 - c.sigma_min ** 2, 0.0))
+        if c.clip_denoised:
+            denoised = fused(sample, [model_output], [c_skip, c_out]).clamp_(-1, 1)
+            prev = fused(denoised, [], [1.0], scale, noise=noise)
+        else:
+            prev = fused(sample, [model_output], [c_skip, c_out], scale, noise=noise)
+        self._step_index += 1
+        return SchedulerOutput(prev) if return_dict else (prev,)

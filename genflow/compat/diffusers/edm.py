@@ -23,17 +23,22 @@ from genflow.solvers.dpm_coefficients import dpm_multistep_coefficients
 from ._sigmas import SigmaScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 
-__all__ = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler"]
+__all__ = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler", "karras_ramp"]
+
+
+def karras_ramp(ramp, sigma_min: float, sigma_max: float, rho: float):
+    """Karras et al. (2022) eq. 5 on given ramp values (array or tensor in [0, 1], its dtype kept):
+    ``(smax^(1/rho) + ramp (smin^(1/rho) - smax^(1/rho)))^rho``."""
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
 def _edm_sigmas(config, ramp: torch.Tensor) -> torch.Tensor:
-    """diffusers' EDM grid on ``ramp`` (values in [0, 1], in the ramp's dtype): Karras et al. (2022)
-    eq. 5, ``(smax^(1/rho) + ramp (smin^(1/rho) - smax^(1/rho)))^rho``, or for ``"exponential"``
-    ``exp`` of a float32 ``linspace(log smin, log smax)`` reversed (diffusers' form, ramp values unused)."""
+    """diffusers' EDM grid on ``ramp`` (values in [0, 1], in the ramp's dtype): ``karras_ramp``, or for
+    ``"exponential"`` ``exp`` of a float32 ``linspace(log smin, log smax)`` reversed (diffusers' form,
+    ramp values unused)."""
     smin, smax = config.sigma_min, config.sigma_max
     if config.sigma_schedule == "karras":
-        rho = config.rho
-        return (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+        return karras_ramp(ramp, smin, smax, config.rho)
     return torch.linspace(math.log(smin), math.log(smax), len(ramp)).exp().flip(0)
 
 
