@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._base import TIMESTEP_SPACINGS, Scheduler, check_steps, fused, fused_planned, grid_plans, pack
+from ._base import TIMESTEP_SPACINGS, Scheduler, cached_schedule, check_steps, fused, fused_planned, grid_plans, pack
 
 __all__ = ["sigma_to_t", "karras_sigmas", "exponential_sigmas", "beta_sigmas", "SigmaScheduler", "SIGMA_GRIDS"]
 
@@ -136,6 +136,18 @@ class SigmaScheduler(Scheduler):
         self.sigmas = sigmas.to("cpu")
         self._sig = self.sigmas.double().tolist()
         self._plans = grid_plans(self, self._sig)
+
+    def _set_schedule(self, arguments: tuple, build) -> None:
+        """Set ``timesteps`` and ``sigmas`` from ``build() -> (timesteps, sigmas)``, built once per
+        config and ``set_timesteps`` ``arguments`` (``_base.cached_schedule``; the stored tensors
+        are copies of the shared ones)."""
+        def schedule():
+            timesteps, sigmas = build()
+            sigmas = sigmas.to("cpu")
+            sig = sigmas.double().tolist()
+            return timesteps, sigmas, sig, grid_plans(self, sig)
+        timesteps, sigmas, self._sig, self._plans = cached_schedule(self, arguments, schedule)
+        self.timesteps, self.sigmas = timesteps.clone(), sigmas.clone()
 
     @property
     def init_noise_sigma(self) -> torch.Tensor:

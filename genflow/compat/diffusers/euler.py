@@ -207,16 +207,18 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         self.is_scale_input_called = False
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        """Set ``timesteps`` by ``timestep_spacing`` and ``sigmas`` (interpolated, then 0)."""
-        timesteps = self._spaced_timesteps(num_inference_steps)
+        """Set ``timesteps`` by ``timestep_spacing`` and ``sigmas`` (interpolated, then 0), built
+        once per config and arguments."""
+        def build():
+            timesteps = self._spaced_timesteps(num_inference_steps)
+            train = self._train_sigmas()
+            sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
+            sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+            return torch.from_numpy(timesteps).to(device=device), torch.from_numpy(sigmas)
+        self._set_schedule((num_inference_steps, str(device)), build)
         self.num_inference_steps = num_inference_steps
-        train = self._train_sigmas()
-        sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
-        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
-        self.timesteps = torch.from_numpy(timesteps).to(device=device)
         self._step_index = None
         self._begin_index = None
-        self._set_sigmas(torch.from_numpy(sigmas))
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):

@@ -59,6 +59,21 @@ class HeunDiscreteScheduler(SigmaScheduler):
                     raise ValueError(f"timesteps= cannot be used with {flag}=True")
             num_inference_steps = len(timesteps)
         self.num_inference_steps = num_inference_steps
+        if timesteps is None:  # the common call: its schedule is built once
+            self._set_schedule((num_inference_steps, str(device), num_train_timesteps),
+                               lambda: self._schedule(num_inference_steps, device, num_train_timesteps, None))
+        else:
+            timesteps, sigmas = self._schedule(num_inference_steps, device, num_train_timesteps, timesteps)
+            self.timesteps = timesteps
+            self._set_sigmas(sigmas)
+        self.dt = None
+        self.sample = None
+        self._x0_first = None
+        self._step_index = None
+        self._begin_index = None
+
+    def _schedule(self, num_inference_steps, device, num_train_timesteps, timesteps) -> tuple:
+        """``(timesteps, sigmas)`` of ``set_timesteps`` (inner values repeated)."""
         n_train = num_train_timesteps or self.config.num_train_timesteps
         if timesteps is not None:
             timesteps = np.array(timesteps, dtype=np.float32)
@@ -72,14 +87,9 @@ class HeunDiscreteScheduler(SigmaScheduler):
             timesteps = regridded
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)).to(device=device)
         timesteps = torch.from_numpy(timesteps)
-        self.timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)]).to(
-            device=device, dtype=torch.float32)
-        self._set_sigmas(torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]]))
-        self.dt = None
-        self.sample = None
-        self._x0_first = None
-        self._step_index = None
-        self._begin_index = None
+        timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)]).to(device=device,
+                                                                                       dtype=torch.float32)
+        return timesteps, torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
 
     def _step_plans(self, i: int, first: bool):
         """Packed ``(x0, update)`` coefficients of the call at index ``i``: x0 from the output at the
