@@ -555,3 +555,43 @@ def test_cm_stochastic_iterative_equals_diffusers(config):
     for steps in (1, 2, 7):
         _compare("CMStochasticIterativeScheduler", config, steps, stochastic=True)
     _compare("CMStochasticIterativeScheduler", config, None, stochastic=True, set_kwargs={"timesteps": [22, 9, 0]})
+
+
+# ------------------------------------------------------------------ unCLIP, Würstchen (their pipelines' loops)
+
+@pytest.mark.parametrize("config", [{}, {"prediction_type": "sample", "clip_sample_range": 0.7},
+                                    {"variance_type": "learned_range", "clip_sample": False}])
+def test_unclip_equals_diffusers(config):
+    """The unCLIP pipeline's loop: prev_timestep is the next entry of timesteps (None on the last step)."""
+    for steps in (2, 9):
+        results = []
+        for s in _pair("UnCLIPScheduler", **config):
+            s.set_timesteps(steps)
+            x, gen, outs = _latents(), torch.Generator().manual_seed(2), []
+            for i, t in enumerate(s.timesteps):
+                out = _net(x, t)
+                if config.get("variance_type") == "learned_range":
+                    out = torch.cat([out, torch.tanh(x)], dim=1)
+                prev_t = s.timesteps[i + 1] if i + 1 < len(s.timesteps) else None
+                x = s.step(out, t, x, prev_timestep=prev_t, generator=gen).prev_sample
+                outs.append(x)
+            results.append((s.timesteps, outs))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+        for i, (o, r) in enumerate(zip(results[1][1], results[0][1])):
+            _assert_rel(o, r, what=f"step {i}")
+
+
+@pytest.mark.parametrize("config", [{}, {"scaler": 2.0}, {"scaler": 0.5, "s": 0.01}])
+def test_wuerstchen_equals_diffusers(config):
+    """The Würstchen pipeline's loop: every sample's timestep is the schedule entry (a Tensor[B])."""
+    results = []
+    for s in _pair("DDPMWuerstchenScheduler", **config):
+        s.set_timesteps(6)
+        x, gen, outs = _latents(), torch.Generator().manual_seed(2), []
+        for t in s.timesteps[:-1]:
+            x = s.step(_net(x, t * 1000), t.expand(x.shape[0]), x, generator=gen).prev_sample
+            outs.append(x)
+        outs.append(s.add_noise(_latents(3), _latents(4), torch.tensor([0.3, 0.8])))
+        results.append(outs)
+    for i, (o, r) in enumerate(zip(*results[::-1])):
+        _assert_rel(o, r, what=f"step {i}")

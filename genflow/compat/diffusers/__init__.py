@@ -60,3 +60,6 @@ __all__ += ["SASolverScheduler"]
 from .flow_lcm import FlowMatchLCMScheduler
 
 __all__ += ["FlowMatchLCMScheduler"]
+from .ddpm_variants import DDPMWuerstchenScheduler, UnCLIPScheduler
+
+__all__ += ["UnCLIPScheduler", "DDPMWuerstchenScheduler"]
