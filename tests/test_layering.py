@@ -31,7 +31,7 @@ PACKAGE = ROOT.name
 
 FOUNDATION = ("genflow.errors", "genflow._cache", "genflow._checks", "genflow.registry")
 ABOVE_THE_ENGINE = ("genflow.solvers", "genflow.sample", "genflow.compat", "genflow.train", "genflow.likelihood",
-                    "genflow.cnf", "genflow.sdflow", "genflow.kernel_flows", "genflow.bench", "genflow.cli")
+                    "genflow.cnf", "genflow.divergence", "genflow.sdflow", "genflow.kernel_flows", "genflow.bench", "genflow.cli")
 
 
 def _module_name(path: pathlib.Path) -> str:
