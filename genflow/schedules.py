@@ -410,20 +410,20 @@ AYS_NOISE_LEVELS = {  # Sabour et al. (2024), "Align Your Steps", the published 
 
 
 class AlignYourSteps(NoiseSchedule):
-    """Align Your Steps (Sabour et al. 2024): the published 10-step noise levels of ``model``
+    """Align Your Steps (Sabour et al. 2024): the published 10-step noise levels of ``model_type``
     (``"sd15"``, ``"sdxl"``, ``"svd"``; ``AYS_NOISE_LEVELS``), log-linearly interpolated to
     ``steps + 1`` levels (``log s`` linear in ``i/steps`` between the table's ``j/10``, as the
     paper's how-to and ComfyUI do). The levels are clamped to the process's range (repeats
     dropped) and the ends are ``t_start`` and ``t_end`` (ComfyUI sets the last to sigma 0)."""
 
     name = "align_your_steps"
-    defaults = {"model": "sd15"}
+    defaults = {"model_type": "sd15"}
 
     def check_options(self, options):
-        return {"model": check_choice("model", options["model"], tuple(AYS_NOISE_LEVELS))}
+        return {"model_type": check_choice("model_type", options["model_type"], tuple(AYS_NOISE_LEVELS))}
 
     def log_sigmas(self, steps, top, bottom):
-        table = np.log(np.array(AYS_NOISE_LEVELS[self.options["model"]]))
+        table = np.log(np.array(AYS_NOISE_LEVELS[self.options["model_type"]]))
         if steps + 1 == table.shape[0]:
             levels = table
         else:

@@ -141,18 +141,18 @@ def test_laplace_follows_hang_et_al_quantiles(mu, beta):
 @pytest.mark.parametrize("model", ["sd15", "sdxl"])
 def test_align_your_steps_is_the_published_table_at_10_steps_and_log_linear_between(model):
     table = np.array(AYS_NOISE_LEVELS[model])
-    s = _noise_levels(SD, time_grid(SD, 10, "align_your_steps", model=model)).numpy()
+    s = _noise_levels(SD, time_grid(SD, 10, "align_your_steps", model_type=model)).numpy()
     np.testing.assert_allclose(s[1:-1], table[1:-1], rtol=1e-12)
     np.testing.assert_allclose(s[[0, -1]], table[[0, -1]], rtol=1e-6)  # the ends are SD's own range
-    s20 = _noise_levels(SD, time_grid(SD, 20, "align_your_steps", model=model)).numpy()
+    s20 = _noise_levels(SD, time_grid(SD, 20, "align_your_steps", model_type=model)).numpy()
     np.testing.assert_allclose(s20[2:-2:2], table[1:-1], rtol=1e-12)
     np.testing.assert_allclose(s20[1:-1:2], np.sqrt(table[:-1] * table[1:]), rtol=1e-12)  # log-linear midpoints
-    s5 = _noise_levels(SD, time_grid(SD, 5, "align_your_steps", model=model)).numpy()
+    s5 = _noise_levels(SD, time_grid(SD, 5, "align_your_steps", model_type=model)).numpy()
     np.testing.assert_allclose(s5[1:-1], table[2:-2:2], rtol=1e-12)
 
 
 def test_align_your_steps_svd_is_clamped_to_the_process():
-    s = _noise_levels(EDM, time_grid(EDM, 10, "align_your_steps", model="svd")).numpy()
+    s = _noise_levels(EDM, time_grid(EDM, 10, "align_your_steps", model_type="svd")).numpy()
     np.testing.assert_allclose(s, [80.0, *AYS_NOISE_LEVELS["svd"][1:]], rtol=1e-12)
 
 
@@ -258,8 +258,8 @@ def test_registry_and_bad_options_are_named():
         time_grid(process, 5, "beta", alpha="0.5")
     with pytest.raises(ValueError, match="beta"):
         time_grid(process, 5, "laplace", beta=-1.0)
-    with pytest.raises(ValueError, match="model.*did you mean 'sdxl'"):
-        time_grid(process, 5, "align_your_steps", model="sdx")
+    with pytest.raises(ValueError, match="model_type.*did you mean 'sdxl'"):
+        time_grid(process, 5, "align_your_steps", model_type="sdx")
     with pytest.raises(ValueError, match="linear_steps must be < steps"):
         time_grid(process, 5, "linear_quadratic", linear_steps=5)
     with pytest.raises(ValueError, match="threshold_noise"):
