@@ -595,3 +595,26 @@ def test_wuerstchen_equals_diffusers(config):
         results.append(outs)
     for i, (o, r) in enumerate(zip(*results[::-1])):
         _assert_rel(o, r, what=f"step {i}")
+
+
+# ------------------------------------------------------------------ score SDE (VE), predictor-corrector
+
+@pytest.mark.parametrize("config", [{}, {"snr": 0.3, "sigma_max": 50.0, "num_train_timesteps": 100}])
+def test_score_sde_ve_equals_diffusers(config):
+    """The score-SDE pipeline's loop: correct_steps Langevin corrections, then the predictor."""
+    results = []
+    for s in _pair("ScoreSdeVeScheduler", **config):
+        s.set_timesteps(7)
+        s.set_sigmas(7)
+        x, gen, outs = _latents() * s.init_noise_sigma, torch.Generator().manual_seed(2), []
+        for i, t in enumerate(s.timesteps):
+            score = -x / (1.0 + float(s.sigmas[i]) ** 2)
+            for _ in range(s.config.correct_steps):
+                x = s.step_correct(score, x, generator=gen).prev_sample
+            out = s.step_pred(-x / (1.0 + float(s.sigmas[i]) ** 2), t, x, generator=gen)
+            x = out.prev_sample
+            outs += [x, out.prev_sample_mean]
+        outs.append(s.add_noise(_latents(3), _latents(4), torch.tensor([1, 5])))
+        results.append(outs)
+    for i, (o, r) in enumerate(zip(*results[::-1])):
+        _assert_rel(o, r, what=f"output {i}")

@@ -63,3 +63,6 @@ __all__ += ["FlowMatchLCMScheduler"]
 from .ddpm_variants import DDPMWuerstchenScheduler, UnCLIPScheduler
 
 __all__ += ["UnCLIPScheduler", "DDPMWuerstchenScheduler"]
+from .sde_ve import ScoreSdeVeScheduler
+
+__all__ += ["ScoreSdeVeScheduler"]
