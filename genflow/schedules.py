@@ -17,6 +17,7 @@ level; ``lambda`` the log-SNR) between ``s(t_start)`` and ``s(t_end)`` and map i
 (the default for ``simple``, ``ddim_uniform`` and ``beta``, which ComfyUI defines on the
 training table) rounds every time to the nearest training timestep ``t_i = (i + 1)/N``.
 """
+import abc
 import math
 from typing import Sequence, Union
 
@@ -28,8 +29,8 @@ from genflow._checks import check_bool, check_choice, check_int, check_real, did
 from genflow.processes.discrete import DiscreteVP
 from genflow.registry import lookup, named_subclasses
 
-__all__ = ["SCHEDULES", "AYS_NOISE_LEVELS", "Schedule", "get_schedule", "split_schedule_options", "time_grid",
-           "validate_grid"]
+__all__ = ["SCHEDULES", "AYS_NOISE_LEVELS", "Schedule", "get_schedule", "karras_levels", "polyexponential_log_levels",
+           "split_schedule_options", "time_grid", "validate_grid"]
 
 
 def _finite_log_snr(process, t: torch.Tensor, toward: torch.Tensor) -> torch.Tensor:
@@ -47,11 +48,25 @@ def _ramp(steps: int, like: torch.Tensor) -> torch.Tensor:
     return u[:, None] if like.dim() == 1 else u
 
 
+def karras_levels(ramp, sigma_min, sigma_max, rho):
+    """Karras et al. (2022), eq. 5: ``(sigma_max^(1/rho) + ramp (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``
+    for ``ramp`` 0 -> 1 (a tensor or array; the ends numbers or tensors), in the ramp's dtype and
+    operation order, so k-diffusion's and diffusers' float paths reproduce bitwise through it."""
+    top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (top + ramp * (bottom - top)) ** rho
+
+
+def polyexponential_log_levels(ramp, log_sigma_min, log_sigma_max, rho):
+    """k-diffusion's polyexponential schedule in ``log sigma``: ``ramp^rho (log s_max - log s_min) + log s_min``
+    for ``ramp`` 1 -> 0 (``rho = 1`` is log-uniform), in the ramp's dtype and operation order."""
+    return ramp ** rho * (log_sigma_max - log_sigma_min) + log_sigma_min
+
+
 def _positive(name: str, value) -> float:
     return check_real(name, value, low=0.0, low_open=True)
 
 
-class Schedule:
+class Schedule(abc.ABC):
     """Base class: a named rule for a decreasing grid of times; options are constructor keywords.
 
     Subclasses set ``name`` (registering them), ``defaults`` (option -> default) and implement
@@ -104,9 +119,9 @@ class Schedule:
             _GRIDS.put(key, (ts, ts._version))
         return ts
 
+    @abc.abstractmethod
     def levels(self, process, steps: int, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
         """The raw times ``[K]`` or ``[K, B]`` (float64) before clamping, rounding and checks."""
-        raise NotImplementedError(f"{type(self).__name__} must implement levels()")
 
     def _rounds(self, process) -> bool:
         discrete = self.discrete_default if self.discrete is None else self.discrete
@@ -144,9 +159,9 @@ class NoiseSchedule(Schedule):
         ts[0], ts[-1] = t0, t1
         return ts
 
+    @abc.abstractmethod
     def log_sigmas(self, steps: int, top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
         """``log s`` of the grid from ``top = log s(t_start)`` down to ``bottom = log s(t_end)``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement log_sigmas()")
 
 
 class TimeSchedule(Schedule):
@@ -159,9 +174,9 @@ class TimeSchedule(Schedule):
             f = f[:, None]
         return torch.where(f == 1, t0, torch.where(f == 0, t1, t1 + f * (t0 - t1)))
 
+    @abc.abstractmethod
     def fractions(self, steps: int, table_size: int) -> torch.Tensor:
         """The fractions (float64, decreasing) for ``steps``; ``table_size`` knots for table schedules."""
-        raise NotImplementedError(f"{type(self).__name__} must implement fractions()")
 
 
 def _table_size(process, num_train_timesteps) -> int:
@@ -337,7 +352,7 @@ class Polyexponential(NoiseSchedule):
         return {"rho": _positive("rho", options["rho"])}
 
     def log_sigmas(self, steps, top, bottom):
-        return bottom + (1.0 - _ramp(steps, top)) ** self.options["rho"] * (top - bottom)
+        return polyexponential_log_levels(1.0 - _ramp(steps, top), bottom, top, self.options["rho"])
 
 
 class Karras(NoiseSchedule):
@@ -352,9 +367,7 @@ class Karras(NoiseSchedule):
         return {"rho": _positive("rho", options["rho"])}
 
     def log_sigmas(self, steps, top, bottom):
-        rho = self.options["rho"]
-        a, b = torch.exp(top / rho), torch.exp(bottom / rho)
-        return rho * torch.log(a + _ramp(steps, top) * (b - a))
+        return torch.log(karras_levels(_ramp(steps, top), torch.exp(bottom), torch.exp(top), self.options["rho"]))
 
 
 class Cosine(NoiseSchedule):
