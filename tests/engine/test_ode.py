@@ -196,3 +196,23 @@ def test_dense_output_equals_scipy_inside_the_same_step(name, peer):
         assert out.stats["accepted_steps"].tolist() == [1]
         for j, t in enumerate(times):
             assert np.abs(out.ys[j, 0].numpy() - interpolant(t)).max() <= 1e-12
+
+
+def test_tsit5_dense_output_equals_diffrax_inside_the_same_step():
+    """Tsitouras' free interpolant: gf.solve's tsit5 dense output in one step of size 0.3 equals
+    diffrax's Tsit5 dense output (the same interpolant) in the same step, float64."""
+    jax = pytest.importorskip("jax")
+    diffrax = pytest.importorskip("diffrax")
+
+    def jax_rhs(t, y, args):
+        w = 1 + t
+        return jax.numpy.stack([-w * y[1], w * y[0], -2 * t * y[2] ** 2])
+
+    h, times = 0.3, [0.03, 0.105, 0.15, 0.27]
+    with jax.enable_x64(True):
+        for y0 in Y0:
+            sol = diffrax.diffeqsolve(diffrax.ODETerm(jax_rhs), diffrax.Tsit5(), 0.0, h, h,
+                                      jax.numpy.asarray(y0.numpy()), saveat=diffrax.SaveAt(dense=True))
+            theirs = np.stack([np.asarray(sol.evaluate(t)) for t in times])
+            out = gf.solve(gf.ODE(rhs), y0[None], 0.0, h, solver="tsit5", rtol=1e3, atol=1e3, h_init=h, saveat=times)
+            assert np.abs(out.ys[:, 0].numpy() - theirs).max() <= 1e-13
