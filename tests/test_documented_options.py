@@ -3,7 +3,7 @@
 README.md is parsed: the solver table of "### Solvers" (every option a row names in backticks
 that the solver's constructor takes, with the values the row quotes or an example value), the
 paragraphs under it (``thresholding``, ``final_step``, ``warmup="singlestep"``,
-``lower_order_final``) and the "Schedules (`schedule=`)" line (every schedule, ``rho``). Each
+``lower_order_final``), every schedule of ``gf.schedules.SCHEDULES`` and each of its options. Each
 option is passed through ``gf.sample`` once; options given a value other than their default must
 change the result (so they arrived), and an explicit grid with a conflicting ``steps`` is an error.
 """
@@ -112,12 +112,49 @@ def test_warmup_singlestep_for_the_solvers_the_paragraph_names():
         assert not torch.equal(_sample(name, warmup="singlestep"), _sample(name))
 
 
-def test_every_documented_schedule_and_rho():
-    line = re.search(r"Schedules \(`schedule=`\): (.*?)\n\n", README, re.S).group(1)
-    schedules = re.findall(r"`([a-z]+)`", line)
-    assert set(schedules) >= set(gf.schedules.SCHEDULES) and "rho" in schedules
-    for schedule in gf.schedules.SCHEDULES:
-        _sample("dpmpp_2m", schedule=schedule)
+# example values (not the defaults) of the schedules' options
+SCHEDULE_EXAMPLES = {"rho": 3.0, "mu": 0.5, "beta": 0.8, "alpha": 0.4, "threshold_noise": 0.05, "linear_steps": 2,
+                     "num_train_timesteps": 500, "model_type": "sdxl", "discrete": False}
+
+
+def _schedule_classes() -> dict:
+    """Every registered schedule class by name (``gf.schedules.SCHEDULES``)."""
+    found, stack = {}, [gf.schedules.Schedule]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if cls.name:
+            found[cls.name] = cls
+    return found
+
+
+SCHEDULE_CASES = [(name, option) for name, cls in sorted(_schedule_classes().items())
+                  for option in sorted({*cls.defaults, "discrete"} if cls.discrete_default else cls.defaults)]
+DISCRETE_MODEL = gf.GaussianMixture.ring().model(gf.DiscreteVP.linear(100))  # where discrete= changes the grid
+
+
+@pytest.mark.parametrize("schedule", gf.schedules.SCHEDULES)
+def test_every_schedule_is_documented_and_runs_through_gf_sample(schedule):
+    assert f"`{schedule}`" in _solver_section(), f"README's solver section does not name the {schedule!r} schedule"
+    assert _sample("dpmpp_2m", schedule=schedule).shape == X_T.shape
+
+
+@pytest.mark.parametrize("schedule, option", SCHEDULE_CASES)
+def test_each_schedule_option_is_documented_and_arrives(schedule, option):
+    """Each option of each schedule (``gf.time_grid``'s keywords) is passed through ``gf.sample``
+    and changes the grid (so it arrived); README names it."""
+    value = SCHEDULE_EXAMPLES.get(option)
+    assert value is not None, f"add an example value for the {schedule!r} schedule's {option!r} to SCHEDULE_EXAMPLES"
+    model = DISCRETE_MODEL if option == "discrete" else MODEL
+    result = gf.sample(model, x_T=X_T, solver="dpmpp_2m", steps=6, schedule=schedule, generator=[1, 2, 3, 4, 5],
+                       **{option: value})
+    grid = gf.time_grid(model.process, 6, schedule, **{option: value})
+    assert not torch.equal(grid, gf.time_grid(model.process, 6, schedule)), f"{schedule}: {option}={value!r}"
+    assert torch.equal(result, gf.sample(model, x_T=X_T, solver="dpmpp_2m", schedule=grid, generator=[1, 2, 3, 4, 5]))
+    assert f"`{option}" in _solver_section(), f"README's solver section does not name {schedule!r}'s option {option!r}"
+
+
+def test_rho_of_the_karras_schedule():
     karras = _sample("dpmpp_2m", schedule="karras")
     assert torch.equal(_sample("dpmpp_2m", schedule="karras", rho=7.0), karras)
     assert not torch.equal(_sample("dpmpp_2m", schedule="karras", rho=5.0), karras)
