@@ -398,8 +398,8 @@ class KLOptimal(NoiseSchedule):
 class Laplace(NoiseSchedule):
     """Hang et al. (2024), "Improved Noise Schedule for Diffusion Training": ``log s`` at the
     Laplace(``mu``, ``beta``) quantiles, ``log s_i = mu - beta sgn(1/2 - x) log(1 - 2|1/2 - x| + 1e-5)``,
-    ``x = i/steps``, clamped into ``[s_min, s_max]`` like every noise-level schedule (k-diffusion's ``get_sigmas_laplace``;
-    repeats from the clamp dropped). Options: ``mu = 0``, ``beta = 0.5``."""
+    ``x = i/steps``, clamped into ``[s_min, s_max]`` like every noise-level schedule (k-diffusion's
+    ``get_sigmas_laplace``; repeats from the clamp dropped). Options: ``mu = 0``, ``beta = 0.5``."""
 
     name = "laplace"
     defaults = {"mu": 0.0, "beta": 0.5}

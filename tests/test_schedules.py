@@ -29,6 +29,15 @@ def test_grids_are_decreasing_with_exact_endpoints(process, schedule):
         assert ts.shape == (18,)
 
 
+@pytest.mark.parametrize("process", PROCESSES, ids=repr)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_one_step_grids(process, schedule):
+    ts = time_grid(process, 1, schedule)
+    assert ts.shape == (2,) and ts[-1].item() == process.t_min and ts[0] > ts[1]
+    if schedule != "ddim_uniform":  # its one step starts at the knot 1 (DDIM's "leading" spacing)
+        assert ts[0].item() == process.T
+
+
 def test_logsnr_grid_is_uniform_in_log_snr():
     process = gf.VP()
     lam = process.log_snr(time_grid(process, 10, "logsnr"))
