@@ -514,7 +514,7 @@ def main(argv=None) -> int:
 
 CASES_DIR = Path(__file__).resolve().parents[1] / "bench" / "cases"
 CASE_MODULES = ("ops", "model", "k_diffusion", "diffusers", "torchdiffeq", "torchsde", "solve", "likelihood", "kernel",
-                "train")
+                "train", "league")
 
 
 def load_cases() -> dict:

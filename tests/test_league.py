@@ -1,0 +1,85 @@
+"""bench/cases/league.py (``genflow bench --only league``): a tiny league runs and gives a
+well-formed table, flags and figure; the step choice per target NFE and bad configurations."""
+import importlib
+import math
+
+import pytest
+
+from genflow import bench
+
+bench.load_cases()
+league = importlib.import_module("bench.cases.league")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = league.LeagueConfig(nfes=(3, 6), samples=120, processes=("EDM",), solvers=("euler", "heun", "rk45"),
+                                 floor_seeds=2)
+    return league.run_league(config, log=lambda line: None)
+
+
+def test_registered_as_a_bench_group():
+    assert "league" in bench.GROUPS
+
+
+def test_tiny_league_entries(tiny):
+    assert tiny.skipped.keys() == {"rk45"}  # adaptive: no fixed NFE
+    by_key = {(e.solver, e.schedule, e.target): e for e in tiny.entries}
+    # every entry within its NFE budget; heun's 2 evaluations a step give it fewer steps than euler
+    for e in tiny.entries:
+        assert e.nfe <= e.target and e.steps >= 1 and e.kl > -0.5 and math.isfinite(e.kl)
+    assert by_key[("euler", "logsnr", 3)].nfe == 3 and by_key[("euler", "karras", 6)].nfe == 6
+    assert by_key[("heun", "logsnr", 6)].steps < by_key[("euler", "logsnr", 6)].steps
+    assert len(tiny.entries) == 2 * 2 * 2  # solvers x schedules x NFEs
+    mean, std = tiny.floor["EDM"]
+    assert math.isfinite(mean) and std >= 0
+
+
+def test_table_is_well_formed(tiny):
+    table = league.league_table(tiny, "EDM").splitlines()
+    assert table[0] == "| solver | schedule | NFE 3 | NFE 6 |"
+    assert table[1] == "|---|---|---|---|"
+    assert len(table) == 2 + 4
+    assert all(line.count("|") == 5 for line in table)
+    for col in (2, 3):  # exactly one best (bold) cell per column, and it is the column's minimum
+        cells = [line.split("|")[col + 1].strip() for line in table[2:]]
+        bold = [c for c in cells if c.startswith("**")]
+        assert len(bold) == 1
+        value = lambda c: float(c.strip("*").split(" ")[0])
+        assert value(bold[0]) == min(value(c) for c in cells)
+
+
+def test_markdown_and_figure(tiny, tmp_path):
+    text = league.league_markdown(tiny, "genflow bench --only league")
+    assert text.startswith("# Sampler league") and "Noise floor" in text and "`rk45`" in text
+    assert "| euler | logsnr |" in text and "NFE 6: `" in text
+    path = tmp_path / "league.png"
+    league.league_figure(tiny, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flags_default_schedule_far_from_best(tiny):
+    entries = [league.Entry("EDM", "x", s, t, 1, t, kl) for t in (3, 6)
+               for s, kl in (("logsnr", 5.0), ("karras", 0.5))]
+    fake = league.League(tiny.config, entries, {"EDM": (0.02, 0.01)})
+    flags = league.default_flags(fake)
+    assert any("default schedule `logsnr`" in f and "`karras`" in f for f in flags)
+    assert any("noise floor" in f for f in flags)  # 0.5 nats never reaches 0.02 + 0.1
+
+
+def test_steps_for_picks_most_steps_within_budget():
+    counts = {1: 4, 2: 13, 3: 14, 4: 15}  # a warm-up (PNDM-like)
+    assert league.steps_for(14, counts) == 3
+    assert league.steps_for(3, counts) is None
+
+
+@pytest.mark.parametrize("kwargs, word", [(dict(nfes=()), "nfes"), (dict(nfes=(0,)), "nfes"),
+                                          (dict(samples=5), "samples"), (dict(processes=("VE2",)), "processes")])
+def test_bad_config(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        league.LeagueConfig(**kwargs)
+
+
+def test_unknown_solver():
+    with pytest.raises(ValueError, match="solvers"):
+        league.league_solvers(league.LeagueConfig(solvers=("nope",)))
