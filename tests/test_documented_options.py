@@ -75,6 +75,11 @@ def _sample(solver, steps=6, **options):
     return gf.sample(MODEL, x_T=X_T, solver=solver, steps=steps, generator=[1, 2, 3, 4, 5], **options)
 
 
+def test_every_registered_solver_has_a_row_in_the_table():
+    documented = {name for names, _ in _table_rows() for name in names}
+    assert not set(SOLVERS) - documented, f"README's solver table has no row for {sorted(set(SOLVERS) - documented)}"
+
+
 def test_the_table_is_parsed():
     assert {name for name, _, _ in CASES} >= {"lms", "ddpm", "dpmpp_3m", "deis", "unipc", "pc", "ald", "rk45"}
     assert len(CASES) >= 18
