@@ -253,14 +253,9 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
         if h_init is not None:
             h_init = check_real("h_init", h_init, low=0.0, low_open=True)
         if adjoint:
-            if dense or cuda_graph:
-                raise ValueError("adjoint=True cannot be combined with dense=True or cuda_graph=True (the adjoint "
-                                 "differentiates y(t1) and the saveat states only)")
+            options = dict(rtol=rtol, atol=atol, error_norm=error_norm, h_init=h_init, max_steps=max_steps)
             return _solve_adjoint(term, tableau, y0, None, t0, t1, kernel, saveat, callback, progress, check_finite,
-                                  adjoint_params, dict(rtol=rtol, atol=atol, error_norm=error_norm, h_init=h_init,
-                                                       max_steps=max_steps),
-                                  (rtol if adjoint_rtol is None else check_real("adjoint_rtol", adjoint_rtol, low=0.0),
-                                   atol if adjoint_atol is None else check_real("adjoint_atol", adjoint_atol, low=0.0)))
+                                  (adjoint_params, adjoint_rtol, adjoint_atol, dense, cuda_graph), options)
         shared = error_norm == "batch" and _shared(t0) and _shared(t1)
         stepper = AdaptiveRK(tableau, _drift(term, y0, shared), t0, t1, kernel=kernel, rtol=rtol, atol=atol,
                              error_norm=error_norm, h_init=h_init, max_steps=max_steps, saveat=saveat, dense=dense,
@@ -269,11 +264,8 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
     else:
         grid = _grid(ts, steps, t0, t1, batch)
         if adjoint:
-            if cuda_graph or adjoint_rtol is not None or adjoint_atol is not None:
-                raise ValueError("adjoint=True on a fixed grid reverses the grid: adjoint_rtol/adjoint_atol are for "
-                                 "adaptive solves, and cuda_graph=True cannot be combined with the adjoint")
             return _solve_adjoint(term, tableau, y0, grid, t0, t1, kernel, saveat, callback, progress, check_finite,
-                                  adjoint_params)
+                                  (adjoint_params, adjoint_rtol, adjoint_atol, dense, cuda_graph))
         if cuda_graph:
             _check_capturable(y0, grid, saveat, callback, progress)
             return graphed_solve(term, solver, y0, grid, kernel=kernel, check_finite=check_finite)
@@ -401,11 +393,26 @@ def _adjoint_params(drift, adjoint_params) -> tuple:
     return tuple(p for p in params if p.requires_grad)
 
 
-def _solve_adjoint(term, tableau, y0, grid, t0, t1, kernel, saveat, callback, progress, check_finite,
-                   adjoint_params, forward_options=None, backward_tolerances=None):
+def _solve_adjoint(term, tableau, y0, grid, t0, t1, kernel, saveat, callback, progress, check_finite, adjoint_args,
+                   forward_options=None):
     """``gf.solve(..., adjoint=True)``: the forward solve saves the states at the nodes ``t0``,
     the save times and ``t1`` (no graph); ``AdjointSolve`` solves the augmented ODE backward
-    between consecutive nodes (the fixed grid's own nodes reversed, or adaptive steps)."""
+    between consecutive nodes (the fixed grid's own nodes reversed, or adaptive steps with
+    ``adjoint_rtol``/``adjoint_atol``). ``adjoint_args``: ``(adjoint_params, adjoint_rtol,
+    adjoint_atol, dense, cuda_graph)``; ``forward_options``: the adaptive solve's (None: fixed grid)."""
+    adjoint_params, adjoint_rtol, adjoint_atol, dense, cuda_graph = adjoint_args
+    if dense or cuda_graph:
+        raise ValueError("adjoint=True cannot be combined with dense=True or cuda_graph=True (the adjoint "
+                         "differentiates y(t1) and the saveat states of an eager solve)")
+    if grid is not None and (adjoint_rtol is not None or adjoint_atol is not None):
+        raise ValueError("adjoint=True on a fixed grid reverses the grid: adjoint_rtol/adjoint_atol are for "
+                         "adaptive solves")
+    if grid is None:
+        backward_tolerances = (
+            forward_options["rtol"] if adjoint_rtol is None else check_real("adjoint_rtol", adjoint_rtol, low=0.0),
+            forward_options["atol"] if adjoint_atol is None else check_real("adjoint_atol", adjoint_atol, low=0.0))
+        if sum(backward_tolerances) == 0:
+            raise ValueError("adjoint_rtol and adjoint_atol must not both be 0")
     if (grid is not None and grid.dim() != 1) or (grid is None and not (_shared(t0) and _shared(t1))) or \
             (saveat is not None and saveat.dim() != 1):
         raise ValueError("adjoint=True needs shared times (float t0 and t1, a grid [N+1], saveat [S]): the "
@@ -434,8 +441,6 @@ def _solve_adjoint(term, tableau, y0, grid, t0, t1, kernel, saveat, callback, pr
         f = _drift(ODE(aug), state, True)
         if grid is None:
             rtol, atol = backward_tolerances
-            if rtol + atol == 0:
-                raise ValueError("adjoint_rtol and adjoint_atol must not both be 0")
             stepper = AdaptiveRK(tableau, f, nodes[k:k + 1], nodes[k - 1:k], kernel=kernel, rtol=rtol, atol=atol,
                                  max_steps=forward_options["max_steps"], check_finite=check_finite)
             sub = None
