@@ -618,3 +618,36 @@ def test_score_sde_ve_equals_diffusers(config):
         results.append(outs)
     for i, (o, r) in enumerate(zip(*results[::-1])):
         _assert_rel(o, r, what=f"output {i}")
+
+
+# ------------------------------------------------------------------ CogVideoX DDIM / DPM (their pipelines' loops)
+
+COGVIDEOX_CONFIGS = [
+    {},
+    {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+    {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "set_alpha_to_one": False,
+     "snr_shift_scale": 1.5, "prediction_type": "sample"},
+]
+
+
+@pytest.mark.parametrize("config", COGVIDEOX_CONFIGS)
+def test_cogvideox_ddim_equals_diffusers(config):
+    for steps in (1, 8):
+        _compare("CogVideoXDDIMScheduler", config, steps, tables=("alphas_cumprod",))
+
+
+@pytest.mark.parametrize("config", COGVIDEOX_CONFIGS)
+def test_cogvideox_dpm_equals_diffusers(config):
+    """The CogVideoX pipeline's loop: the previous x0 and timestep go back into step."""
+    for steps in (1, 2, 8):
+        results = []
+        for s in _pair("CogVideoXDPMScheduler", **config):
+            s.set_timesteps(steps)
+            x, gen, old, outs = _latents(), torch.Generator().manual_seed(2), None, []
+            for i, t in enumerate(s.timesteps):
+                back = s.timesteps[i - 1] if i > 0 else None
+                x, old = s.step(_net(x, t), old, t, back, x, generator=gen, return_dict=False)
+                outs += [x, old]
+            results.append(outs)
+        for i, (o, r) in enumerate(zip(*results[::-1])):
+            _assert_rel(o, r, what=f"{steps} steps: output {i}")

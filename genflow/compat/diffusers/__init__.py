@@ -66,3 +66,6 @@ __all__ += ["UnCLIPScheduler", "DDPMWuerstchenScheduler"]
 from .sde_ve import ScoreSdeVeScheduler
 
 __all__ += ["ScoreSdeVeScheduler"]
+from .cogvideox import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+__all__ += ["CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"]
