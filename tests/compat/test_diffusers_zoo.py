@@ -651,3 +651,22 @@ def test_cogvideox_dpm_equals_diffusers(config):
             results.append(outs)
         for i, (o, r) in enumerate(zip(*results[::-1])):
             _assert_rel(o, r, what=f"{steps} steps: output {i}")
+
+
+@pytest.mark.parametrize("steps, set_kwargs", [(2, None), (4, {"intermediate_timesteps": None}),
+                                               (3, {"timesteps": [1.5, 1.0, 0.4, 0.0], "max_timesteps": None,
+                                                    "intermediate_timesteps": None})])
+def test_scm_equals_diffusers(steps, set_kwargs):
+    """The Sana-Sprint loop: one step per entry of timesteps but the last (t = 0)."""
+    results = []
+    for s in _pair("SCMScheduler", sigma_data=0.7):
+        s.set_timesteps(steps, **(set_kwargs or {}))
+        x, gen, outs = _latents(), torch.Generator().manual_seed(2), []
+        for t in s.timesteps[:-1]:
+            out = s.step(_net(x, t * 600), t, x, generator=gen)
+            x = out.prev_sample
+            outs += [x, out.pred_original_sample]
+        results.append((s.timesteps, outs))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for i, (o, r) in enumerate(zip(results[1][1], results[0][1])):
+        _assert_rel(o, r, what=f"output {i}")

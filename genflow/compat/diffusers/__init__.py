@@ -45,9 +45,9 @@ __all__ += ["FlowMatchHeunDiscreteScheduler"]
 from .pndm import IPNDMScheduler, PNDMScheduler
 
 __all__ += ["PNDMScheduler", "IPNDMScheduler"]
-from .consistency import CMStochasticIterativeScheduler, LCMScheduler, TCDScheduler
+from .consistency import CMStochasticIterativeScheduler, LCMScheduler, SCMScheduler, TCDScheduler
 
-__all__ += ["LCMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler"]
+__all__ += ["LCMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler", "SCMScheduler"]
 from .sde import DPMSolverSDEScheduler
 
 __all__ += ["DPMSolverSDEScheduler"]

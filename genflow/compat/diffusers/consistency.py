@@ -17,7 +17,7 @@ from ._base import (Scheduler, SchedulerOutput, check_choice, check_prediction_t
 from ._sigmas import SigmaScheduler
 from .edm import karras_ramp
 
-__all__ = ["LCMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler", "LCMSchedulerOutput", "TCDSchedulerOutput"]
+__all__ = ["LCMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler", "SCMScheduler", "LCMSchedulerOutput", "TCDSchedulerOutput"]
 
 
 class LCMSchedulerOutput(SchedulerOutput):
@@ -355,3 +355,73 @@ class CMStochasticIterativeScheduler(SigmaScheduler):
             prev = fused(sample, [model_output], [c_skip, c_out], scale, noise=noise)
         self._step_index += 1
         return SchedulerOutput(prev) if return_dict else (prev,)
+
+
+class SCMScheduler(Scheduler):
+    """Continuous-time (TrigFlow) consistency sampling, diffusers' ``SCMScheduler`` (Sana-Sprint).
+
+    On the TrigFlow path ``x_s = cos(s) x0 + sin(s) sd z`` (``sd = sigma_data``) with the model's
+    velocity ``out``::
+
+        x0 = cos(s) x - sin(s) out,   x' = cos(t) x0 + sin(t) sd z
+
+    the native ``lcm`` step (``alpha = cos``, ``sigma = sd sin``) on Lu & Song (2024), "Simplifying,
+    Stabilizing and Scaling Continuous-Time Consistency Models", section 3 (TrigFlow) and Algorithm 1.
+    1 NFE per step; two fused passes (x0, x'). ``timesteps``: ``[max, intermediate, 0]`` for two steps,
+    else ``linspace(max, 0, n + 1)``, or custom (n + 1 values).
+    """
+
+    defaults = dict(num_train_timesteps=1000, prediction_type="trigflow", sigma_data=0.5)
+    order = 1
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        check_prediction_type(self.config.prediction_type, ("trigflow",))
+        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+
+    def set_timesteps(self, num_inference_steps: int, timesteps=None, device=None, max_timesteps: Optional[float] = 1.57080,
+                      intermediate_timesteps: Optional[float] = 1.3) -> None:
+        """Set ``timesteps`` (float32 [n + 1], TrigFlow times from ``max_timesteps`` to 0)."""
+        if num_inference_steps > self.config.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be <= num_train_timesteps = {self.config.num_train_timesteps}, "
+                             f"got {num_inference_steps}")
+        if timesteps is not None and len(timesteps) != num_inference_steps + 1:
+            raise ValueError(f"timesteps must hold num_inference_steps + 1 = {num_inference_steps + 1} values, got "
+                             f"{len(timesteps)}")
+        if timesteps is not None and max_timesteps is not None:
+            raise ValueError("pass either timesteps or max_timesteps (set it to None), not both")
+        if timesteps is None and max_timesteps is None:
+            raise ValueError("pass timesteps or max_timesteps")
+        if intermediate_timesteps is not None and num_inference_steps != 2:
+            raise ValueError(f"intermediate_timesteps needs num_inference_steps = 2, got {num_inference_steps}")
+        self.num_inference_steps = num_inference_steps
+        if timesteps is not None:
+            self.timesteps = torch.as_tensor(timesteps).to(device).float()
+        elif intermediate_timesteps is not None:
+            self.timesteps = torch.tensor([max_timesteps, intermediate_timesteps, 0], device=device).float()
+        else:
+            self.timesteps = torch.linspace(max_timesteps, 0, num_inference_steps + 1, device=device).float()
+        self._step_index = None
+        self._begin_index = None
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        """One TrigFlow consistency step from ``timestep`` (see the class docstring).
+
+        Returns:
+            SchedulerOutput ``(prev_sample, pred_original_sample)`` or that tuple.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        s, t = float(self.timesteps[self._step_index]), float(self.timesteps[self._step_index + 1])
+        x0 = fused(sample, [model_output], [math.cos(s), -math.sin(s)])
+        if len(self.timesteps) > 1:
+            noise = randn_like_diffusers(model_output.shape, generator, model_output.device)
+            prev = fused(sample, [model_output], [math.cos(t) * math.cos(s), -math.cos(t) * math.sin(s)],
+                         math.sin(t) * self.config.sigma_data, noise=noise)
+        else:
+            prev = x0
+        self._step_index += 1
+        return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
