@@ -670,3 +670,10 @@ def test_scm_equals_diffusers(steps, set_kwargs):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
     for i, (o, r) in enumerate(zip(results[1][1], results[0][1])):
         _assert_rel(o, r, what=f"output {i}")
+
+
+@pytest.mark.parametrize("config, set_kwargs", [({}, None), ({"eta": 0.5, "s_noise": 0.8}, None), ({"eta": 0.0}, None),
+                                                ({}, {"sigmas": [1.0, 0.8, 0.55, 0.3, 0.1, 0.0]})])
+def test_ltx_euler_ancestral_rf_equals_diffusers(config, set_kwargs):
+    steps = 6 if set_kwargs is None else None
+    _compare("LTXEulerAncestralRFScheduler", config, steps, stochastic=True, set_kwargs=set_kwargs)

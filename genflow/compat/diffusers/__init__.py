@@ -69,3 +69,6 @@ __all__ += ["ScoreSdeVeScheduler"]
 from .cogvideox import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
 __all__ += ["CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"]
+from .ltx import LTXEulerAncestralRFScheduler
+
+__all__ += ["LTXEulerAncestralRFScheduler"]
