@@ -677,3 +677,28 @@ def test_scm_equals_diffusers(steps, set_kwargs):
 def test_ltx_euler_ancestral_rf_equals_diffusers(config, set_kwargs):
     steps = 6 if set_kwargs is None else None
     _compare("LTXEulerAncestralRFScheduler", config, steps, stochastic=True, set_kwargs=set_kwargs)
+
+
+@pytest.mark.parametrize("config, jumps", [({}, (3, 2)), ({"eta": 1.0, "clip_sample": False}, (2, 3)),
+                                           ({"eta": 0.5, "num_train_timesteps": 250}, (10, 1))])
+def test_repaint_equals_diffusers(config, jumps):
+    """The RePaint pipeline's loop: a step when the timestep decreases, else undo_step."""
+    mask = (torch.rand(SHAPE[0], 1, *SHAPE[2:], generator=torch.Generator().manual_seed(7)) > 0.5).float()
+    original = torch.tanh(_latents(9))
+    results = []
+    for s in _pair("RePaintScheduler", **config):
+        s.set_timesteps(12, jump_length=jumps[0], jump_n_sample=jumps[1])
+        x, gen, outs, t_last = _latents(), torch.Generator().manual_seed(2), [], s.timesteps[0] + 1
+        for t in s.timesteps:
+            if t < t_last:
+                out = s.step(_net(x, t), t, x, original, mask, generator=gen)
+                x = out.prev_sample
+                outs.append(out.pred_original_sample)
+            else:
+                x = s.undo_step(x, t_last, gen)
+            t_last = t
+            outs.append(x)
+        results.append((s.timesteps, outs))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for i, (o, r) in enumerate(zip(results[1][1], results[0][1])):
+        _assert_rel(o, r, what=f"output {i}")

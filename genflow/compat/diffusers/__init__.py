@@ -60,9 +60,9 @@ __all__ += ["SASolverScheduler"]
 from .flow_lcm import FlowMatchLCMScheduler
 
 __all__ += ["FlowMatchLCMScheduler"]
-from .ddpm_variants import DDPMWuerstchenScheduler, UnCLIPScheduler
+from .ddpm_variants import DDPMWuerstchenScheduler, RePaintScheduler, UnCLIPScheduler
 
-__all__ += ["UnCLIPScheduler", "DDPMWuerstchenScheduler"]
+__all__ += ["UnCLIPScheduler", "DDPMWuerstchenScheduler", "RePaintScheduler"]
 from .sde_ve import ScoreSdeVeScheduler
 
 __all__ += ["ScoreSdeVeScheduler"]

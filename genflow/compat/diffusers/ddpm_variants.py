@@ -1,5 +1,6 @@
 """diffusers' DDPM-family schedulers of particular pipelines on genflow's fused update:
-``UnCLIPScheduler`` (Karlo / unCLIP) and ``DDPMWuerstchenScheduler`` (Würstchen, Stable Cascade).
+``UnCLIPScheduler`` (Karlo / unCLIP), ``DDPMWuerstchenScheduler`` (Würstchen, Stable Cascade) and
+``RePaintScheduler`` (RePaint inpainting).
 
 Both take the ancestral DDPM step (Ho et al. 2020, "Denoising Diffusion Probabilistic Models",
 eqs. 6-7 and 11, Algorithm 2): the posterior mean of ``x_prev`` given ``x_t`` and the predicted
@@ -16,7 +17,7 @@ import torch
 from ._base import (Scheduler, SchedulerOutput, check_choice, check_prediction_type, fused, randn_like_diffusers,
                     x0_eps_coefficients)
 
-__all__ = ["UnCLIPScheduler", "DDPMWuerstchenScheduler"]
+__all__ = ["UnCLIPScheduler", "DDPMWuerstchenScheduler", "RePaintScheduler"]
 
 
 class UnCLIPScheduler(Scheduler):
@@ -174,3 +175,94 @@ class DDPMWuerstchenScheduler(Scheduler):
         """``sqrt(abar(t)) x0 + sqrt(1 - abar(t)) noise`` per sample (``timesteps``: Tensor[B])."""
         abar = self._alpha_cumprod(timesteps).double()
         return fused(original_samples, [noise], [abar.sqrt(), (1 - abar).sqrt()])
+
+
+class RePaintScheduler(Scheduler):
+    """diffusers' ``RePaintScheduler``: DDIM/DDPM inpainting with resampling (Lugmayr et al. 2022,
+    "RePaint: Inpainting using Denoising Diffusion Probabilistic Models", Algorithm 1).
+
+    ``step`` (from ``t`` to ``s = t - N // n``, ``a = abar``, ``std = eta sqrt((1 - a_s)/(1 - a_t) (1 - a_t/a_s))``)::
+
+        unknown = sqrt(a_s) x0(x_t, out) + sqrt(1 - a_s - std^2) out + std z       (x0 clipped if clip_sample)
+        known   = sqrt(a_s) original_image + sqrt(1 - a_s) z
+        x_s     = mask known + (1 - mask) unknown
+
+    (Song et al. 2021, eq. 12, for the unknown part; one z serves both parts, as in diffusers).
+    ``undo_step`` re-noises forward by ``N // n`` training steps, ``x <- sqrt(1 - beta) x + sqrt(beta) z``
+    each. ``timesteps`` hold RePaint's jumps (``jump_length``, ``jump_n_sample``). Each part is one
+    fused pass; the mask blend is a ``torch.lerp``.
+    """
+
+    defaults = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", eta=0.0,
+                    trained_betas=None, clip_sample=True)
+    order = 1
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        c = self.config
+        if c.trained_betas is not None:  # diffusers keeps the array's own dtype here
+            self.betas = torch.from_numpy(np.asarray(c.trained_betas))
+            self.alphas = 1.0 - self.betas
+            self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+            self._abar = self.alphas_cumprod.double().tolist()
+        else:
+            self._set_tables()
+        self._beta = self.betas.double().tolist()
+        self.one = torch.tensor(1.0)
+        self.final_alpha_cumprod = torch.tensor(1.0)
+        self.timesteps = torch.arange(c.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        self.eta = c.eta
+
+    def set_timesteps(self, num_inference_steps: int, jump_length: int = 10, jump_n_sample: int = 10,
+                      device=None) -> None:
+        """Set ``timesteps``: the descent with ``jump_n_sample - 1`` returns of ``jump_length`` steps
+        every ``jump_length`` steps (RePaint's resampling schedule), in training timesteps."""
+        n = min(self.config.num_train_timesteps, num_inference_steps)
+        self.num_inference_steps = n
+        jumps = {j: jump_n_sample - 1 for j in range(0, n - jump_length, jump_length)}
+        timesteps, t = [], n
+        while t >= 1:
+            t -= 1
+            timesteps.append(t)
+            if jumps.get(t, 0) > 0:
+                jumps[t] -= 1
+                for _ in range(jump_length):
+                    t += 1
+                    timesteps.append(t)
+        self.timesteps = torch.from_numpy(np.array(timesteps) * (self.config.num_train_timesteps // n)).to(device)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, original_image: torch.Tensor,
+             mask: torch.Tensor, generator=None, return_dict: bool = True):
+        """One RePaint step (see the class docstring).
+
+        Args:
+            model_output (Tensor[B, *D]): the noise prediction at ``(sample, timestep)``.
+            timestep (int or 0-dim Tensor): the current entry of ``timesteps``.
+            sample (Tensor[B, *D]): x_t.
+            original_image (Tensor[B, *D]): the known image.
+            mask (Tensor broadcastable to [B, *D]): 1 where the image is known.
+            generator (torch.Generator or list, optional): for z.
+            return_dict (bool): a SchedulerOutput, else ``(prev_sample, pred_original_sample)``.
+        """
+        t = int(timestep)
+        s = t - self.config.num_train_timesteps // self.num_inference_steps
+        a_t, a_s = self._abar[t], (self._abar[s] if s >= 0 else 1.0)
+        x0 = fused(sample, [model_output], [1.0 / math.sqrt(a_t), -math.sqrt(1.0 - a_t) / math.sqrt(a_t)])
+        if self.config.clip_sample:
+            x0.clamp_(-1, 1)
+        noise = randn_like_diffusers(model_output.shape, generator, model_output.device, model_output.dtype)
+        std = self.eta * math.sqrt((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s))
+        unknown = fused(x0, [model_output, noise], [math.sqrt(a_s), math.sqrt(max(1.0 - a_s - std * std, 0.0)),
+                                                    std if t > 0 and self.eta > 0 else 0.0])
+        known = fused(original_image, [noise], [math.sqrt(a_s), math.sqrt(1.0 - a_s)])
+        prev = torch.lerp(unknown, known, mask.to(unknown.dtype))
+        return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
+
+    def undo_step(self, sample: torch.Tensor, timestep, generator=None) -> torch.Tensor:
+        """Re-noise ``sample`` forward over the ``N // n`` training steps after ``timestep``."""
+        t = int(timestep)
+        for i in range(self.config.num_train_timesteps // self.num_inference_steps):
+            beta = self._beta[t + i]
+            noise = randn_like_diffusers(sample.shape, generator, sample.device, sample.dtype)
+            sample = fused(sample, [noise], [math.sqrt(1.0 - beta), math.sqrt(beta)])
+        return sample
