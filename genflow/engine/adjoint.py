@@ -101,14 +101,14 @@ class AdjointSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, forward, segment, drift, y0, *params):
         states = forward(y0.detach())
-        ctx.segment, ctx.drift, ctx.params = segment, drift, params
-        ctx.save_for_backward(states)
+        ctx.segment, ctx.drift = segment, drift
+        ctx.save_for_backward(states, *params)
         return states
 
     @staticmethod
     def backward(ctx, grad_states):
-        (states,) = ctx.saved_tensors
-        params, shape = ctx.params, states.shape[1:]
+        states, *params = ctx.saved_tensors
+        params, shape = tuple(params), states.shape[1:]
         aug = augmented_drift(ctx.drift, params, shape)
         a = grad_states[-1]
         g = states.new_zeros(sum(p.numel() for p in params))
