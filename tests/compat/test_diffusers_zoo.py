@@ -702,3 +702,28 @@ def test_repaint_equals_diffusers(config, jumps):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
     for i, (o, r) in enumerate(zip(results[1][1], results[0][1])):
         _assert_rel(o, r, what=f"output {i}")
+
+
+# ------------------------------------------------------------------ a swap into a real diffusers pipeline
+
+@pytest.mark.parametrize("name", ["DDPMParallelScheduler", "TCDScheduler", "KDPM2AncestralDiscreteScheduler",
+                                  "SASolverScheduler"])
+def test_swap_into_ddpm_pipeline(name):
+    """``pipe.scheduler = X.from_config(pipe.scheduler.config)`` in diffusers' DDPMPipeline (a tiny
+    random UNet): the image equals the one made with diffusers' own X, same generator."""
+    D = diffusers()
+    torch.manual_seed(0)
+    unet = D.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                         norm_num_groups=4).eval()
+    pipe = D.DDPMPipeline(unet=unet, scheduler=D.DDPMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for lib in (D, gf.compat.diffusers):
+        pipe.scheduler = getattr(lib, name).from_config(pipe.scheduler.config)
+        with torch.no_grad():
+            images.append(pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=4,
+                               output_type="pt").images)
+    assert type(pipe.scheduler).__module__.startswith("genflow.compat.diffusers")
+    assert torch.isfinite(images[0]).all()
+    torch.testing.assert_close(images[1], images[0], rtol=RTOL, atol=RTOL)
