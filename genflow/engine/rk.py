@@ -10,9 +10,11 @@ and stage outputs ``T_j`` a stage is::
 
 so the conversion is folded into the coefficients and each combination (stage states, the new
 state, the error estimate, dense output) is one ``fused_update`` pass per four terms
-(``MAX_TERMS``), never a materialised ``k_j``. A step's coefficients for all its combinations are
-one matrix product on the host, ``base + M_T (h beta) + M_Y (h alpha)`` over the stage times
-(``[rows]`` for a shared step, ``[rows, B]`` for per-sample steps, sent to the device once).
+(``MAX_TERMS``), never a materialised ``k_j``. Every coefficient row holds at most one stage
+term, so a step's coefficients for all its combinations are one gather on the host, ``base +
+weight * [h beta; h alpha][source]`` over the stage times (``[rows]`` for a shared step, plain
+Python numbers while torch.compile traces; ``[rows, B]`` for per-sample steps, sent to the device
+once). Dense output (``genflow.engine.dense``) is one more such combination.
 Stage states live in buffers allocated once per solve. When gradients are needed (an input or
 a stage output requires grad) the same combinations run through the functional, differentiable
 form of the op.
@@ -112,7 +114,7 @@ def _as_host(values, times):
         return torch.as_tensor(values, dtype=torch.float64).expand(times.shape)
     if isinstance(values, (int, float)):
         return [float(values)] * len(times)
-    if isinstance(values, (torch.Tensor, np.ndarray)):
+    if isinstance(values, torch.Tensor):
         values = values.tolist()
     return [float(v) for v in values]
 
