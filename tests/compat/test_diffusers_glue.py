@@ -103,3 +103,50 @@ def test_ddim_noise_split_is_diffusers_formula(eta):
         std = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
         assert c == pytest.approx(std, rel=1e-12, abs=1e-15)
         assert math.sqrt(1 - a_s) * r == pytest.approx(math.sqrt(1 - a_s - std ** 2), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["FlowMatchEulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                  "HeunDiscreteScheduler"])
+def test_cached_schedules_are_diffusers_and_private(name):
+    """``set_timesteps`` builds a schedule once per config and arguments: a repeated call and another
+    instance get bitwise diffusers' ``timesteps``/``sigmas``, as tensors of their own (writing
+    into one scheduler's does not reach the cache or another scheduler); another config misses."""
+    peer = getattr(diffusers(), name)()
+    peer.set_timesteps(9)
+    first, second = getattr(compat, name)(), getattr(compat, name)()
+    for s in (first, first, second):
+        s.set_timesteps(9)
+        assert torch.equal(s.timesteps, peer.timesteps) and torch.equal(s.sigmas, peer.sigmas)
+    first.timesteps.add_(1.0)
+    first.sigmas.mul_(2.0)
+    second.set_timesteps(9)
+    assert torch.equal(second.timesteps, peer.timesteps) and torch.equal(second.sigmas, peer.sigmas)
+    assert second.timesteps.data_ptr() != first.timesteps.data_ptr()
+    other = getattr(compat, name)(num_train_timesteps=500)
+    other.set_timesteps(9)
+    assert not torch.equal(other.sigmas, peer.sigmas)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                                  "UniPCMultistepScheduler", "DEISMultistepScheduler"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_multistep_history_survives_a_rewritten_output_buffer(name, prediction_type):
+    """The model writes every output into one buffer (and scribbles over it after each step): the
+    schedulers keep only what they own, so the loop equals one with fresh outputs."""
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+
+    def run(static):
+        s = getattr(compat, name)(prediction_type=prediction_type)
+        s.set_timesteps(6)
+        buffer, x = torch.empty(SHAPE), x_T
+        for t in s.timesteps:
+            out = torch.tanh(s.scale_model_input(x, t))
+            if static:
+                out = buffer.copy_(out)
+            x = s.step(out, t, x, return_dict=False)[0]
+            buffer.fill_(float("nan"))
+        return x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(run(static=True), run(static=False))
