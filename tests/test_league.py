@@ -14,7 +14,7 @@ league = importlib.import_module("bench.cases.league")
 @pytest.fixture(scope="module")
 def tiny():
     config = league.LeagueConfig(nfes=(3, 6), samples=120, processes=("EDM",), solvers=("euler", "heun", "rk45"),
-                                 floor_seeds=2)
+                                 seeds=(0, 1), floor_seeds=2)
     return league.run_league(config, log=lambda line: None)
 
 
@@ -33,6 +33,9 @@ def test_tiny_league_entries(tiny):
     assert len(tiny.entries) == 2 * 2 * 2  # solvers x schedules x NFEs
     mean, std = tiny.floor["EDM"]
     assert math.isfinite(mean) and std >= 0
+    # euler at its largest step count is nearer the exact ODE's samples than at its smallest
+    limit = tiny.ode_limits["EDM"]
+    assert abs(by_key[("euler", "logsnr", 6)].kl - limit) < abs(by_key[("euler", "logsnr", 3)].kl - limit)
 
 
 def test_table_is_well_formed(tiny):
@@ -74,7 +77,7 @@ def test_steps_for_picks_most_steps_within_budget():
 
 
 @pytest.mark.parametrize("kwargs, word", [(dict(nfes=()), "nfes"), (dict(nfes=(0,)), "nfes"),
-                                          (dict(samples=5), "samples"), (dict(processes=("VE2",)), "processes")])
+                                          (dict(samples=5), "samples"), (dict(seeds=()), "seeds"), (dict(processes=("VE2",)), "processes")])
 def test_bad_config(kwargs, word):
     with pytest.raises(ValueError, match=word):
         league.LeagueConfig(**kwargs)
@@ -83,3 +86,14 @@ def test_bad_config(kwargs, word):
 def test_unknown_solver():
     with pytest.raises(ValueError, match="solvers"):
         league.league_solvers(league.LeagueConfig(solvers=("nope",)))
+
+
+def test_option_sweep_table_marks_the_default_and_flags_it():
+    config = league.LeagueConfig(samples=100, processes=("EDM",), seeds=(0,))
+    sweeps = league.run_sweeps(config, sweeps=(("euler_ancestral", "eta", (0.0, 1.0)),), nfes=(4,))
+    assert [(e.value, e.nfe) for e in sweeps] == [(0.0, 4), (1.0, 4)]
+    table, _ = league.sweep_table(sweeps)
+    assert "| euler_ancestral | eta | EDM | 4 | 0.0: " in table and "1.0 (default): " in table
+    fake = [league.SweepEntry("EDM", "ddim", "eta", v, 10, 10, kl) for v, kl in ((0.0, 3.0), (1.0, 0.2))]
+    _, flags = league.sweep_table(fake)
+    assert flags == ["EDM `ddim` at 10 NFE: the default eta=0.0 gives 3 nats, eta=1.0 gives 0.2"]
