@@ -317,18 +317,64 @@ def _check_cuda_graph():
             _solve_ode(solver="rk4", steps=8, cuda_graph=True)
 
 
+class _AdjointDrift(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(2, 2).double()
+        torch.nn.init.constant_(self.net.weight, 0.3)
+
+    def forward(self, t, y):
+        return torch.tanh(self.net(y))
+
+
+def _adjoint_gradient(drift, **options):
+    y0 = torch.ones(3, 2, dtype=torch.float64, requires_grad=True)
+    y = gf.solve(gf.ODE(drift), y0, 0.0, 1.0, solver="dopri5", rtol=1e-3, atol=1e-3, **options)
+    return torch.autograd.grad(y.sum(), [y0, drift.net.weight])
+
+
+def _check_adjoint():
+    drift = _AdjointDrift()
+    backprop, adjoint = _adjoint_gradient(drift), _adjoint_gradient(drift, adjoint=True)
+    assert not torch.equal(backprop[1], adjoint[1]) and torch.allclose(backprop[1], adjoint[1], atol=1e-2)
+
+
+def _check_adjoint_params():
+    drift = _AdjointDrift()
+    plain = lambda t, y: drift(t, y)  # not a Module: parameters only through adjoint_params
+    y0 = torch.ones(3, 2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="not in adjoint_params"):
+        gf.solve(gf.ODE(plain), y0, 0.0, 1.0, solver="rk4", steps=4, adjoint=True).sum().backward()
+    y = gf.solve(gf.ODE(plain), y0, 0.0, 1.0, solver="rk4", steps=4, adjoint=True,
+                 adjoint_params=drift.parameters())
+    y.sum().backward()
+    assert drift.net.weight.grad is not None
+
+
+def _check_adjoint_tolerance(name):
+    drift = _AdjointDrift()
+    loose = _adjoint_gradient(drift, adjoint=True, **{name: 1e-1})
+    tight = _adjoint_gradient(drift, adjoint=True, **{name: 1e-10})
+    assert not torch.equal(loose[1], tight[1])
+
+
 ENGINE_CHECKS = {"steps": _check_steps, "ts": _check_ts, "rtol": lambda: _check_tolerance("rtol"),
                  "atol": lambda: _check_tolerance("atol"), "error_norm": _check_error_norm,
                  "saveat": _check_saveat_and_dense, "dense": _check_saveat_and_dense, "callback": _check_callback,
                  "progress": _check_progress, "check_finite": _check_check_finite, "generator": _check_generator,
                  "brownian": _check_brownian, "derivative_free": _check_derivative_free, "noise": _check_noise,
-                 "cuda_graph": _check_cuda_graph}
+                 "cuda_graph": _check_cuda_graph, "adjoint": _check_adjoint, "adjoint_params": _check_adjoint_params,
+                 "adjoint_rtol": lambda: _check_adjoint_tolerance("adjoint_rtol"),
+                 "adjoint_atol": lambda: _check_adjoint_tolerance("adjoint_atol")}
 
 
 def _engine_options():
-    tokens = re.findall(r"`([^`]*)`", _engine_section())
+    """The keyword options README's engine prose names (fenced examples and positional arguments excluded)."""
+    prose = re.sub(r"```.*?```", "", _engine_section(), flags=re.S)
+    tokens = re.findall(r"`([^`]*)`", prose)
     named = {m for token in tokens for m in re.findall(r"\b([a-z_]+)=", token)}
-    named |= {token for token in tokens if token in inspect.signature(gf.solve).parameters}
+    keywords = {name for name, p in inspect.signature(gf.solve).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    named |= {token for token in tokens if token in keywords}
     return sorted(named - {"solver"} - PEER_OPTIONS)
 
 
