@@ -1,0 +1,255 @@
+"""DPM-Solver-v3: the multistep exponential integrator with empirical model statistics (EMS).
+
+Zheng, Lu, Chen, Zhu (2023), "DPM-Solver-v3: Improved Diffusion ODE Solver with Empirical Model
+Statistics", NeurIPS 2023. With the noise prediction ``eps``, ``lambda = log(alpha/sigma)`` and
+scalar statistics ``l, s, b`` on a log-SNR grid (§3.1, eqs. 6-8), the probability-flow ODE is
+solved exactly by (their eq. 9, in the cumulative form of their reference code)
+
+    f = (sigma eps - l x)/alpha,   g(lambda) = e^{-(S(lambda) - S_s)} f - int_{lambda_s}^{lambda} e^{-(S_u - S_s)} b_u du
+    x_t = (alpha_t/alpha_s) e^{-(L_t - L_s)} x_s - alpha_t e^{-(L_t - L_s)} int_{lambda_s}^{lambda_t} e^{(L+S)_r - (L+S)_s} g(r) dr
+          - alpha_t int_{lambda_s}^{lambda_t} e^{(L_r - L_t) + (S_r - S_s)} int_{lambda_s}^{r} e^{-(S_u - S_s)} b_u du dr
+
+with ``L, S`` the antiderivatives of ``l, s``. The solver Taylor-expands ``g`` at ``lambda_s``
+(its derivatives from the interpolating polynomial through the last ``k`` steps' ``g``, §3.2,
+eq. 11). ``l = 1, s = b = 0`` (the default when no statistics are given) gives ``f = -x0``
+and is exactly DPM-Solver++ (Lu et al. 2022b) in its Taylor form.
+"""
+import math
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from scipy.interpolate import CubicSpline
+
+from genflow.solvers.base import point
+from genflow.solvers.deis import ExponentialMultistep
+
+__all__ = ["DPMSolverV3", "ModelStatistics", "model_statistics"]
+
+_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(24)  # Gauss-Legendre on [-1, 1]
+
+
+class ModelStatistics(NamedTuple):
+    """The empirical model statistics of DPM-Solver-v3 on an increasing log-SNR grid.
+
+    ``lam``, ``l``, ``s``, ``b``: float64 ``[K+1]`` tensors (Zheng et al. 2023, eqs. 6-8; scalar,
+    i.e. pooled over the data dimensions). ``process``: the ``cache_key`` (as text) of the process
+    they were computed for. ``save``/``load`` keep them in one ``torch.save`` file."""
+
+    lam: torch.Tensor
+    l: torch.Tensor
+    s: torch.Tensor
+    b: torch.Tensor
+    process: str
+
+    def save(self, path) -> None:
+        torch.save({name: getattr(self, name) for name in self._fields}, path)
+
+    @classmethod
+    def load(cls, path) -> "ModelStatistics":
+        return cls(**torch.load(path, weights_only=True))
+
+    def check(self, process, lams) -> None:
+        """A ``ValueError`` naming ``statistics`` unless they fit ``process`` and cover ``lams``."""
+        if self.process != str(process.cache_key()):
+            raise ValueError(f"statistics were computed for another process ({self.process}), not {process!r}")
+        n = self.lam.numel()
+        if self.lam.dim() != 1 or n < 4 or any(v.shape != (n,) for v in (self.l, self.s, self.b)):
+            raise ValueError(f"statistics must hold lam, l, s, b of one length >= 4, got shapes "
+                             f"{[tuple(v.shape) for v in (self.lam, self.l, self.s, self.b)]}")
+        if not bool((self.lam[1:] > self.lam[:-1]).all()):
+            raise ValueError("statistics.lam must be strictly increasing")
+        low, high = float(self.lam[0]), float(self.lam[-1])
+        tol = 1e-9 * (1.0 + high - low)
+        outside = [v for v in lams if math.isfinite(v) and not low - tol <= v <= high + tol]
+        if outside:
+            raise ValueError(f"statistics cover log-SNR [{low:.4g}, {high:.4g}] but the time grid reaches {outside[0]:.4g}")
+
+
+class _Profiles:
+    """``l, s, b`` as smooth functions of log-SNR (cubic splines; constants 1, 0, 0 without
+    statistics) and the antiderivatives ``L, S``."""
+
+    def __init__(self, statistics: Optional[ModelStatistics]):
+        if statistics is None:
+            self.l = np.ones_like
+            self.L, self.S, self.b = (lambda v: np.asarray(v, float)), np.zeros_like, np.zeros_like
+            return
+        lam = statistics.lam.double().numpy()
+        self.l = CubicSpline(lam, statistics.l.double().numpy())
+        self.L = self.l.antiderivative()
+        self.S = CubicSpline(lam, statistics.s.double().numpy()).antiderivative()
+        self.b = CubicSpline(lam, statistics.b.double().numpy())
+
+    def decay_integral(self, lam_s, lam_r):
+        """``int_{lam_s}^{lam_r} e^{-(S_u - S_s)} b_u du`` for an array of ends ``lam_r``."""
+        lam_r = np.asarray(lam_r, float)
+        u = lam_s + (lam_r[..., None] - lam_s) * (_NODES + 1) / 2
+        vals = np.exp(-(self.S(u) - self.S(lam_s))) * self.b(u)
+        return (lam_r - lam_s) / 2 * (vals @ _WEIGHTS)
+
+
+def v3_coefficients(profiles: _Profiles, lams, lam_t: float):
+    """Coefficients of one DPM-Solver-v3 multistep predictor step of order ``k = len(lams)``.
+
+    ``lams``: log-SNRs of the current point ``s`` and the previous ``k - 1`` points, most recent
+    first. With ``E = e^{-(L_t - L_s)}``, ``c_n = int e^{(L+S)_r - (L+S)_s} (r - lam_s)^n/n! dr``
+    and ``g^(n) = sum_j D_nj g_j`` (derivatives of the polynomial through ``(lam_j, g_j)``),
+    ``x_t = (alpha_t/alpha_s) E x_s - alpha_t E sum_j w_j (e_j f_j - beta_j) - alpha_t bias``.
+
+    Returns:
+        ``(E, [E w_j e_j], E sum_j w_j beta_j - bias)``: ``x_t = (alpha_t/alpha_s) E x_s
+        - alpha_t sum_j F_j f_j + alpha_t const``.
+    """
+    P, lam_s, k = profiles, lams[0], len(lams)
+    h = lam_t - lam_s
+    r = lam_s + h * (_NODES + 1) / 2
+    LS = (P.L(r) - P.L(lam_s)) + (P.S(r) - P.S(lam_s))
+    c = [h / 2 * ((np.exp(LS) * (r - lam_s) ** n / math.factorial(n)) @ _WEIGHTS) for n in range(k)]
+    D = np.eye(k)
+    if k > 1:
+        V = np.array([[(lj - lam_s) ** n for n in range(1, k)] for lj in lams[1:]])
+        inv = np.linalg.inv(V)  # a_n = sum_j inv[n-1, j-1] (g_j - g_0), g^(n) = n! a_n
+        for n in range(1, k):
+            D[n, 1:] = math.factorial(n) * inv[n - 1]
+            D[n, 0] = -D[n, 1:].sum()
+    w = np.asarray(c) @ D
+    E = math.exp(-(float(P.L(lam_t)) - float(P.L(lam_s))))
+    e = np.exp(-(P.S(np.asarray(lams)) - P.S(lam_s)))
+    beta = np.concatenate([[0.0], P.decay_integral(lam_s, lams[1:])]) if k > 1 else np.zeros(1)
+    inner = P.decay_integral(lam_s, r)
+    bias = h / 2 * ((np.exp(P.L(r) - P.L(lam_t) + P.S(r) - P.S(lam_s)) * inner) @ _WEIGHTS)
+    return E, [float(E * wj * ej) for wj, ej in zip(w, e)], float(E * (w @ beta) - bias)
+
+
+class DPMSolverV3(ExponentialMultistep):
+    """DPM-Solver-v3, the multistep predictor with empirical model statistics.
+
+    Zheng et al. (2023), "DPM-Solver-v3", eq. 9 with the multistep predictor of §3.2 (eq. 11,
+    Algorithm 1 without corrector): see the module docstring. Each step evaluates the model once,
+    forms ``f = (sigma eps - l x)/alpha`` and takes ``x_t = (alpha_t/alpha_s) E x_s - alpha_t
+    sum_j F_j f_j + alpha_t const`` (``v3_coefficients``; the integrals of the statistics' cubic
+    splines by 24-point Gauss-Legendre quadrature). ``statistics`` (``model_statistics``) default
+    to ``l = 1, s = b = 0``, which is DPM-Solver++ (``dpmpp_2m`` with ``solver_type="heun"``,
+    ``dpmpp_3m``). Options as ``deis``: ``solver_order`` 1..3 (default 3, as the paper),
+    ``lower_order_final``; the warmup is multistep (first and second order first steps, so
+    third order is globally second order). Order ``solver_order``, 1 NFE per step.
+    """
+
+    name = "dpm_solver_v3"
+    order = 3
+    order_test_options = tuple({"solver_order": k, "lower_order_final": False} for k in (1, 2, 3))
+
+    def __init__(self, model, ts, *, statistics: Optional[ModelStatistics] = None, solver_order: int = 3, **kwargs):
+        super().__init__(model, ts, solver_order=solver_order, **kwargs)
+        if self.warmup != "multistep":
+            raise ValueError(f"warmup must be 'multistep' for dpm_solver_v3, got {self.warmup!r}")
+        if any(isinstance(p.lam, torch.Tensor) for p in self.grid):
+            raise ValueError("dpm_solver_v3 needs one time grid shared by the batch (ts of shape [N])")
+        if statistics is not None:
+            if not isinstance(statistics, ModelStatistics):
+                raise TypeError(f"statistics must be a ModelStatistics or None, got {type(statistics).__name__}")
+            statistics.check(self.process, [p.lam for p in self.grid])
+        self.statistics = statistics
+        self.profiles = _Profiles(statistics)
+        self.ones = None  # the constant term of the bias, made at the first step that needs it
+
+    @classmethod
+    def expected_order(cls, *, solver_order=3, **options) -> int:
+        """``solver_order``, but 2 for third order (its first step is first order)."""
+        return 2 if solver_order == 3 else solver_order
+
+    def step(self, i, x):
+        p, q = self.grid[i], self.grid[i + 1]
+        out = self.evaluate(x, p)
+        term, a0, b0 = self.x0_view(x, out, p)
+        kind, k = self.plan(i)
+        keep = self.needs_history(i) and self.finite[i]
+        # f = ((1 - l)/alpha) x - x0 = cf x + ct term
+        cf, ct = ((1.0 - float(self.profiles.l(p.lam))) / p.alpha - a0, -b0) if self.finite[i] else (0.0, 0.0)
+        f = self.update(x, [term], [cf, ct]) if keep else None
+        if kind == "first":
+            x = self.first_order(x, out, p, q, out_buffer=x)
+        else:
+            lams = [self.grid[i - j].lam for j in range(k)]
+            E, F, const = v3_coefficients(self.profiles, lams, q.lam)
+            c0 = -q.alpha * F[0]
+            terms = [term] + [self.history[i - j] for j in range(1, k)]
+            coefs = [q.alpha / p.alpha * E + c0 * cf, c0 * ct] + [-q.alpha * Fj for Fj in F[1:]]
+            if const != 0.0:
+                if self.ones is None:
+                    self.ones = torch.ones_like(x)
+                terms.append(self.ones)
+                coefs.append(q.alpha * const)
+            x = self.update(x, terms, coefs, out=x)
+        if keep:
+            self.remember(i, f)
+        return x
+
+
+def model_statistics(model, x_calib: torch.Tensor, *, steps: int = 100, t_start: Optional[float] = None,
+                     t_end: Optional[float] = None, delta: float = 1e-3,
+                     generator: Optional[torch.Generator] = None) -> ModelStatistics:
+    """DPM-Solver-v3's empirical model statistics of ``model`` on ``steps + 1`` log-SNRs.
+
+    Zheng et al. (2023), eqs. 6-8, pooled over the data dimensions: at each ``lambda`` of a
+    uniform log-SNR grid from ``t_start`` (default ``process.T``) to ``t_end`` (default
+    ``process.t_min``), with ``x = alpha x0 + sigma z`` (``x0`` the calibration data, one fixed
+    ``z`` and Rademacher probe ``v`` for all ``lambda``) and ``P = sigma eps(x)``:
+
+    * ``l = E[tr(dP/dx)]/d`` (Hutchinson's estimate, central differences of step ``delta sigma``);
+    * ``f = (P - l x)/alpha`` and its derivative along the ODE ``dx/dlambda = kappa x - P``
+      (``kappa = dlog(alpha)/dlambda``), ``f' = (dP/dlambda - l' x - l dx/dlambda)/alpha - kappa f``
+      (``dP/dlambda`` by central differences of step ``delta`` in ``lambda``);
+    * ``s, b``: the least-squares fit ``f' ~ s f + b``.
+
+    5 model evaluations of the calibration batch per grid point.
+    """
+    process = model.process
+    if not isinstance(x_calib, torch.Tensor) or x_calib.dim() < 2 or not x_calib.is_floating_point():
+        raise TypeError("x_calib must be a floating tensor of data samples [N, ...], got "
+                        f"{type(x_calib).__name__} {getattr(x_calib, 'shape', '')}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 3:
+        raise ValueError(f"steps must be an int >= 3, got {steps!r}")
+    if not delta > 0:
+        raise ValueError(f"delta must be > 0, got {delta}")
+    ends = {"t_start": process.T if t_start is None else t_start, "t_end": process.t_min if t_end is None else t_end}
+    lam_ends = {}
+    for name, t in ends.items():
+        lam_ends[name] = float(process.log_snr(torch.tensor(float(t), dtype=torch.float64)))
+        if not math.isfinite(lam_ends[name]):
+            raise ValueError(f"{name} must be a time of finite log-SNR, got {t}")
+    lam = np.sort(np.linspace(lam_ends["t_start"], lam_ends["t_end"], steps + 1))
+    z = torch.randn(x_calib.shape, generator=generator, dtype=x_calib.dtype).to(x_calib.device)
+    v = torch.randint(0, 2, x_calib.shape, generator=generator).to(x_calib) * 2 - 1
+
+    def at(lam_k):
+        pt = point(process, float(process.t_from_log_snr(torch.tensor(lam_k, dtype=torch.float64))))
+        return pt, (pt.dalpha / pt.alpha) / (pt.dalpha / pt.alpha - pt.dsigma / pt.sigma)
+
+    def P(x, pt):
+        return x - pt.alpha * model.predict(x, pt.t, "x0")
+
+    with torch.no_grad():
+        l = []
+        for lam_k in lam:
+            pt, _ = at(lam_k)
+            x = pt.alpha * x_calib + pt.sigma * z
+            eps = delta * pt.sigma
+            l.append(float(((P(x + eps * v, pt) - P(x - eps * v, pt)) * v).sum()) / (2 * eps * x.numel()))
+        dl = np.gradient(np.asarray(l), lam, edge_order=2)
+        s, b = [], []
+        for lam_k, l_k, dl_k in zip(lam, l, dl):
+            pt, kappa = at(lam_k)
+            x = pt.alpha * x_calib + pt.sigma * z
+            p0 = P(x, pt)
+            dx = kappa * x - p0
+            plus, minus = at(lam_k + delta)[0], at(lam_k - delta)[0]
+            dP = (P(x + delta * dx, plus) - P(x - delta * dx, minus)) / (2 * delta)
+            f = (p0 - l_k * x) / pt.alpha
+            df = (dP - dl_k * x - l_k * dx) / pt.alpha - kappa * f
+            fc, dfc = f - f.mean(), df - df.mean()
+            s.append(float((fc * dfc).sum() / (fc * fc).sum()))
+            b.append(float(df.mean() - s[-1] * f.mean()))
+    as64 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))
+    return ModelStatistics(as64(lam), as64(l), as64(s), as64(b), str(process.cache_key()))
