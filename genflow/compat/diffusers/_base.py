@@ -496,7 +496,8 @@ def pack(coefs: Sequence[float]):
     """``(kept, coef, c0)``: which terms of ``coefs = [c0, c1..cK]`` (floats) are nonzero, the float64
     coefficient tensor ``[c0, nonzero c_k.., 0]`` that ``fused_planned`` passes to the op, and ``c0``."""
     kept = tuple(c != 0.0 for c in coefs[1:])
-    return kept, host_tensor([coefs[0]] + [c for c in coefs[1:] if c != 0.0] + [0.0], torch.float64, "d"), float(coefs[0])
+    coef = host_tensor([coefs[0]] + [c for c in coefs[1:] if c != 0.0] + [0.0], torch.float64, "d")
+    return kept, coef, float(coefs[0])
 
 
 def fused_planned(x: torch.Tensor, terms: Sequence[torch.Tensor], plan) -> torch.Tensor:
