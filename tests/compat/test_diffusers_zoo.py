@@ -788,3 +788,27 @@ def test_static_output_buffer_in_pipeline_loops(name, loop):
     (their pipelines' loops; the generic loop of tests/test_ownership.py does not fit these steps)."""
     cls = getattr(gf.compat.diffusers, name)
     assert torch.equal(loop(cls(), _OneBuffer(_net)), loop(cls(), _net))
+
+
+# ------------------------------------------------------------------ MiniMax-H3, flow-map Euler
+
+@pytest.mark.parametrize("config, steps, set_kwargs", [({}, 2, None), ({"shift": 3.0}, 9, None),
+                                                       ({}, None, {"sigmas": [1.0, 0.7, 0.2, 0.0]})])
+def test_minimax_h3_equals_diffusers(config, steps, set_kwargs):
+    _compare("MiniMaxH3Scheduler", config, steps, set_kwargs=set_kwargs)
+    ref, ours = _pair("MiniMaxH3Scheduler", **config)
+    t = torch.tensor([0.3, 0.9])
+    _assert_rel(ours.scale_noise(_latents(3), t[:1], _latents(4)), ref.scale_noise(_latents(3), t[:1], _latents(4)))
+
+
+@pytest.mark.parametrize("config, steps, set_kwargs", [({}, 1, None), ({"shift": 3.0}, 7, None),
+                                                       ({}, None, {"timesteps": [1000.0, 600.0, 250.0]})])
+def test_flow_map_euler_equals_diffusers(config, steps, set_kwargs):
+    _compare("FlowMapEulerDiscreteScheduler", config, steps, set_kwargs=set_kwargs)
+    ref, ours = _pair("FlowMapEulerDiscreteScheduler", **config)
+    ref.set_timesteps(4)
+    ours.set_timesteps(4)
+    x, out = _latents(), _latents(1)
+    for r_t in (ref.timesteps[2], torch.tensor(123.0)):  # any-step maps: on and off the grid
+        _assert_rel(ours.step(out, ours.timesteps[0], x, r_timestep=r_t).prev_sample,
+                    ref.step(out, ref.timesteps[0], x, r_timestep=r_t).prev_sample)

@@ -72,3 +72,6 @@ __all__ += ["CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"]
 from .ltx import LTXEulerAncestralRFScheduler
 
 __all__ += ["LTXEulerAncestralRFScheduler"]
+from .flow_euler import FlowMapEulerDiscreteScheduler, MiniMaxH3Scheduler
+
+__all__ += ["MiniMaxH3Scheduler", "FlowMapEulerDiscreteScheduler"]
