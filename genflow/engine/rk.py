@@ -26,7 +26,8 @@ import torch
 
 from genflow.engine.dense import dense_polynomial, stage_weights
 from genflow.engine.tableau import ButcherTableau
-from genflow.ops.fused_update import MAX_TERMS, fused_update_packed, fused_update_unchecked, host_tensor
+from genflow.ops.fused_update import (MAX_TERMS, fused_update_packed, fused_update_unchecked, host_tensor,
+                                      record_nonfinite)
 
 __all__ = ["RungeKutta"]
 
@@ -137,7 +138,9 @@ class RungeKutta:
     After ``step`` the stage outputs ``terms`` and states ``states`` stay available for
     ``combine("error")`` and ``dense(theta)``; ``evaluations`` counts calls of ``f``; ``pool``
     holds the stage-state buffers (allocated on demand, reused by later steps);
-    ``nonfinite`` / ``step_index``: the divergence flag the fused updates lower (see ``genflow.sample``).
+    ``nonfinite`` / ``step_index``: the divergence flag (see ``genflow.sample``), lowered by the
+    kernel as it writes each combination; where a combination runs without it (the differentiable
+    form, the PyTorch reference) the step's result is checked once instead (``record_nonfinite``).
     """
 
     def __init__(self, tableau: ButcherTableau, f: Callable, *, view: Optional[Callable] = None,
@@ -154,6 +157,7 @@ class RungeKutta:
         self.alpha = self.beta = self.h_alpha = self.h_beta = None
         self._dense = None
         self._t = self._h = self._extended = None  # the last step's time and size, its extra dense stages
+        self._unflagged = False  # a combination of this step ran without the kernel's divergence flag
 
     def times(self, t, h, use_alternative=False):
         """Stage times ``t + c_i h``: a list of s floats for a shared step, a host tensor [s, B]
@@ -237,6 +241,7 @@ class RungeKutta:
             else:
                 self.h_alpha, self.h_beta = [a * h for a in self.alpha], [b * h for b in self.beta]
         self.pack = self._coefficients(self.plan, h, y.device, use_alternative)
+        self._unflagged = False
         self.states = [y]
         self.terms = [first if first is not None else self.evaluate(y, times[0])]
         for i in range(1, tab.stages):
@@ -244,9 +249,11 @@ class RungeKutta:
             state = self.combine(i, out=out if last else self._buffer(y, self.states + [out]))
             self.states.append(state)
             self.terms.append(self.evaluate(state, times[i]))
-        if tab.fsal:
-            return self.states[-1]
-        return self.combine("new", out=out if out is not None else self._buffer(y, self.states))
+        result = self.states[-1] if tab.fsal else self.combine(
+            "new", out=out if out is not None else self._buffer(y, self.states))
+        if self.nonfinite is not None and self._unflagged:
+            record_nonfinite(result, self.nonfinite, self.step_index)
+        return result
 
     def evaluate(self, y, t):
         self.evaluations += 1
@@ -274,13 +281,15 @@ class RungeKutta:
             base = y if result is None else result
             if torch.is_grad_enabled() and any(v.requires_grad for v in (base, *terms)):
                 values = coef.tolist() if coef.dim() == 1 else list(coef.clone().unbind(0))  # autograd keeps them
-                result = fused_update_unchecked(base, terms, values, kernel=self.kernel, nonfinite=self.nonfinite,
-                                                step=self.step_index)
+                result = fused_update_unchecked(base, terms, values, kernel=self.kernel)
+                self._unflagged = True
             else:
                 if out is None:
                     out = torch.empty_like(y, memory_format=torch.contiguous_format)
-                result = fused_update_packed(base, terms, coef, kernel=self.kernel, out=out,
-                                             nonfinite=self.nonfinite, step=self.step_index)
+                flag = self.nonfinite if self.kernel else None  # the kernel flags as it writes, for free
+                result = fused_update_packed(base, terms, coef, kernel=self.kernel, out=out, nonfinite=flag,
+                                             step=self.step_index)
+                self._unflagged |= not self.kernel
         return result
 
     def _gather(self, combo: _Combination, src_t, src_y, device):

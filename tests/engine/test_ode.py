@@ -216,3 +216,17 @@ def test_tsit5_dense_output_equals_diffrax_inside_the_same_step():
             theirs = np.stack([np.asarray(sol.evaluate(t)) for t in times])
             out = gf.solve(gf.ODE(rhs), y0[None], 0.0, h, solver="tsit5", rtol=1e3, atol=1e3, h_init=h, saveat=times)
             assert np.abs(out.ys[:, 0].numpy() - theirs).max() <= 1e-13
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_divergence_check_names_the_same_step_with_and_without_gradients(backend, grad):
+    """The kernel flags each combination as it writes; the differentiable form and the PyTorch
+    reference check the step's result once: every path names the same step and count."""
+    def nan_late(t, y):  # NaN for the first three samples from t = 0.55 (step 6's middle stages)
+        bad = (t >= 0.55) & (torch.arange(y.shape[0]) < 3)
+        return torch.where(bad[:, None], float("nan"), -y)
+
+    y0 = torch.ones(5, 2, dtype=torch.float64, requires_grad=grad)
+    with pytest.raises(gf.NonFiniteError, match=r"at step 6 of 10 \(t 0\.5 -> 0\.6\): 3 of 5 samples diverged;"):
+        gf.solve(gf.ODE(nan_late), y0, 0.0, 1.0, solver="rk4", steps=10, backend=backend)
