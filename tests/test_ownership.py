@@ -191,11 +191,17 @@ def test_k_diffusion_samplers_with_aliasing_models(name):
     assert torch.equal(result, _k_run(name, lambda x, s: _denoiser(x * 1.001, s)))
 
 
+# Their pipelines call ``step`` in their own way (diffusers' classes fail the generic loop too);
+# tests/compat/test_diffusers_zoo.py::test_static_output_buffer_in_pipeline_loops covers them.
+OWN_LOOP_SCHEDULERS = {"DDPMWuerstchenScheduler", "RePaintScheduler", "ScoreSdeVeScheduler", "CogVideoXDPMScheduler"}
+
+
 def _scheduler_cases():
     """``(scheduler, prediction_type)`` for every diffusers scheduler and each of ``epsilon`` and
     ``sample`` it takes (None: one without the option, e.g. the flow-matching schedulers)."""
     cases = []
-    for name in (n for n in diffusers.__all__ if n.endswith("Scheduler") and n != "Scheduler"):
+    for name in (n for n in diffusers.__all__ if n.endswith("Scheduler") and n != "Scheduler"
+                 and n not in OWN_LOOP_SCHEDULERS):
         for prediction_type in ("epsilon", "sample"):
             try:
                 getattr(diffusers, name)(prediction_type=prediction_type)
