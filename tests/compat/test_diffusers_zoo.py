@@ -812,3 +812,20 @@ def test_flow_map_euler_equals_diffusers(config, steps, set_kwargs):
     for r_t in (ref.timesteps[2], torch.tensor(123.0)):  # any-step maps: on and off the grid
         _assert_rel(ours.step(out, ours.timesteps[0], x, r_timestep=r_t).prev_sample,
                     ref.step(out, ref.timesteps[0], x, r_timestep=r_t).prev_sample)
+
+
+def test_ddim_inverse_sample_prediction_from_alpha_one_is_refused_by_name():
+    """Inversion from alpha_cumprod = 1 with a predicted sample implies eps = 0/0: a ValueError naming
+    the option (diffusers divides by zero at the first step); with set_alpha_to_one=False it runs."""
+    with pytest.raises(ValueError, match="prediction_type='sample'.*set_alpha_to_one"):
+        gf.compat.diffusers.DDIMInverseScheduler(prediction_type="sample")
+    ours = gf.compat.diffusers.DDIMInverseScheduler(prediction_type="sample", set_alpha_to_one=False)
+    theirs = diffusers().DDIMInverseScheduler(prediction_type="sample", set_alpha_to_one=False)
+    a = b = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for s in (ours, theirs):
+        s.set_timesteps(5)
+    for t in ours.timesteps:
+        a = ours.step(0.9 * a, t, a).prev_sample
+    for t in theirs.timesteps:
+        b = theirs.step(0.9 * b, t, b).prev_sample
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

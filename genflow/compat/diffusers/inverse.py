@@ -42,6 +42,10 @@ class DDIMInverseScheduler(Scheduler):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         check_prediction_type(self.config.prediction_type)
+        if self.config.prediction_type == "sample" and self.config.set_alpha_to_one:
+            raise ValueError("prediction_type='sample' needs set_alpha_to_one=False in DDIMInverseScheduler: "
+                             "inversion starts at alpha_cumprod = 1 (no noise), where the noise implied by "
+                             "a predicted sample is 0/0")
         check_choice("timestep_spacing", self.config.timestep_spacing, ("leading", "trailing"))
         check_choice("beta_schedule", self.config.beta_schedule, _BETA_SCHEDULES)
         self._set_tables()
