@@ -37,7 +37,8 @@ __all__ = [
 ]
 
 from genflow.compat.k_diffusion.zoo import (sample_ald, sample_ddim, sample_ddpm, sample_deis, sample_dpm_solver_1,
-                                             sample_dpm_solver_2, sample_dpm_solver_3, sample_dpmpp_2m_sde_heun,
+                                             sample_dpm_solver_2, sample_dpm_solver_3, sample_dpm_solver_v3,
+                                             sample_dpmpp_2m_sde_heun,
                                              sample_dpmpp_2s, sample_dpmpp_3m, sample_er_sde, sample_euler_maruyama,
                                              sample_exp_heun_2_x0, sample_gradient_estimation, sample_heunpp2,
                                              sample_ipndm, sample_ipndm_v, sample_lcm, sample_midpoint, sample_pc,
@@ -47,7 +48,8 @@ from genflow.compat.k_diffusion.zoo import (sample_ald, sample_ddim, sample_ddpm
 
 __all__ += [  # the native samplers k-diffusion lacks (zoo.py)
     "sample_ald", "sample_ddim", "sample_ddpm", "sample_deis", "sample_dpm_solver_1", "sample_dpm_solver_2",
-    "sample_dpm_solver_3", "sample_dpmpp_2m_sde_heun", "sample_dpmpp_2s", "sample_dpmpp_3m", "sample_er_sde",
+    "sample_dpm_solver_3", "sample_dpm_solver_v3", "sample_dpmpp_2m_sde_heun", "sample_dpmpp_2s", "sample_dpmpp_3m",
+    "sample_er_sde",
     "sample_euler_maruyama", "sample_exp_heun_2_x0", "sample_gradient_estimation", "sample_heunpp2",
     "sample_ipndm", "sample_ipndm_v", "sample_lcm", "sample_midpoint", "sample_pc", "sample_plms", "sample_pndm",
     "sample_res_2m", "sample_res_3m", "sample_res_multistep", "sample_restart", "sample_rk4", "sample_sa_solver",
