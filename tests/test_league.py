@@ -1,6 +1,7 @@
 """bench/cases/league.py (``genflow bench --only league``): a tiny league runs and gives a
 well-formed table, flags and figure; the step choice per target NFE and bad configurations."""
 import importlib
+import importlib.util
 import math
 
 import pytest
@@ -97,3 +98,29 @@ def test_option_sweep_table_marks_the_default_and_flags_it():
     fake = [league.SweepEntry("EDM", "ddim", "eta", v, 10, 10, kl) for v, kl in ((0.0, 3.0), (1.0, 0.2))]
     _, flags = league.sweep_table(fake)
     assert flags == ["EDM `ddim` at 10 NFE: the default eta=0.0 gives 3 nats, eta=1.0 gives 0.2"]
+
+
+def test_digits_section_is_kept_and_replaced(tmp_path):
+    path = tmp_path / "LEAGUE.md"
+    path.write_text("# Sampler league\n\nring tables\n")
+    league.replace_digits_section(path, league.DIGITS_MARK + "\nfirst\n")
+    league.replace_digits_section(path, league.DIGITS_MARK + "\nsecond\n")
+    text = path.read_text()
+    assert text.startswith("# Sampler league\n\nring tables\n") and text.count(league.DIGITS_MARK) == 1
+    assert text.endswith("second\n") and "first" not in text
+    with pytest.raises(ValueError, match="DIGITS_MARK"):
+        league.replace_digits_section(path, "no marker")
+
+
+def test_digits_example_tiny_run(tmp_path):
+    """examples/league.py end to end: a 3-step model, 40 samples, two solvers, one NFE."""
+    spec = importlib.util.spec_from_file_location("league_example", f"{league.OUT_DIR.parent}/examples/league.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "LEAGUE.md"
+    result = example.main(["--train-steps", "3", "--samples", "40", "--nfes", "4", "--solvers", "euler,heun",
+                           "--checkpoint", "", "--ode-tol", "1e-2", "--out", str(out)])
+    assert {(e.solver, e.nfe) for e in result.entries} == {("euler", 4), ("heun", 4)}
+    assert all(math.isfinite(e.kl) for e in result.entries)
+    text = out.read_text()
+    assert league.DIGITS_MARK in text and "| euler | logsnr | " in text and "| heun | karras | " in text

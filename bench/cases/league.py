@@ -36,6 +36,7 @@ OUT_DIR = Path(__file__).resolve().parents[1]
 PROCESSES = {"EDM": gf.EDM, "VP": gf.VP}
 DEFAULT_SCHEDULE = "logsnr"   # gf.sample's default
 DIVERGED = math.inf
+DIGITS_MARK = "<!-- league: trained-model section, written by examples/league.py -->"
 
 
 @dataclass
@@ -51,6 +52,7 @@ class LeagueConfig:
     seeds: Sequence[int] = (0, 1, 2)
     solvers: Optional[Sequence[str]] = None
     floor_seeds: int = 9
+    ode_tol: float = 1e-6      # rtol = atol of the exact-ODE limit (rk45)
 
     def __post_init__(self):
         if not self.nfes or any(int(n) < 1 for n in self.nfes):
@@ -86,21 +88,43 @@ class League:
     skipped: Dict[str, str] = field(default_factory=dict)  # solver -> why
     seconds: float = 0.0
     sweeps: List[SweepEntry] = field(default_factory=list)
+    metric: str = "KL to the ring (nats)"
 
 
-def _model(mixture, process):
-    """The exact denoiser as a ``gf.Model`` whose network counts its calls."""
-    net = Counted(lambda x, t: mixture.posterior_mean(x, t, process))
-    return gf.Model(net, process, prediction="x0"), net
+@dataclass
+class Target:
+    """What the league samples and how it scores: one model per process name, the per-sample
+    shape, ``score(samples) -> float`` (lower is better), the noise floor ``(mean, spread)`` and
+    the metric's name."""
+
+    models: Dict[str, object]
+    shape: Tuple[int, ...]
+    score: Callable[[torch.Tensor], float]
+    floor: Tuple[float, float]
+    metric: str
 
 
-def nfe_by_steps(mixture, solver: str, most: int, **options) -> Dict[int, int]:
+def ring_target(config: LeagueConfig) -> Target:
+    """The exact 8-Gaussian ring under each of ``config.processes``, scored by KL to its density."""
+    mixture = gf.GaussianMixture.ring()
+    floor = noise_floor(mixture, config.samples, config.floor_seeds, len(config.seeds))
+    return Target({p: mixture.model(PROCESSES[p]()) for p in config.processes}, (2,),
+                  lambda x: kl_to_density(x.double(), mixture.log_prob), floor, "KL to the ring (nats)")
+
+
+def counted(model):
+    """``model`` as a new ``gf.Model`` whose network counts its calls, and the counter."""
+    net = Counted(model.net)
+    return gf.Model(net, model.process, model.prediction), net
+
+
+def nfe_by_steps(model, solver: str, most: int, shape=(2,), **options) -> Dict[int, int]:
     """``{steps: counted NFE}`` for 1, 2, ... steps until the NFE passes ``most`` (2 samples,
-    EDM, ``logsnr``; a solver's NFE depends on its step count and ``options`` only)."""
+    ``logsnr``; a solver's NFE depends on its step count and ``options`` only)."""
     counts, steps = {}, 1
     while not counts or max(counts.values()) <= most:
-        model, net = _model(mixture, gf.EDM())
-        gf.sample(model, (2, 2), solver=solver, steps=steps, schedule=DEFAULT_SCHEDULE, generator=0, **options)
+        probe, net = counted(model)
+        gf.sample(probe, (2, *shape), solver=solver, steps=steps, schedule=DEFAULT_SCHEDULE, generator=0, **options)
         counts[steps] = net.calls
         steps += 1
     return counts
@@ -113,18 +137,19 @@ def steps_for(target: int, counts: Dict[int, int]) -> Optional[int]:
     return max(fit) if fit else None
 
 
-def _solve(mixture, process, solver, schedule, steps, config, **options) -> Tuple[int, float]:
-    """``(NFE per solve, mean KL over config.seeds)``; KL is inf when a solve diverged."""
-    model, net = _model(mixture, process)
-    kls = []
+def _solve(model, target: Target, solver, schedule, steps, config, **options) -> Tuple[int, float]:
+    """``(NFE per solve, mean score over config.seeds)``; the score is inf when a solve diverged."""
+    model, net = counted(model)
+    scores = []
     for seed in config.seeds:
         try:
-            x = gf.sample(model, (config.samples, 2), solver=solver, steps=steps, schedule=schedule,
-                          generator=seed, **options)
+            with torch.no_grad():
+                x = gf.sample(model, (config.samples, *target.shape), solver=solver, steps=steps, schedule=schedule,
+                              generator=seed, **options)
         except gf.NonFiniteError:
-            return net.calls // len(kls + [seed]), DIVERGED
-        kls.append(kl_to_density(x.double(), mixture.log_prob))
-    return net.calls // len(config.seeds), sum(kls) / len(kls)
+            return net.calls // (len(scores) + 1), DIVERGED
+        scores.append(target.score(x.reshape(x.shape[0], -1)))
+    return net.calls // len(config.seeds), sum(scores) / len(scores)
 
 
 def noise_floor(mixture, samples: int, seeds: int, averaged: int = 1) -> Tuple[float, float]:
@@ -135,10 +160,10 @@ def noise_floor(mixture, samples: int, seeds: int, averaged: int = 1) -> Tuple[f
     return float(values.mean()), (float(values.std()) / math.sqrt(averaged) if seeds > 1 else 0.0)
 
 
-def ode_limit(mixture, process, config: LeagueConfig) -> float:
-    """Mean KL over ``config.seeds`` of the exact probability-flow ODE's samples (``rk45``, rtol =
-    atol = 1e-6): the limit of every deterministic solver from the same starting noise."""
-    return _solve(mixture, process, "rk45", DEFAULT_SCHEDULE, None, config, rtol=1e-6, atol=1e-6)[1]
+def ode_limit(model, target: Target, config: LeagueConfig) -> float:
+    """Mean score over ``config.seeds`` of the exact probability-flow ODE's samples (``rk45``, rtol =
+    atol = ``config.ode_tol``): the limit of every deterministic solver from the same starting noise."""
+    return _solve(model, target, "rk45", DEFAULT_SCHEDULE, None, config, rtol=config.ode_tol, atol=config.ode_tol)[1]
 
 
 def league_solvers(config: LeagueConfig) -> Tuple[List[str], Dict[str, str]]:
@@ -182,19 +207,21 @@ class SweepEntry:
     kl: float
 
 
-def run_sweeps(config: LeagueConfig, sweeps=OPTION_SWEEPS, nfes=SWEEP_NFES) -> List[SweepEntry]:
-    """Each solver of ``sweeps`` with each option value at each of ``nfes``, both processes."""
-    mixture, out = gf.GaussianMixture.ring(), []
+def run_sweeps(config: LeagueConfig, sweeps=OPTION_SWEEPS, nfes=SWEEP_NFES,
+               target: Optional[Target] = None) -> List[SweepEntry]:
+    """Each solver of ``sweeps`` with each option value at each of ``nfes``, on every model of
+    ``target`` (default the exact ring under ``config.processes``)."""
+    target = ring_target(config) if target is None else target
+    any_model, out = next(iter(target.models.values())), []
     for solver, option, values in sweeps:
         for value in values:
-            counts = nfe_by_steps(mixture, solver, max(nfes), **{option: value})
-            for pname in config.processes:
-                for target in nfes:
-                    steps = steps_for(target, counts)
+            counts = nfe_by_steps(any_model, solver, max(nfes), target.shape, **{option: value})
+            for pname, model in target.models.items():
+                for nfe_target in nfes:
+                    steps = steps_for(nfe_target, counts)
                     if steps is not None:
-                        nfe, kl = _solve(mixture, PROCESSES[pname](), solver, DEFAULT_SCHEDULE, steps, config,
-                                         **{option: value})
-                        out.append(SweepEntry(pname, solver, option, value, target, nfe, kl))
+                        nfe, score = _solve(model, target, solver, DEFAULT_SCHEDULE, steps, config, **{option: value})
+                        out.append(SweepEntry(pname, solver, option, value, nfe_target, nfe, score))
     return out
 
 
@@ -221,30 +248,29 @@ def sweep_table(sweeps: List[SweepEntry], factor: float = 2.0, margin: float = 0
     return "\n".join(lines), flags
 
 
-def run_league(config: LeagueConfig, log: Callable[[str], None] = print) -> League:
-    """Run every solver x schedule x process x target NFE of ``config``."""
+def run_league(config: LeagueConfig, log: Callable[[str], None] = print, target: Optional[Target] = None) -> League:
+    """Run every solver x schedule x process x target NFE of ``config`` on ``target`` (default the
+    exact ring, ``ring_target``)."""
     started = time.perf_counter()
-    mixture = gf.GaussianMixture.ring()
+    target = ring_target(config) if target is None else target
     solvers, skipped = league_solvers(config)
-    entries, floor = [], {}
-    counts = {solver: nfe_by_steps(mixture, solver, max(config.nfes)) for solver in solvers}
-    floor_all = noise_floor(mixture, config.samples, config.floor_seeds, len(config.seeds))  # the same for every process
-    limits = {}
-    for pname in config.processes:
-        process = PROCESSES[pname]()
-        floor[pname] = floor_all
-        limits[pname] = ode_limit(mixture, process, config)
+    any_model = next(iter(target.models.values()))
+    counts = {solver: nfe_by_steps(any_model, solver, max(config.nfes), target.shape) for solver in solvers}
+    entries, limits = [], {}
+    for pname, model in target.models.items():
+        limits[pname] = ode_limit(model, target, config)
         for solver in solvers:
             for schedule in config.schedules:
-                for target in config.nfes:
-                    steps = steps_for(target, counts[solver])
+                for nfe_target in config.nfes:
+                    steps = steps_for(nfe_target, counts[solver])
                     if steps is None:
                         continue
-                    nfe, kl = _solve(mixture, process, solver, schedule, steps, config)
-                    entries.append(Entry(pname, solver, schedule, int(target), steps, nfe, kl))
+                    nfe, score = _solve(model, target, solver, schedule, steps, config)
+                    entries.append(Entry(pname, solver, schedule, int(nfe_target), steps, nfe, score))
             row = [e for e in entries if e.process == pname and e.solver == solver]
             log(f"{pname:<4}{solver:<22}" + " ".join(f"{e.kl:8.3f}" for e in row))
-    return League(config, entries, floor, ode_limits=limits, skipped=skipped, seconds=time.perf_counter() - started)
+    return League(config, entries, {p: target.floor for p in target.models}, ode_limits=limits, skipped=skipped,
+                  seconds=time.perf_counter() - started, metric=target.metric)
 
 
 # ---------------------------------------------------------------- reporting
@@ -308,7 +334,7 @@ def winners(league: League, process: str) -> List[str]:
         cands = [e for e in league.entries if e.process == process and e.target == t]
         e = min(cands, key=lambda e: e.kl)
         ties = {c.solver for c in cands if c.kl <= e.kl + spread} - {e.solver}
-        out.append(f"NFE {t}: `{e.solver}`/{e.schedule} ({e.kl:.3f}, {e.nfe} NFE"
+        out.append(f"NFE {t}: `{e.solver}`/{e.schedule} ({e.kl:.3g}, {e.nfe} NFE"
                    + (f"; {len(ties)} other solver(s) within noise of it" if ties else "") + ")")
     return out
 
@@ -405,13 +431,24 @@ def league_figure(league: League, path, top: int = 10, clip: float = 5e-3) -> No
         ax.set_ylim(clip / 1.5, 30)
         ax.set_xticks(list(c.nfes), [str(n) for n in c.nfes])
         ax.set_xlabel("NFE (counted)")
-        ax.set_ylabel("KL to the ring (nats)")
+        ax.set_ylabel(league.metric)
         ax.set_title(f"{p}: the {top} best solvers (best schedule each), {c.samples} samples")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replace_digits_section(path, section: str) -> None:
+    """Put ``section`` (starting with ``DIGITS_MARK``) at the end of the markdown file ``path`` in
+    place of its previous one; the exact-mixture league above it is kept."""
+    if not section.startswith(DIGITS_MARK):
+        raise ValueError("section must start with DIGITS_MARK")
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    head = old[:old.index(DIGITS_MARK)] if DIGITS_MARK in old else old
+    path.write_text(head.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n")
 
 
 def config_for(ctx: Context) -> LeagueConfig:
@@ -434,8 +471,11 @@ def _league(ctx: Context) -> Iterator[Case]:
     for p in league.config.processes:
         print("\n".join([f"\n{p}:"] + winners(league, p)))
     if not (ctx.tiny or ctx.quick):
-        (OUT_DIR / "LEAGUE.md").write_text(league_markdown(league, "OMP_NUM_THREADS=1 genflow bench --only league "
-                                                                   "--threads 1 --no-results"))
+        path = OUT_DIR / "LEAGUE.md"
+        old = path.read_text() if path.exists() else ""
+        kept = old[old.index(DIGITS_MARK):] if DIGITS_MARK in old else ""
+        path.write_text(league_markdown(league, "OMP_NUM_THREADS=1 genflow bench --only league --threads 1 "
+                                                "--no-results") + ("\n" + kept if kept else ""))
         league_figure(league, OUT_DIR / "league.png")
         print(f"wrote {OUT_DIR / 'LEAGUE.md'} and {OUT_DIR / 'league.png'}")
     return iter(())
