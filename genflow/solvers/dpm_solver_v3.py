@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from scipy.interpolate import CubicSpline
 
+from genflow._cache import LRU, value_key
 from genflow._checks import check_bool
 from genflow.ops.fused_update import MAX_TERMS
 from genflow.solvers.base import point
@@ -29,6 +30,7 @@ from genflow.solvers.deis import ExponentialMultistep
 __all__ = ["DPMSolverV3", "ModelStatistics", "model_statistics"]
 
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(24)  # Gauss-Legendre on [-1, 1]
+_COEFFICIENTS = LRU(4096)  # (statistics, node log-SNRs, end log-SNR, pseudo) -> v3_coefficients
 
 
 class ModelStatistics(NamedTuple):
@@ -175,6 +177,7 @@ class DPMSolverV3(ExponentialMultistep):
             statistics.check(self.process, [p.lam for p in self.grid])
         self.statistics = statistics
         self.profiles = _Profiles(statistics)
+        self.statistics_key = value_key(statistics)
         self.pseudo = check_bool("pseudo", pseudo)
         self.corrector = check_bool("corrector", corrector)
         self.pending = None  # (order, start x) of the previous step, awaiting correction
@@ -195,11 +198,13 @@ class DPMSolverV3(ExponentialMultistep):
         for j in [j for j in self.history if j <= i - self.solver_order - self.corrector]:
             del self.history[j]
 
-    def _move(self, x_s, f_s, i_s, p, q, nodes, *, pseudo, out, fold=(0.0, 0.0), term=None):
-        """``x`` at ``q`` from ``x_s`` at grid point ``i_s`` (``p``) through the ``f`` at ``nodes``
-        (grid indices, ``i_s`` first; ``f_s`` is ``f`` there, or None when it is folded into
+    def _move(self, x_s, f_s, p, q, nodes, *, pseudo, out, fold=(0.0, 0.0), term=None):
+        """``x`` at ``q`` from ``x_s`` at ``p`` through the ``f`` at ``nodes`` (grid indices, the
+        index of ``p`` first; ``f_s`` is ``f`` there, or None when it is folded into
         ``x_s`` and ``term`` as ``f_s = fold[0] x_s + fold[1] term``)."""
-        E, F, const = v3_coefficients(self.profiles, [self.grid[j].lam for j in nodes], q.lam, pseudo=pseudo)
+        lams = tuple(self.grid[j].lam for j in nodes)
+        E, F, const = _COEFFICIENTS.get_or_compute((self.statistics_key, lams, q.lam, pseudo), lambda: v3_coefficients(
+            self.profiles, lams, q.lam, pseudo=pseudo))
         c_f = [-q.alpha * Fj for Fj in F]
         coefs = [q.alpha / p.alpha * E + c_f[0] * fold[0]]
         terms = [f_s if f_s is not None else term]
@@ -231,7 +236,7 @@ class DPMSolverV3(ExponentialMultistep):
             k_prev, x_prev = pending
             self.history[i] = f
             nodes = [i - 1, i] + [i - 1 - j for j in range(1, k_prev)]
-            x = self._move(x_prev, self.history[i - 1], i - 1, self.grid[i - 1], p, nodes, pseudo=True, out=x)
+            x = self._move(x_prev, self.history[i - 1], self.grid[i - 1], p, nodes, pseudo=True, out=x)
         correct_next = self.corrector and kind == "multistep" and keep and self.finite[i + 1]
         buffer = None if correct_next else x  # the corrector reads the step's start
         nodes = [i - j for j in range(k)]
@@ -241,9 +246,9 @@ class DPMSolverV3(ExponentialMultistep):
             a_x = q.sigma / p.sigma + (q.alpha - q.sigma * p.alpha / p.sigma) * (1.0 - l_p) / p.alpha
             x_next = self.update(x, [f], [a_x, -(q.alpha - q.sigma * p.alpha / p.sigma)], out=buffer)
         elif pending is not None:
-            x_next = self._move(x, f, i, p, q, nodes, pseudo=self.pseudo, out=buffer)
+            x_next = self._move(x, f, p, q, nodes, pseudo=self.pseudo, out=buffer)
         else:
-            x_next = self._move(x, None, i, p, q, nodes, pseudo=self.pseudo, out=buffer, fold=(cf, ct), term=term)
+            x_next = self._move(x, None, p, q, nodes, pseudo=self.pseudo, out=buffer, fold=(cf, ct), term=term)
         if keep:
             self.remember(i, f)
         if correct_next:
@@ -315,5 +320,5 @@ def model_statistics(model, x_calib: torch.Tensor, *, steps: int = 100, t_start:
             fc, dfc = f - f.mean(), df - df.mean()
             s.append(float((fc * dfc).sum() / (fc * fc).sum()))
             b.append(float(df.mean() - s[-1] * f.mean()))
-    as64 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))
-    return ModelStatistics(as64(lam), as64(l), as64(s), as64(b), str(process.cache_key()))
+    lam, l, s, b = (torch.as_tensor(np.asarray(a, dtype=np.float64)) for a in (lam, l, s, b))
+    return ModelStatistics(lam, l, s, b, str(process.cache_key()))
