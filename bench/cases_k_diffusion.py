@@ -5,7 +5,8 @@ Each case runs the sampler with its default options on k-diffusion's 20-step Kar
 sigma_min and sigma_max) with a near-free denoiser (``0.5 x``), so the timings compare the
 samplers' own cost; the SDE samplers whose default noise is torchsde's Brownian tree (which
 then dominates both sides) get a ``randn_like`` noise_sampler on both sides. Both sides start from the same x under the same torch seed (the same noise);
-``max_abs_diff`` is the difference of their results. Run as a module or a script:
+``max_abs_diff`` is the difference of their results. Times and ratios are medians of interleaved
+rounds in process CPU time (``cases_diffusers.interleaved_ms``). Run as a module or a script:
 
     OMP_NUM_THREADS=1 python -m bench.cases_k_diffusion [--sizes 1x2,48000x64] [--only euler,dpmpp_2m]
 """
