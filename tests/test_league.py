@@ -28,7 +28,7 @@ def test_tiny_league_entries(tiny):
     by_key = {(e.solver, e.schedule, e.target): e for e in tiny.entries}
     # every entry within its NFE budget; heun's 2 evaluations a step give it fewer steps than euler
     for e in tiny.entries:
-        assert e.nfe <= e.target and e.steps >= 1 and e.kl > -0.5 and math.isfinite(e.kl)
+        assert e.nfe <= e.target and e.steps >= 1 and e.score > -0.5 and math.isfinite(e.score)
     assert by_key[("euler", "logsnr", 3)].nfe == 3 and by_key[("euler", "karras", 6)].nfe == 6
     assert by_key[("heun", "logsnr", 6)].steps < by_key[("euler", "logsnr", 6)].steps
     assert len(tiny.entries) == 2 * 2 * 2  # solvers x schedules x NFEs
@@ -36,7 +36,7 @@ def test_tiny_league_entries(tiny):
     assert math.isfinite(mean) and std >= 0
     # euler at its largest step count is nearer the exact ODE's samples than at its smallest
     limit = tiny.ode_limits["EDM"]
-    assert abs(by_key[("euler", "logsnr", 6)].kl - limit) < abs(by_key[("euler", "logsnr", 3)].kl - limit)
+    assert abs(by_key[("euler", "logsnr", 6)].score - limit) < abs(by_key[("euler", "logsnr", 3)].score - limit)
 
 
 def test_table_is_well_formed(tiny):
@@ -78,7 +78,8 @@ def test_steps_for_picks_most_steps_within_budget():
 
 
 @pytest.mark.parametrize("kwargs, word", [(dict(nfes=()), "nfes"), (dict(nfes=(0,)), "nfes"),
-                                          (dict(samples=5), "samples"), (dict(seeds=()), "seeds"), (dict(processes=("VE2",)), "processes")])
+                                          (dict(samples=5), "samples"), (dict(seeds=()), "seeds"),
+                                          (dict(processes=("VE2",)), "processes")])
 def test_bad_config(kwargs, word):
     with pytest.raises(ValueError, match=word):
         league.LeagueConfig(**kwargs)
@@ -121,6 +122,6 @@ def test_digits_example_tiny_run(tmp_path):
     result = example.main(["--train-steps", "3", "--samples", "40", "--nfes", "4", "--solvers", "euler,heun",
                            "--checkpoint", "", "--ode-tol", "1e-2", "--out", str(out)])
     assert {(e.solver, e.nfe) for e in result.entries} == {("euler", 4), ("heun", 4)}
-    assert all(math.isfinite(e.kl) for e in result.entries)
+    assert all(math.isfinite(e.score) for e in result.entries)
     text = out.read_text()
     assert league.DIGITS_MARK in text and "| euler | logsnr | " in text and "| heun | karras | " in text

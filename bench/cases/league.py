@@ -68,7 +68,8 @@ class LeagueConfig:
 
 @dataclass
 class Entry:
-    """One solve: ``kl`` (nats; inf when the solve diverged) at ``nfe`` counted evaluations."""
+    """One cell: ``score`` (the target's metric, e.g. KL in nats; inf when a solve diverged), the mean
+    over the seeds, at ``nfe`` counted evaluations per solve."""
 
     process: str
     solver: str
@@ -76,7 +77,7 @@ class Entry:
     target: int
     steps: int
     nfe: int
-    kl: float
+    score: float
 
 
 @dataclass
@@ -196,7 +197,7 @@ def option_default(solver: str, option: str):
 
 @dataclass
 class SweepEntry:
-    """One option value of a solver at one target NFE (``logsnr``): mean KL over the seeds."""
+    """One option value of a solver at one target NFE (``logsnr``): the mean score over the seeds."""
 
     process: str
     solver: str
@@ -204,7 +205,7 @@ class SweepEntry:
     value: object
     target: int
     nfe: int
-    kl: float
+    score: float
 
 
 def run_sweeps(config: LeagueConfig, sweeps=OPTION_SWEEPS, nfes=SWEEP_NFES,
@@ -238,13 +239,13 @@ def sweep_table(sweeps: List[SweepEntry], factor: float = 2.0, margin: float = 0
         default = option_default(solver, option)
         for target in sorted({e.target for e in entries}):
             row = [e for e in entries if e.target == target]
-            cells = ", ".join(f"{e.value!r}{' (default)' if e.value == default else ''}: {e.kl:.3g}" for e in row)
+            cells = ", ".join(f"{e.value!r}{' (default)' if e.value == default else ''}: {e.score:.3g}" for e in row)
             lines.append(f"| {solver} | {option} | {process} | {target} | {cells} |")
-            best = min(row, key=lambda e: e.kl)
+            best = min(row, key=lambda e: e.score)
             dflt = [e for e in row if e.value == default]
-            if dflt and dflt[0].kl > max(factor * best.kl, best.kl + margin):
+            if dflt and dflt[0].score > max(factor * best.score, best.score + margin):
                 flags.append(f"{process} `{solver}` at {target} NFE: the default {option}={default!r} gives "
-                             f"{dflt[0].kl:.3g} nats, {option}={best.value!r} gives {best.kl:.3g}")
+                             f"{dflt[0].score:.3g} nats, {option}={best.value!r} gives {best.score:.3g}")
     return "\n".join(lines), flags
 
 
@@ -268,7 +269,7 @@ def run_league(config: LeagueConfig, log: Callable[[str], None] = print, target:
                     nfe, score = _solve(model, target, solver, schedule, steps, config)
                     entries.append(Entry(pname, solver, schedule, int(nfe_target), steps, nfe, score))
             row = [e for e in entries if e.process == pname and e.solver == solver]
-            log(f"{pname:<4}{solver:<22}" + " ".join(f"{e.kl:8.3f}" for e in row))
+            log(f"{pname:<4}{solver:<22}" + " ".join(f"{e.score:8.3f}" for e in row))
     return League(config, entries, {p: target.floor for p in target.models}, ode_limits=limits, skipped=skipped,
                   seconds=time.perf_counter() - started, metric=target.metric)
 
@@ -276,7 +277,7 @@ def run_league(config: LeagueConfig, log: Callable[[str], None] = print, target:
 # ---------------------------------------------------------------- reporting
 
 def _cell(entry: Entry, best: bool) -> str:
-    text = "diverged" if not math.isfinite(entry.kl) else f"{entry.kl:.3g}"
+    text = "diverged" if not math.isfinite(entry.score) else f"{entry.score:.3g}"
     if entry.nfe != entry.target:
         text += f" ({entry.nfe})"
     return f"**{text}**" if best else text
@@ -290,12 +291,12 @@ def league_table(league: League, process: str) -> str:
     for e in league.entries:
         if e.process == process:
             rows.setdefault((e.solver, e.schedule), {})[e.target] = e
-    best = {t: min((r[t].kl for r in rows.values() if t in r), default=math.inf) for t in config.nfes}
+    best = {t: min((r[t].score for r in rows.values() if t in r), default=math.inf) for t in config.nfes}
     head = "| solver | schedule | " + " | ".join(f"NFE {t}" for t in config.nfes) + " |"
     lines = [head, "|" + "---|" * (2 + len(config.nfes))]
     for (solver, schedule), cells in rows.items():
         lines.append(f"| {solver} | {schedule} | " + " | ".join(
-            _cell(cells[t], cells[t].kl == best[t]) if t in cells else "-" for t in config.nfes) + " |")
+            _cell(cells[t], cells[t].score == best[t]) if t in cells else "-" for t in config.nfes) + " |")
     return "\n".join(lines)
 
 
@@ -306,7 +307,7 @@ def default_flags(league: League, factor: float = 2.0, margin: float = 0.1) -> L
     flags = []
     by_key: Dict[Tuple[str, str], Dict[Tuple[str, int], float]] = {}
     for e in league.entries:
-        by_key.setdefault((e.process, e.solver), {})[(e.schedule, e.target)] = e.kl
+        by_key.setdefault((e.process, e.solver), {})[(e.schedule, e.target)] = e.score
     schedules = league.config.schedules
     for (process, solver), kls in by_key.items():
         targets = sorted({t for _, t in kls})
@@ -332,9 +333,9 @@ def winners(league: League, process: str) -> List[str]:
     out, spread = [], 2 * league.floor[process][1]
     for t in league.config.nfes:
         cands = [e for e in league.entries if e.process == process and e.target == t]
-        e = min(cands, key=lambda e: e.kl)
-        ties = {c.solver for c in cands if c.kl <= e.kl + spread} - {e.solver}
-        out.append(f"NFE {t}: `{e.solver}`/{e.schedule} ({e.kl:.3g}, {e.nfe} NFE"
+        e = min(cands, key=lambda e: e.score)
+        ties = {c.solver for c in cands if c.score <= e.score + spread} - {e.solver}
+        out.append(f"NFE {t}: `{e.solver}`/{e.schedule} ({e.score:.3g}, {e.nfe} NFE"
                    + (f"; {len(ties)} other solver(s) within noise of it" if ties else "") + ")")
     return out
 
@@ -352,7 +353,8 @@ def league_markdown(league: League, command: str) -> str:
         f"**Model**: the exact denoiser of the 8-Gaussian ring (`gf.GaussianMixture.ring()`: radius 4, std 0.5; "
         f"`prediction=\"x0\"`), under {' and '.join(f'`gf.{p}()`' for p in c.processes)}, so every error is the "
         f"sampler's. **Metric**: KL(samples || ring) in nats, `genflow.metrics.kl_to_density` (k = 3) on "
-        f"{c.samples} samples, the mean over seeds `generator` = {', '.join(map(str, c.seeds))} (the same for every cell); every solver with its defaults "
+        f"{c.samples} samples, the mean over seeds `generator` = {', '.join(map(str, c.seeds))} (the same for "
+        "every cell); every solver with its defaults "
         f"(`gf.sample(model, ({c.samples}, 2), solver=..., steps=..., schedule=...)`). "
         "**Steps**: each solver runs with the most steps whose counted NFE is at most the column's "
         "(`-`: one step costs more); the counted NFE is in parentheses where it differs. Lower is better; the best of "
@@ -395,7 +397,7 @@ def _ranked(league: League, process: str) -> List[Tuple[str, str]]:
     logs: Dict[Tuple[str, str], List[float]] = {}
     for e in league.entries:
         if e.process == process:
-            logs.setdefault((e.solver, e.schedule), []).append(math.log(min(max(e.kl, 1e-3), 1e6)))
+            logs.setdefault((e.solver, e.schedule), []).append(math.log(min(max(e.score, 1e-3), 1e6)))
     n = len(league.config.nfes)
     return sorted(logs, key=lambda k: (sum(logs[k]) + (n - len(logs[k])) * max(logs[k])) / n)
 
@@ -403,7 +405,8 @@ def _ranked(league: League, process: str) -> List[Tuple[str, str]]:
 def league_figure(league: League, path, top: int = 10, clip: float = 5e-3) -> None:
     """KL versus counted NFE (log-log), one panel per process: each solver's best schedule for the
     ``top`` solvers (ranked by mean log KL), plus ``euler`` and gf.sample's default ``dpmpp_2m`` for
-    reference, the noise floor dashed and the exact ODE limit dash-dotted. KL estimates below ``clip`` (noise) are drawn at ``clip``."""
+    reference, the noise floor dashed and the exact ODE limit dash-dotted. KL estimates below ``clip``
+    (noise) are drawn at ``clip``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -419,8 +422,8 @@ def league_figure(league: League, path, top: int = 10, clip: float = 5e-3) -> No
                 pairs.append((solver, schedule))
         shown = pairs[:top] + [q for q in pairs[top:] if q[0] in ("euler", "dpmpp_2m")]
         for i, (solver, schedule) in enumerate(shown):
-            pts = sorted((e.nfe, max(e.kl, clip)) for e in league.entries
-                         if e.process == p and e.solver == solver and e.schedule == schedule and math.isfinite(e.kl))
+            pts = sorted((e.nfe, max(e.score, clip)) for e in league.entries
+                         if e.process == p and e.solver == solver and e.schedule == schedule and math.isfinite(e.score))
             ax.plot(*zip(*pts), marker="o", ms=3, lw=1.4, color=colors[i % len(colors)],
                     ls="-" if i < top else ":", label=f"{solver} ({schedule})")
         ax.axhline(league.floor[p][0], color="k", ls="--", lw=1, label="noise floor")
