@@ -75,25 +75,49 @@ def test_with_statistics_converges_at_its_order(ring_vp, order, corrector):
     assert abs(last_slope - expected) <= 0.3, errors
 
 
-def test_statistics_help_at_few_steps(ring_vp):
-    """Full solves (t = 1 -> 1e-3, 5-10 NFE) of the ring: with EMS the second-order predictor is
-    at least as accurate as DPM-Solver++(2M) (the same solver without EMS; measured 0.49/0.28/0.15
-    against 0.66/0.56/0.34 mean error at 5/8/10 steps), and the default (third order with
-    corrector) at least as accurate as both DPM-Solver++(2M) and (3M) (measured 0.46/0.15/0.11;
-    3M 1.31/0.37/0.14)."""
-    model, stats = ring_vp
-    x_T = torch.randn(256, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    reference = pf_ode_solution(model, x_T, 1.0, 1e-3)
+@pytest.fixture(scope="module")
+def ring_edm():
+    """``(model, statistics)``: the exact ring model under EDM and its EMS on sigma in [0.002, 80]."""
+    ring, process = gf.GaussianMixture.ring(), gf.EDM()
+    model = ring.model(process)
+    gen = torch.Generator().manual_seed(0)
+    calib = ring.sample(1000, generator=gen, dtype=torch.float64)
+    return model, model_statistics(model, calib, steps=100, t_start=80.0, t_end=0.002, generator=gen)
+
+
+@pytest.mark.parametrize("case", ["vp", "edm"])
+def test_statistics_help_at_few_steps(ring_vp, ring_edm, case):
+    """Full solves of the ring at 5-10 NFE (VP t = 1 -> 1e-3, log-SNR grid; EDM sigma = 80 -> 0.002,
+    Karras grid): with EMS the second-order predictor is at least as accurate as DPM-Solver++(2M)
+    (the same solver without EMS), and the default (third order with corrector) at least as
+    accurate as DPM-Solver++(2M) and (3M). Measured mean errors at 5/8/10 steps: VP 2M
+    0.66/0.56/0.34, 3M 1.31/0.37/0.14, EMS order 2 0.49/0.28/0.15, EMS default 0.46/0.15/0.11;
+    EDM 2M 1.36/0.95/0.61, 3M 1.68/0.83/0.51, EMS order 2 0.50/0.22/0.21, EMS default 0.23/0.20/0.15."""
+    (model, stats), t_start, t_end, schedule = {"vp": (ring_vp, 1.0, 1e-3, "logsnr"),
+                                                "edm": (ring_edm, 80.0, 0.002, "karras")}[case]
+    scale = float(model.process.sigma(torch.tensor(t_start, dtype=torch.float64)))
+    x_T = scale * torch.randn(256, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference = pf_ode_solution(model, x_T, t_start, t_end)
     for steps in (5, 8, 10):
-        common = dict(x_T=x_T, steps=steps, schedule="logsnr", t_start=1.0, t_end=1e-3)
-        plain = gf.sample(model, solver="dpmpp_2m", solver_type="heun", **common)
-        plain3 = gf.sample(model, solver="dpmpp_3m", solver_type="heun", **common)
-        ems = gf.sample(model, solver="dpm_solver_v3", solver_order=2, corrector=False, statistics=stats, **common)
-        default = gf.sample(model, solver="dpm_solver_v3", statistics=stats, **common)
-        err = {name: (x - reference).norm(dim=1).mean().item()
-               for name, x in [("2m", plain), ("3m", plain3), ("ems", ems), ("default", default)]}
+        common = dict(x_T=x_T, steps=steps, schedule=schedule, t_start=t_start, t_end=t_end)
+        solves = {"2m": gf.sample(model, solver="dpmpp_2m", solver_type="heun", **common),
+                  "3m": gf.sample(model, solver="dpmpp_3m", solver_type="heun", **common),
+                  "ems": gf.sample(model, solver="dpm_solver_v3", solver_order=2, corrector=False, statistics=stats,
+                                   **common),
+                  "default": gf.sample(model, solver="dpm_solver_v3", statistics=stats, **common)}
+        err = {name: (x - reference).norm(dim=1).mean().item() for name, x in solves.items()}
         assert err["ems"] <= err["2m"], (steps, err)
         assert err["default"] <= min(err["2m"], err["3m"]), (steps, err)
+
+
+def test_float32_state_and_odd_batch(ring_vp):
+    """A float32 state (odd batch) gives the float64 solve to float32 accuracy."""
+    model, stats = ring_vp
+    x_T = torch.randn(7, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    common = dict(solver="dpm_solver_v3", steps=7, t_start=1.0, t_end=1e-3, statistics=stats)
+    x32 = gf.sample(model, x_T=x_T.float(), **common)
+    assert x32.dtype == torch.float32
+    torch.testing.assert_close(x32.double(), gf.sample(model, x_T=x_T, **common), rtol=0, atol=5e-4)
 
 
 def test_model_statistics_linear_model_exact_l(tmp_path):
