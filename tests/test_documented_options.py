@@ -22,12 +22,13 @@ MODEL = gf.GaussianMixture.ring().model(gf.VP())
 X_T = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 # example values (not the defaults) for options the table names without quoting a value
-EXAMPLES = {"order": 3, "rtol": 1e-2, "atol": 1e-2, "eta": 0.5, "variant": "reference", "warmup": "singlestep",
+EXAMPLES = {"restart_intervals": [(2, 1, 0.5, 2.0)], "order": 3, "rtol": 1e-2, "atol": 1e-2, "eta": 0.5, "variant": "reference", "warmup": "singlestep",
             "solver_type": "heun", "solver_order": 2, "lower_order_final": False, "snr": 0.05, "n_corrector": 2,
             "n_steps_each": 2, "max_order": 2, "gamma": 1.5, "max_stage": 2, "noise_scaler": "reverse_sde",
             "integration_points": 50, "predictor_order": 2, "corrector_order": 2, "tau_interval": (0.1, 0.9),
             "r": 0.3}
-PER_SOLVER = {("unipc", "variant"): "bh1", ("seeds_2", "solver_type"): "phi_2"}
+PER_SOLVER = {("unipc", "variant"): "bh1", ("seeds_2", "solver_type"): "phi_2", ("tcd", "gamma"): 0.5,
+              ("exp_heun_2_x0", "solver_type"): "phi_1"}
 
 
 def _solver_section() -> str:
