@@ -32,16 +32,25 @@ def pooled(norms: torch.Tensor, error_norm: str) -> torch.Tensor:
     return norms
 
 
-def power(base: torch.Tensor, exponent: float) -> torch.Tensor:
-    """``base ** exponent`` for a float64 host tensor, each value's bits independent of its batch.
+def power(base, exponent: float) -> torch.Tensor:
+    """``base ** exponent`` for a float64 host tensor (or array), each value's bits independent of its batch.
 
     torch's CPU ``pow`` runs whole SIMD vectors through SLEEF and the remainder through
     ``std::pow``; the two round differently (1 ulp in about 2% of values), so a step-size factor
     would depend on a sample's position and batch size, and on a Brownian path accept/reject
     amplifies that to the solver's error. NumPy's loop takes one routine for every element.
     """
+    return torch.from_numpy(_power(_host(base), exponent))
+
+
+def _host(v) -> np.ndarray:
+    """A float64/bool host tensor or array as a NumPy array (no copy for a CPU tensor)."""
+    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
+
+def _power(base: np.ndarray, exponent: float) -> np.ndarray:
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        return torch.from_numpy(np.power(base.detach().cpu().numpy(), exponent))
+        return np.power(base, exponent)
 
 
 class StepController:
@@ -53,7 +62,8 @@ class StepController:
     with ``q`` the embedded solution's order, no growth right after a rejection, and after a
     rejection ``h' = h / min(err^(1/(q+1) - 0.75 beta) / safety, 1/fac_min)``. ``beta = 0`` is the
     plain controller of scipy and torchdiffeq, ``h (safety / err)^(1/(q+1))``; DOPRI5 uses
-    ``beta = 0.04`` (Lund stabilisation). All float64 [B] host tensors.
+    ``beta = 0.04`` (Lund stabilisation). Float64 [B] host tensors in and out, computed in NumPy
+    (a few dozen elementwise operations on the host cost less as NumPy calls than as torch ops).
     """
 
     def __init__(self, error_order: int, *, beta: float = 0.0, safety: float = 0.9, fac_min: float = 0.2,
@@ -63,20 +73,22 @@ class StepController:
         self.err_prev = self.rejected = None
 
     def reset(self, batch: int) -> None:
-        self.err_prev = torch.full((batch,), 1e-4, dtype=torch.float64)
-        self.rejected = torch.zeros(batch, dtype=torch.bool)
+        self.err_prev = np.full(batch, 1e-4)
+        self.rejected = np.zeros(batch, dtype=bool)
 
-    def __call__(self, err: torch.Tensor, h: torch.Tensor, accept: torch.Tensor) -> torch.Tensor:
-        fac11 = power(err, self.exponent - 0.75 * self.beta)
-        fac = fac11 / self.safety
-        if self.beta:
-            fac = fac / power(self.err_prev, self.beta)
-        fac = fac.clamp(1 / self.fac_max, 1 / self.fac_min)
-        h_accept = torch.where(self.rejected, torch.minimum(h / fac, h), h / fac)
-        h_reject = h / torch.clamp(fac11 / self.safety, max=1 / self.fac_min)
-        self.err_prev = torch.where(accept, err.clamp_min(1e-4), self.err_prev)
+    def __call__(self, err, h, accept) -> torch.Tensor:
+        err, h, accept = _host(err), _host(h), _host(accept)
+        fac11 = _power(err, self.exponent - 0.75 * self.beta)
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # IEEE results, as torch's
+            fac = fac11 / self.safety
+            if self.beta:
+                fac = fac / _power(self.err_prev, self.beta)
+            fac = np.clip(fac, 1 / self.fac_max, 1 / self.fac_min)
+            h_accept = np.where(self.rejected, np.minimum(h / fac, h), h / fac)
+            h_reject = h / np.minimum(fac11 / self.safety, 1 / self.fac_min)
+        self.err_prev = np.where(accept, np.maximum(err, 1e-4), self.err_prev)
         self.rejected = ~accept & (h > 0)
-        return torch.where(accept, h_accept, h_reject)
+        return torch.from_numpy(np.where(accept, h_accept, h_reject))
 
 
 class PIDController:
@@ -156,52 +168,58 @@ def iterate(stepper, x: torch.Tensor, t_start: torch.Tensor, t_end: torch.Tensor
     ``error`` and ``accepted_steps`` (int64 [B], cumulative); ``progress`` is the smallest
     fraction of its interval any sample has done. Sets ``stepper.accepted_steps`` and
     ``rejected_steps``. A sample that has reached ``t_end`` rides along with ``h = 0``.
+    The per-sample bookkeeping runs in NumPy float64 on the host (the hooks see its arrays as
+    host tensors, without copies); the error norms are the one device-to-host copy per iteration.
     """
+    t_start, t_end = _host(t_start).astype(np.float64), _host(t_end).astype(np.float64)
     batch = x.shape[0]
-    direction = torch.where(t_end >= t_start, 1.0, -1.0).to(torch.float64)
-    span = (t_end - t_start).abs()
-    t = t_start.clone()
-    stepper.accepted_steps = torch.zeros(batch, dtype=torch.int64)
-    stepper.rejected_steps = torch.zeros(batch, dtype=torch.int64)
+    direction = np.where(t_end >= t_start, 1.0, -1.0)
+    span = np.abs(t_end - t_start)
+    t = t_start.copy()
+    accepted_steps, rejected_steps = np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64)
+    stepper.accepted_steps = torch.from_numpy(accepted_steps)  # views: updated in place below
+    stepper.rejected_steps = torch.from_numpy(rejected_steps)
     done = span == 0
-    h = stepper._start(x, t, span)
+    as_t = torch.from_numpy
+    h = _host(stepper._start(x, as_t(t), as_t(span)))
     if h_init is not None:
-        h = torch.minimum(torch.full_like(t, float(h_init)), span)
-    nonfinite_err = torch.zeros(batch, dtype=torch.bool)
-    nonfinite_seen = nonfinite_err.clone()  # samples whose error norm has been NaN/Inf at some attempt
+        h = np.minimum(np.full_like(t, float(h_init)), span)
+    nonfinite_err = np.zeros(batch, dtype=bool)
+    nonfinite_seen = nonfinite_err.copy()  # samples whose error norm has been NaN/Inf at some attempt
     i = 0
-    while not bool(done.all()):
+    while not done.all():
         if i >= max_steps:
             raise RuntimeError(f"{stepper.name!r} reached max_steps={max_steps} with {int((~done).sum())} samples "
                                f"short of t_end (at t={t[~done][:4].tolist()}...); raise max_steps or loosen rtol/atol")
         remaining = (t_end - t) * direction
         last = (1.01 * h >= remaining) & ~done  # land on t_end exactly rather than just short of it
-        h = torch.where(done, 0.0, torch.where(last, remaining, h))
-        tiny = ~done & (h <= 1e-13 * torch.maximum(t.abs(), span))
-        if check_finite and bool((tiny & nonfinite_err).any()):  # name every sample that has met a NaN/Inf
-            stepper._diverged(nonfinite_seen, t, h, "its error norm is NaN/Inf at every step size down to")
+        h = np.where(done, 0.0, np.where(last, remaining, h))
+        tiny = ~done & (h <= 1e-13 * np.maximum(np.abs(t), span))
+        if check_finite and (tiny & nonfinite_err).any():  # name every sample that has met a NaN/Inf
+            stepper._diverged(as_t(nonfinite_seen), as_t(t), as_t(h), "its error norm is NaN/Inf at every step size down to")
         if tiny.any():
             raise RuntimeError(f"{stepper.name!r}: step size underflow (h={h[tiny][:4].tolist()} at "
                                f"t={t[tiny][:4].tolist()}); the derivative may be non-finite or the "
                                f"tolerances too tight for {x.dtype}")
-        err = stepper._attempt(x, t, h)
-        nonfinite_err = ~done & ~torch.isfinite(err)  # retried with smaller h: raises at underflow
+        err = _host(stepper._attempt(x, as_t(t), as_t(h)))
+        nonfinite_err = ~done & ~np.isfinite(err)  # retried with smaller h: raises at underflow
         nonfinite_seen |= nonfinite_err
-        err = torch.where(done, 0.0, torch.where(torch.isnan(err), math.inf, err))
+        err = np.where(done, 0.0, np.where(np.isnan(err), math.inf, err))
         accept = (err <= 1.0) & ~done
-        h_next = stepper._control(err, h, accept)
-        x = stepper._commit(x, accept, done)
+        accept_t, done_t = as_t(accept), as_t(done)
+        h_next = _host(stepper._control(as_t(err), as_t(h), accept_t))
+        x = stepper._commit(x, accept_t, done_t)
         if check_finite:
             bad = diverged_rows(x)
             if bool(bad.any()):
-                stepper._diverged(bad, t, h, "an accepted step made the state NaN/Inf; step")
-        t_next = torch.where(accept, torch.where(last, t_end, t + direction * h), t)
+                stepper._diverged(bad, as_t(t), as_t(h), "an accepted step made the state NaN/Inf; step")
+        t_next = np.where(accept, np.where(last, t_end, t + direction * h), t)
         done = done | (accept & last)
-        stepper.accepted_steps += accept
-        stepper.rejected_steps += ~accept & ~done
-        progress = float(((t_next - t_start).abs() / span.clamp_min(1e-300)).min())
-        info = {"i": i, "t": t, "t_next": t_next, "h": h, "accepted": accept, "error": err,
-                "accepted_steps": stepper.accepted_steps.clone()}
+        accepted_steps += accept
+        rejected_steps += ~accept & ~done
+        progress = float((np.abs(t_next - t_start) / np.maximum(span, 1e-300)).min())
+        info = {"i": i, "t": as_t(t), "t_next": as_t(t_next), "h": as_t(h), "accepted": accept_t, "error": as_t(err),
+                "accepted_steps": as_t(accepted_steps.copy())}
         yield x, info, progress
         t, h, i = t_next, h_next, i + 1
 
