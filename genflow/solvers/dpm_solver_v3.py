@@ -27,7 +27,7 @@ from genflow.ops.fused_update import MAX_TERMS
 from genflow.solvers.base import point
 from genflow.solvers.deis import ExponentialMultistep
 
-__all__ = ["DPMSolverV3", "ModelStatistics", "model_statistics"]
+__all__ = ["DPMSolverV3", "ModelStatistics", "StatisticsProfiles", "model_statistics", "v3_coefficients"]
 
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(24)  # Gauss-Legendre on [-1, 1]
 _COEFFICIENTS = LRU(4096)  # (statistics, node log-SNRs, end log-SNR, pseudo) -> v3_coefficients
@@ -70,7 +70,7 @@ class ModelStatistics(NamedTuple):
             raise ValueError(f"statistics cover log-SNR [{low:.4g}, {high:.4g}] but the time grid reaches {outside[0]:.4g}")
 
 
-class _Profiles:
+class StatisticsProfiles:
     """``l, s, b`` as smooth functions of log-SNR (cubic splines; constants 1, 0, 0 without
     statistics) and the antiderivatives ``L, S``."""
 
@@ -93,7 +93,7 @@ class _Profiles:
         return (lam_r - lam_s) / 2 * (vals @ _WEIGHTS)
 
 
-def v3_coefficients(profiles: _Profiles, lams, lam_t: float, *, pseudo: bool = False):
+def v3_coefficients(profiles: StatisticsProfiles, lams, lam_t: float, *, pseudo: bool = False):
     """Coefficients of one DPM-Solver-v3 step from ``lam_s = lams[0]`` to ``lam_t`` of order ``k = len(lams)``.
 
     ``lams``: log-SNRs of the expansion point ``s`` and the other interpolation nodes (the
@@ -176,7 +176,7 @@ class DPMSolverV3(ExponentialMultistep):
                 raise TypeError(f"statistics must be a ModelStatistics or None, got {type(statistics).__name__}")
             statistics.check(self.process, [p.lam for p in self.grid])
         self.statistics = statistics
-        self.profiles = _Profiles(statistics)
+        self.profiles = StatisticsProfiles(statistics)
         self.statistics_key = value_key(statistics)
         self.pseudo = check_bool("pseudo", pseudo)
         self.corrector = check_bool("corrector", corrector)

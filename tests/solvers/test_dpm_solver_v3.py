@@ -3,11 +3,12 @@ statistics, convergence with empirical model statistics (EMS) against DOP853, th
 gain of the EMS on the 8-Gaussian ring, the statistics themselves, and bad inputs."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import genflow as gf
-from genflow.solvers.dpm_solver_v3 import ModelStatistics, model_statistics
+from genflow.solvers.dpm_solver_v3 import ModelStatistics, StatisticsProfiles, model_statistics, v3_coefficients
 
 from .references import fit_order, mixture, pf_ode_solution
 
@@ -52,6 +53,53 @@ def test_without_statistics_is_dpm_solver_pp(process, order, steps, lower_order_
     explicit = gf.sample(model, solver="dpm_solver_v3", solver_order=order, lower_order_final=lower_order_final, corrector=False,
                          statistics=stats, **common)
     torch.testing.assert_close(explicit, expected, rtol=0, atol=1e-10)
+
+
+def _cumulative_trapezoid(values, lam):
+    return np.concatenate([[0.0], np.cumsum(np.diff(lam) * (values[1:] + values[:-1]) / 2)])
+
+
+@pytest.mark.parametrize("pseudo", [False, True])
+@pytest.mark.parametrize("nodes", [[2300], [2300, 1800], [2300, 1800, 1500], [2300, 2900, 1800, 1500]])
+def test_step_matches_the_papers_cumulative_form(nodes, pseudo):
+    """One step against the reference code's cumulative form of eq. 9 on a fine statistics grid:
+    ``L, S, I = int e^{L+S}, B = int e^{-S} b, C = int e^{L+S} B`` by the trapezoid rule,
+    ``g_j = e^{S_s - S_j} f_j - e^{S_s} (B_j - B_s)``, ``x_t = (alpha_t/alpha_s) e^{L_s - L_t} x_s
+    - alpha_t e^{-L_t - S_s} (I_t - I_s) g_s - alpha_t e^{-L_t} (C_t - C_s - B_s (I_t - I_s))
+    - alpha_t e^{L_s - L_t} sum_n c_n g^(n)``, for smooth non-trivial ``l, s, b`` (the last case
+    is a corrector step: the end point is a node)."""
+    lam = np.linspace(-3.0, 3.0, 6001)
+    l, s_, b = 0.5 + 0.3 * np.tanh(lam), np.sin(lam), 0.2 * np.cos(2 * lam) + 0.1
+    stats = ModelStatistics(*(torch.from_numpy(v) for v in (lam, l, s_, b)), "any")
+    L, S = _cumulative_trapezoid(l, lam), _cumulative_trapezoid(s_, lam)
+    I = _cumulative_trapezoid(np.exp(L + S), lam)
+    B = _cumulative_trapezoid(np.exp(-S) * b, lam)
+    C = _cumulative_trapezoid(np.exp(L + S) * B, lam)
+    i_s, i_t = nodes[0], 2600 if len(nodes) < 4 else nodes[1]
+    f = np.random.default_rng(0).normal(size=len(nodes))
+    g = np.exp(S[i_s] - S[nodes]) * f - np.exp(S[i_s]) * (B[nodes] - B[i_s])
+    d = lam[nodes] - lam[i_s]
+    k = len(nodes)
+    if pseudo:  # n! times the divided differences over the first n + 1 nodes
+        table = [list(g)]
+        for n in range(1, k):
+            table.append([(table[-1][j + 1] - table[-1][j]) / (d[j + n] - d[j]) for j in range(k - n)])
+        derivs = [math.factorial(n) * table[n][0] for n in range(1, k)]
+    elif k > 1:  # the Taylor coefficients of the interpolating polynomial
+        coef = np.linalg.solve(np.array([[dj ** n for n in range(1, k)] for dj in d[1:]]), g[1:] - g[0])
+        derivs = [math.factorial(n) * coef[n - 1] for n in range(1, k)]
+    else:
+        derivs = []
+    seg = slice(i_s, i_t + 1)
+    weight = np.exp(L[seg] + S[seg] - L[i_s] - S[i_s])
+    higher = sum(np.trapezoid(weight * (lam[seg] - lam[i_s]) ** n / math.factorial(n), lam[seg]) * derivs[n - 1]
+                 for n in range(1, k))
+    x_s = 0.7  # the state and alpha_t enter linearly; alpha_t/alpha_s = 1
+    expected = (np.exp(L[i_s] - L[i_t]) * x_s - np.exp(-L[i_t] - S[i_s]) * (I[i_t] - I[i_s]) * g[0]
+                - np.exp(-L[i_t]) * (C[i_t] - C[i_s] - B[i_s] * (I[i_t] - I[i_s])) - np.exp(L[i_s] - L[i_t]) * higher)
+    E, F, const = v3_coefficients(StatisticsProfiles(stats), [lam[j] for j in nodes], lam[i_t], pseudo=pseudo)
+    got = E * x_s - float(np.dot(F, f)) + const
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-8)
 
 
 @pytest.mark.parametrize("order, corrector", [(1, False), (2, False), (3, False), (2, True), (3, True)])
