@@ -2,17 +2,16 @@
 
 Zheng, Lu, Chen, Zhu (2023), "DPM-Solver-v3: Improved Diffusion ODE Solver with Empirical Model
 Statistics", NeurIPS 2023. With the noise prediction ``eps``, ``lambda = log(alpha/sigma)`` and
-scalar statistics ``l, s, b`` on a log-SNR grid (§3.1, eqs. 6-8), the probability-flow ODE is
-solved exactly by (their eq. 9, in the cumulative form of their reference code)
+scalar statistics ``l, s, b`` on a log-SNR grid (§3.1), the probability-flow ODE is
+solved exactly by (§3.1, in the cumulative form of their reference code)
 
-    f = (sigma eps - l x)/alpha,   g(lambda) = e^{-(S(lambda) - S_s)} f - int_{lambda_s}^{lambda} e^{-(S_u - S_s)} b_u du
-    x_t = (alpha_t/alpha_s) e^{-(L_t - L_s)} x_s - alpha_t e^{-(L_t - L_s)} int_{lambda_s}^{lambda_t} e^{(L+S)_r - (L+S)_s} g(r) dr
-          - alpha_t int_{lambda_s}^{lambda_t} e^{(L_r - L_t) + (S_r - S_s)} int_{lambda_s}^{r} e^{-(S_u - S_s)} b_u du dr
+    f = (sigma eps - l x)/alpha,   g(lam) = e^{-(S_lam - S_s)} f - int_s^lam e^{-(S_u - S_s)} b_u du
+    x_t = (alpha_t/alpha_s) e^{-(L_t - L_s)} x_s - alpha_t e^{-(L_t - L_s)} int_s^t e^{(L+S)_r - (L+S)_s} g(r) dr
+          - alpha_t int_s^t e^{(L_r - L_t) + (S_r - S_s)} int_s^r e^{-(S_u - S_s)} b_u du dr
 
 with ``L, S`` the antiderivatives of ``l, s``. The solver Taylor-expands ``g`` at ``lambda_s``
-(its derivatives from the interpolating polynomial through the last ``k`` steps' ``g``, §3.2,
-eq. 11). ``l = 1, s = b = 0`` (the default when no statistics are given) gives ``f = -x0``
-and is exactly DPM-Solver++ (Lu et al. 2022b) in its Taylor form.
+(its derivatives from the interpolating polynomial through the last ``k`` steps' ``g``, §3.2).
+``l = 1, s = b = 0`` (the default when no statistics are given) gives ``f = -x0`` DPM-Solver++ (Lu et al. 2022b) in its Taylor form.
 """
 import math
 from typing import NamedTuple, Optional
@@ -36,7 +35,7 @@ _COEFFICIENTS = LRU(4096)  # (statistics, node log-SNRs, end log-SNR, pseudo) ->
 class ModelStatistics(NamedTuple):
     """The empirical model statistics of DPM-Solver-v3 on an increasing log-SNR grid.
 
-    ``lam``, ``l``, ``s``, ``b``: float64 ``[K+1]`` tensors (Zheng et al. 2023, eqs. 6-8; scalar,
+    ``lam``, ``l``, ``s``, ``b``: float64 ``[K+1]`` tensors (Zheng et al. 2023, §3.1; scalar,
     i.e. pooled over the data dimensions). ``process``: the ``cache_key`` (as text) of the process
     they were computed for. ``save``/``load`` keep them in one ``torch.save`` file."""
 
@@ -67,7 +66,8 @@ class ModelStatistics(NamedTuple):
         tol = 1e-9 * (1.0 + high - low)
         outside = [v for v in lams if math.isfinite(v) and not low - tol <= v <= high + tol]
         if outside:
-            raise ValueError(f"statistics cover log-SNR [{low:.4g}, {high:.4g}] but the time grid reaches {outside[0]:.4g}")
+            raise ValueError(f"statistics cover log-SNR [{low:.4g}, {high:.4g}] but the time grid reaches "
+                             f"{outside[0]:.4g}")
 
 
 class StatisticsProfiles:
@@ -137,7 +137,7 @@ def v3_coefficients(profiles: StatisticsProfiles, lams, lam_t: float, *, pseudo:
 class DPMSolverV3(ExponentialMultistep):
     """DPM-Solver-v3, the multistep predictor(-corrector) with empirical model statistics.
 
-    Zheng et al. (2023), "DPM-Solver-v3", eq. 9 with the multistep predictor of §3.2 (eq. 11)
+    Zheng et al. (2023), "DPM-Solver-v3", the exact solution of §3.1 with the multistep predictor of §3.2
     and optionally the pseudo-order corrector of §3.3: see the module docstring. Each step
     evaluates the model once, forms ``f = (sigma eps - l x)/alpha`` and takes
     ``x_t = (alpha_t/alpha_s) E x_s - alpha_t sum_j F_j f_j + alpha_t const`` (``v3_coefficients``;
@@ -170,7 +170,8 @@ class DPMSolverV3(ExponentialMultistep):
         if self.warmup != "multistep":
             raise ValueError(f"warmup must be 'multistep' for dpm_solver_v3, got {self.warmup!r}")
         if any(isinstance(p.lam, torch.Tensor) for p in self.grid):
-            raise ValueError("dpm_solver_v3 needs one time grid shared by the batch (ts of shape [N])")
+            raise ValueError("schedule: dpm_solver_v3 needs one time grid shared by the batch ([N+1]), "
+                             "not per-sample times")
         if statistics is not None:
             if not isinstance(statistics, ModelStatistics):
                 raise TypeError(f"statistics must be a ModelStatistics or None, got {type(statistics).__name__}")
@@ -261,7 +262,7 @@ def model_statistics(model, x_calib: torch.Tensor, *, steps: int = 100, t_start:
                      generator: Optional[torch.Generator] = None) -> ModelStatistics:
     """DPM-Solver-v3's empirical model statistics of ``model`` on ``steps + 1`` log-SNRs.
 
-    Zheng et al. (2023), eqs. 6-8, pooled over the data dimensions: at each ``lambda`` of a
+    Zheng et al. (2023), §3.1, pooled over the data dimensions: at each ``lambda`` of a
     uniform log-SNR grid from ``t_start`` (default ``process.T``) to ``t_end`` (default
     ``process.t_min``), with ``x = alpha x0 + sigma z`` (``x0`` the calibration data, one fixed
     ``z`` and Rademacher probe ``v`` for all ``lambda``) and ``P = sigma eps(x)``:

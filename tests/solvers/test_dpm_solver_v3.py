@@ -50,8 +50,8 @@ def test_without_statistics_is_dpm_solver_pp(process, order, steps, lower_order_
     lam = torch.linspace(-math.log(25.0), -math.log(0.005), 11, dtype=torch.float64)
     ones, zeros = torch.ones_like(lam), torch.zeros_like(lam)
     stats = ModelStatistics(lam, ones, zeros, zeros, str(process.cache_key()))
-    explicit = gf.sample(model, solver="dpm_solver_v3", solver_order=order, lower_order_final=lower_order_final, corrector=False,
-                         statistics=stats, **common)
+    explicit = gf.sample(model, solver="dpm_solver_v3", solver_order=order, lower_order_final=lower_order_final,
+                         corrector=False, statistics=stats, **common)
     torch.testing.assert_close(explicit, expected, rtol=0, atol=1e-10)
 
 
@@ -62,7 +62,7 @@ def _cumulative_trapezoid(values, lam):
 @pytest.mark.parametrize("pseudo", [False, True])
 @pytest.mark.parametrize("nodes", [[2300], [2300, 1800], [2300, 1800, 1500], [2300, 2900, 1800, 1500]])
 def test_step_matches_the_papers_cumulative_form(nodes, pseudo):
-    """One step against the reference code's cumulative form of eq. 9 on a fine statistics grid:
+    """One step against the reference code's cumulative form of the exact solution (§3.1) on a fine statistics grid:
     ``L, S, I = int e^{L+S}, B = int e^{-S} b, C = int e^{L+S} B`` by the trapezoid rule,
     ``g_j = e^{S_s - S_j} f_j - e^{S_s} (B_j - B_s)``, ``x_t = (alpha_t/alpha_s) e^{L_s - L_t} x_s
     - alpha_t e^{-L_t - S_s} (I_t - I_s) g_s - alpha_t e^{-L_t} (C_t - C_s - B_s (I_t - I_s))
@@ -208,6 +208,9 @@ def test_bad_inputs_name_the_argument(ring_vp):
         gf.sample(model, statistics={"l": stats.l}, **solve)
     with pytest.raises(ValueError, match="warmup must be 'multistep'"):
         gf.sample(model, warmup="singlestep", **solve)
+    per_sample = torch.linspace(1.0, 1e-3, 6, dtype=torch.float64)[:, None].repeat(1, 3)
+    with pytest.raises(ValueError, match="schedule: dpm_solver_v3 needs one time grid"):
+        gf.sample(model, x_T=x_T, solver="dpm_solver_v3", schedule=per_sample)
     calib = torch.randn(10, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="steps must be an int >= 3"):
         model_statistics(model, calib, steps=2, t_start=1.0, t_end=1e-3)
