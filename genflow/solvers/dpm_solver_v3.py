@@ -11,7 +11,8 @@ solved exactly by (§3.1, in the cumulative form of their reference code)
 
 with ``L, S`` the antiderivatives of ``l, s``. The solver Taylor-expands ``g`` at ``lambda_s``
 (its derivatives from the interpolating polynomial through the last ``k`` steps' ``g``, §3.2).
-``l = 1, s = b = 0`` (the default when no statistics are given) gives ``f = -x0`` DPM-Solver++ (Lu et al. 2022b) in its Taylor form.
+``l = 1, s = b = 0`` (the default when no statistics are given) gives ``f = -x0`` and is exactly
+DPM-Solver++ (Lu et al. 2022b) in its Taylor form.
 """
 import math
 from typing import NamedTuple, Optional
