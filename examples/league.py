@@ -63,7 +63,7 @@ def trained_digits_model(train_steps: int, checkpoint: str, hidden: int = 256, l
         result.ema.copy_to(modules)
         if checkpoint:
             torch.save(modules.state_dict(), checkpoint)
-    modules.eval()
+    modules.eval().requires_grad_(False)
     return family.model(), tuple(train_set.data_shape)
 
 

@@ -125,7 +125,8 @@ def nfe_by_steps(model, solver: str, most: int, shape=(2,), **options) -> Dict[i
     counts, steps = {}, 1
     while not counts or max(counts.values()) <= most:
         probe, net = counted(model)
-        gf.sample(probe, (2, *shape), solver=solver, steps=steps, schedule=DEFAULT_SCHEDULE, generator=0, **options)
+        with torch.no_grad():
+            gf.sample(probe, (2, *shape), solver=solver, steps=steps, schedule=DEFAULT_SCHEDULE, generator=0, **options)
         counts[steps] = net.calls
         steps += 1
     return counts
