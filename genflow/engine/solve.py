@@ -52,7 +52,42 @@ class Solution(NamedTuple):
         """The dense solution at ``t`` (float or float64 [B]); needs ``dense=True``."""
         if self.interpolation is None:
             raise ValueError("Solution.evaluate needs gf.solve(..., dense=True) with an adaptive solver")
-        return self.interpolation.evaluate(t)
+        return self.interpolation.evaluate(t).to(self.y.dtype)  # the state may be kept in a wider dtype
+
+
+def _state_dtype(state_dtype, input_dtype: torch.dtype, cuda_graph: bool) -> torch.dtype:
+    """The solver state's dtype: as asked, else float32 for a float16/bfloat16 ``y0`` and ``y0``'s
+    dtype otherwise (always ``y0``'s under ``cuda_graph``, whose capture is keyed on the term)."""
+    if state_dtype is None:
+        return torch.float32 if input_dtype in (torch.float16, torch.bfloat16) and not cuda_graph else input_dtype
+    if not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point or state_dtype.is_complex:
+        raise TypeError(f"state_dtype must be a floating-point torch.dtype (e.g. torch.float32), got {state_dtype!r}")
+    if cuda_graph and state_dtype != input_dtype:
+        raise ValueError(f"cuda_graph=True keeps the state in y0's dtype {input_dtype}, got state_dtype={state_dtype}")
+    return state_dtype
+
+
+def _in_dtype(term, dtype: torch.dtype):
+    """``term`` with its drift (and diffusion) called in ``dtype`` (``t`` and ``y`` cast to it) and
+    their outputs cast back to the state's dtype: the user's functions run in ``y0``'s dtype while
+    the state is kept wider."""
+    def cast(fn):
+        def in_dtype(t, y):
+            out = fn(t.to(dtype) if isinstance(t, torch.Tensor) else t, y.to(dtype))
+            return out.to(y.dtype) if isinstance(out, torch.Tensor) and out.dtype == dtype else out
+        return in_dtype
+
+    if isinstance(term, ODE):
+        return ODE(cast(term.drift))
+    return SDE(cast(term.drift), cast(term.diffusion), noise=term.noise, sde_type=term.sde_type,
+               brownian_size=term.brownian_size)
+
+
+def _cast(out, dtype: torch.dtype):
+    """A solve's result (a tensor or a ``Solution``) in ``dtype`` (unchanged when it already is)."""
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype)
+    return out._replace(y=out.y.to(dtype), ys=None if out.ys is None else out.ys.to(dtype))
 
 
 def _times(name: str, value, batch: int) -> torch.Tensor:
@@ -157,7 +192,7 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
           dense: bool = False, callback: Optional[Callable] = None, progress: bool = False, check_finite: bool = True,
           backend: str = "auto", error_norm: str = "sample", h_init=None, max_steps: int = 10_000,
           cuda_graph: bool = False, adjoint: bool = False, adjoint_params=None, adjoint_rtol: Optional[float] = None,
-          adjoint_atol: Optional[float] = None, **solver_options):
+          adjoint_atol: Optional[float] = None, state_dtype: Optional[torch.dtype] = None, **solver_options):
     """Integrate ``term`` (``gf.ODE`` or ``gf.SDE``) from ``y0`` at ``t0`` to ``t1``.
 
     Args:
@@ -199,6 +234,9 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
         adjoint_params: the tensors to differentiate besides ``y0`` (default: the drift's
             parameters if it is an ``nn.Module``); a drift using another tensor that requires grad
             raises ``ValueError`` in the backward pass rather than dropping its gradient.
+        state_dtype: the dtype of the solver's state and stages (default: float32 for a float16 or
+            bfloat16 ``y0``, ``y0``'s dtype otherwise; float64 on request). The drift and diffusion
+            are called in ``y0``'s dtype and the result is returned in it.
         **solver_options: passed to an SDE solver.
 
     Returns:
@@ -220,6 +258,12 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
     cuda_graph, adjoint = check_bool("cuda_graph", cuda_graph), check_bool("adjoint", adjoint)
     if not adjoint and (adjoint_params is not None or adjoint_rtol is not None or adjoint_atol is not None):
         raise ValueError("adjoint_params, adjoint_rtol and adjoint_atol need adjoint=True")
+    out_dtype = y0.dtype
+    dtype = _state_dtype(state_dtype, out_dtype, cuda_graph)
+    if dtype != out_dtype:  # the drift runs in y0's dtype, the state in state_dtype
+        if adjoint:
+            adjoint_params = _adjoint_params(term.drift, adjoint_params)  # the wrapper below hides a Module's
+        term, y0 = _in_dtype(term, out_dtype), y0.to(dtype)
     max_steps = check_int("max_steps", max_steps, low=1)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
@@ -233,8 +277,8 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
             raise ValueError("adjoint=True is for ODE terms: genflow provides no SDE adjoint; backpropagation "
                              "through the steps (the default) is the exact gradient of the discretised SDE on its "
                              "Brownian path")
-        return _solve_sde(term, y0, t0, t1, solver, steps, ts, rtol, atol, generator, brownian, saveat, callback,
-                          progress, check_finite, backend, h_init, max_steps, solver_options)
+        return _cast(_solve_sde(term, y0, t0, t1, solver, steps, ts, rtol, atol, generator, brownian, saveat,
+                                callback, progress, check_finite, backend, h_init, max_steps, solver_options), out_dtype)
     tableau = TABLEAUX[check_choice("solver", solver, tuple(TABLEAUX))]
     if solver_options:
         raise TypeError(f"unexpected options for ODE solver {solver!r}: {sorted(solver_options)}")
@@ -254,8 +298,9 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
             h_init = check_real("h_init", h_init, low=0.0, low_open=True)
         if adjoint:
             options = dict(rtol=rtol, atol=atol, error_norm=error_norm, h_init=h_init, max_steps=max_steps)
-            return _solve_adjoint(term, tableau, y0, None, t0, t1, kernel, saveat, callback, progress, check_finite,
-                                  (adjoint_params, adjoint_rtol, adjoint_atol, dense, cuda_graph), options)
+            return _cast(_solve_adjoint(term, tableau, y0, None, t0, t1, kernel, saveat, callback, progress,
+                                        check_finite, (adjoint_params, adjoint_rtol, adjoint_atol, dense, cuda_graph),
+                                        options), out_dtype)
         shared = error_norm == "batch" and _shared(t0) and _shared(t1)
         stepper = AdaptiveRK(tableau, _drift(term, y0, shared), t0, t1, kernel=kernel, rtol=rtol, atol=atol,
                              error_norm=error_norm, h_init=h_init, max_steps=max_steps, saveat=saveat, dense=dense,
@@ -264,8 +309,9 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
     else:
         grid = _grid(ts, steps, t0, t1, batch)
         if adjoint:
-            return _solve_adjoint(term, tableau, y0, grid, t0, t1, kernel, saveat, callback, progress, check_finite,
-                                  (adjoint_params, adjoint_rtol, adjoint_atol, dense, cuda_graph))
+            return _cast(_solve_adjoint(term, tableau, y0, grid, t0, t1, kernel, saveat, callback, progress,
+                                        check_finite, (adjoint_params, adjoint_rtol, adjoint_atol, dense, cuda_graph)),
+                         out_dtype)
         if cuda_graph:
             _check_capturable(y0, grid, saveat, callback, progress)
             return graphed_solve(term, solver, y0, grid, kernel=kernel, check_finite=check_finite)
@@ -273,7 +319,7 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
     if cuda_graph:
         raise ValueError("cuda_graph=True cannot capture this solve: the solver is adaptive (its step count "
                          "depends on the data); pass steps= or ts=")
-    return _finish(stepper, y0, grid, solver, saveat, callback, progress, check_finite, dense)
+    return _cast(_finish(stepper, y0, grid, solver, saveat, callback, progress, check_finite, dense), out_dtype)
 
 
 _GRAPHS = LRU(8)  # (term, solver, grid, shape, dtype, device, kernel, check_finite) -> (replay, static y0, out, flag)

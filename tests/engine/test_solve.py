@@ -278,3 +278,82 @@ def test_graph_cache_keys_hold_the_term_and_the_grid_values(monkeypatch):
     solve_module.clear_graphs()
     gc.collect()
     assert alive() is None
+
+
+def _rounding(fn, dtype):
+    """``fn`` called on ``t`` and ``y`` rounded to ``dtype``, its output rounded to it and cast back."""
+    return lambda t, y: fn(t.to(dtype), y.to(dtype)).to(dtype).to(y.dtype)
+
+
+def _half_drift(t, y):
+    return torch.sin(3 * y) - 0.5 * y * t.reshape(-1, 1)
+
+
+def _half_diffusion(t, y):
+    return 0.3 * (1 + 0.2 * torch.tanh(y))
+
+
+@pytest.mark.parametrize("dtype, state", [(torch.float16, None), (torch.bfloat16, None),
+                                          (torch.float16, torch.float64), (torch.float32, torch.float64)])
+@pytest.mark.parametrize("solver, options", [("rk4", {"steps": 7}), ("dopri5", {"rtol": 1e-4, "atol": 1e-4}),
+                                             ("euler_maruyama", {"steps": 9, "generator": [3, 4, 5]})])
+def test_state_dtype_is_the_wide_solve_of_a_rounding_drift(dtype, state, solver, options):
+    """A half (or float32) y0 with a wider state equals, bit for bit, the wide solve of a drift
+    (and diffusion) that rounds its input and output to y0's dtype, returned in y0's dtype."""
+    wide = torch.float32 if state is None else state
+    y0 = torch.randn(3, 5, generator=torch.Generator().manual_seed(1)).to(dtype)
+    sde = solver == "euler_maruyama"
+
+    def term(cast):
+        drift = _rounding(_half_drift, dtype) if cast else _half_drift
+        if not sde:
+            return gf.ODE(drift)
+        return gf.SDE(drift, _rounding(_half_diffusion, dtype) if cast else _half_diffusion)
+
+    seen = []
+    out = gf.solve(term(False), y0, 0.0, 1.5, solver=solver, state_dtype=state,
+                   callback=lambda info: seen.append(info["x"].dtype), **options)
+    want = gf.solve(term(True), y0.to(wide), 0.0, 1.5, solver=solver, **options)
+    assert out.dtype == dtype and set(seen) == {wide}
+    assert torch.equal(out, want.to(dtype))
+
+
+def test_state_dtype_calls_the_drift_in_y0s_dtype_and_casts_every_result():
+    seen = []
+
+    def drift(t, y):
+        seen.append((t.dtype, y.dtype))
+        return -y
+
+    y0 = torch.ones(2, 3, dtype=torch.float16)
+    sol = gf.solve(gf.ODE(drift), y0, 0.0, 1.0, solver="dopri5", saveat=[0.5, 1.0], dense=True)
+    assert set(seen) == {(torch.float16, torch.float16)}
+    assert sol.y.dtype == sol.ys.dtype == sol.evaluate(0.25).dtype == torch.float16
+    torch.testing.assert_close(sol.evaluate(0.25).float(), torch.full((2, 3), math.exp(-0.25)), rtol=0, atol=1e-3)
+    half = gf.solve(gf.ODE(drift), y0, 0.0, 1.0, solver="rk4", steps=4, state_dtype=torch.float16,
+                    callback=lambda info: seen.append(info["x"].dtype))
+    assert half.dtype == torch.float16 and seen[-1] == torch.float16
+
+
+def test_state_dtype_keeps_gradients_and_the_adjoints_parameters():
+    net = torch.nn.Linear(3, 3).half()
+    y0 = torch.randn(4, 3).half().requires_grad_(True)
+    for adjoint in (False, True):
+        net.zero_grad()
+        y0.grad = None
+        out = gf.solve(gf.ODE(lambda t, y: net(y)), y0, 0.0, 1.0, solver="rk4", steps=3, adjoint=adjoint,
+                       adjoint_params=tuple(net.parameters()) if adjoint else None)
+        out.float().square().sum().backward()
+        assert out.dtype == y0.grad.dtype == net.weight.grad.dtype == torch.float16
+        assert bool(torch.isfinite(y0.grad).all()) and bool(net.weight.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("state_dtype, error, match", [
+    (torch.int32, TypeError, "state_dtype must be a floating-point torch.dtype"),
+    ("float32", TypeError, "state_dtype must be a floating-point torch.dtype"),
+])
+def test_bad_state_dtype(state_dtype, error, match):
+    with pytest.raises(error, match=match):
+        gf.solve(gf.ODE(linear), Y0, 0.0, 1.0, solver="rk4", steps=2, state_dtype=state_dtype)
+    with pytest.raises(ValueError, match="cuda_graph=True keeps the state in y0's dtype"):
+        gf.solve(gf.ODE(linear), Y0, 0.0, 1.0, solver="rk4", steps=2, state_dtype=torch.float32, cuda_graph=True)
