@@ -150,8 +150,11 @@ Launch prepare(const at::Tensor& x, at::TensorList terms, const at::Tensor& coef
   } else {
     p.noise_mode = kNoNoise;
     if (coef_cpu.defined()) {  // a CUDA coef is not read back (that would synchronise)
-      const bool zero = coef_cpu.dim() == 1 ? coef_cpu[K + 1].item<double>() == 0.0
-                                            : !coef_cpu[K + 1].ne(0.0).any().item<bool>();
+      // read the noise-scale row in place (no tensor ops: this runs on every call)
+      const double* s = coef_cpu.data_ptr<double>() + (p.coef_per_sample ? (K + 1) * B : K + 1);
+      const int64_t n = p.coef_per_sample ? B : 1;
+      bool zero = true;
+      for (int64_t b = 0; b < n && zero; ++b) zero = s[b] == 0.0;
       TORCH_CHECK(zero, "seed (or noise) is required: the noise scale coef[K+1] = coef[", K + 1,
                   "] is nonzero but neither noise nor seed was given");
     }
