@@ -27,7 +27,10 @@ EXAMPLES = {"restart_intervals": [(2, 1, 0.5, 2.0)], "order": 3, "rtol": 1e-2, "
             "n_steps_each": 2, "max_order": 2, "gamma": 1.5, "max_stage": 2, "noise_scaler": "reverse_sde",
             "integration_points": 50, "predictor_order": 2, "corrector_order": 2, "tau_interval": (0.1, 0.9),
             "r": 0.3}
-PER_SOLVER = {("unipc", "variant"): "bh1", ("seeds_2", "solver_type"): "phi_2", ("tcd", "gamma"): 0.5,
+# DPM-Solver-v3's statistics belong to MODEL's process and log-SNR range (computed once, 20 grid points)
+V3_STATISTICS = gf.solvers.dpm_solver_v3.model_statistics(
+    MODEL, gf.GaussianMixture.ring().sample(256, generator=torch.Generator().manual_seed(3)).double(), steps=20)
+PER_SOLVER = {("dpm_solver_v3", "statistics"): V3_STATISTICS, ("unipc", "variant"): "bh1", ("seeds_2", "solver_type"): "phi_2", ("tcd", "gamma"): 0.5,
               ("exp_heun_2_x0", "solver_type"): "phi_1"}
 
 
