@@ -45,7 +45,9 @@ def power(base, exponent: float) -> torch.Tensor:
 
 def _host(v) -> np.ndarray:
     """A float64/bool host tensor or array as a NumPy array (no copy for a CPU tensor)."""
-    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+    if not isinstance(v, torch.Tensor):
+        return np.asarray(v)
+    return v.numpy() if v.device.type == "cpu" and not v.requires_grad else v.detach().cpu().numpy()
 
 
 def _power(base: np.ndarray, exponent: float) -> np.ndarray:

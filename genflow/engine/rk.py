@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from genflow._cache import LRU
 from genflow.engine.dense import dense_polynomial, stage_weights
 from genflow.engine.tableau import ButcherTableau
 from genflow.ops.fused_update import (MAX_TERMS, fused_update_packed, fused_update_unchecked, host_tensor,
@@ -108,6 +109,9 @@ class _Plan:
         self.weight_np, self.slope_np = np.array(self.weight), np.array(self.slope)
 
 
+_PLANS = LRU(64)  # (tableau variants, linear) -> _Plan: read-only once built, shared by every solve
+
+
 def _as_host(values, times):
     """Stage coefficients as a list of floats (shared step: ``times`` a list) or a host tensor
     [s, B] (per sample: ``times`` a tensor); a number broadcasts."""
@@ -147,7 +151,8 @@ class RungeKutta:
                  linear: Optional[bool] = None, kernel: bool, alternative: Optional[ButcherTableau] = None):
         self.tableau, self.f, self.view, self.kernel = tableau, f, view, kernel
         self.linear = view is not None if linear is None else linear
-        self.plan = _Plan([tableau] if alternative is None else [tableau, alternative], self.linear)
+        variants = (tableau,) if alternative is None else (tableau, alternative)
+        self.plan = _PLANS.get_or_compute((variants, self.linear), lambda: _Plan(list(variants), self.linear))
         self.evaluations = 0
         self.nonfinite: Optional[torch.Tensor] = None
         self.step_index = 0
