@@ -92,8 +92,8 @@ def digits_markdown(result: league.League, train_steps: int, samples: int) -> st
         f"diffusion model trained for {train_steps} steps (EMA weights). Score: squared MMD (kernels of "
         f"bandwidths {', '.join(map(str, BANDWIDTHS))}) between {samples} samples and {samples} samples of the "
         f"model's exact probability-flow ODE (`rk45`, tolerance {result.config.ode_tol:g}, other seeds): the "
-        "sampler's error against "
-        f"the model it samples, not the model's against the data. Noise floor (three more exact-ODE sets): "
+        "sampler's error against the model it samples, not the model's against the data (unbiased MMD², so "
+        "values near 0 can be negative). Noise floor (three more exact-ODE sets): "
         f"{mean:.2e} ± {spread:.2e}; exact-ODE limit from the league's own seed: {result.ode_limits['EDM']:.2e}. "
         "Best of each column bold; counted NFE in parentheses where it differs.",
         "",
