@@ -125,3 +125,11 @@ def test_digits_example_tiny_run(tmp_path):
     assert all(math.isfinite(e.score) for e in result.entries)
     text = out.read_text()
     assert league.DIGITS_MARK in text and "| euler | logsnr | " in text and "| heun | karras | " in text
+
+
+def test_bench_cli_tiny_league_writes_nothing(capsys):
+    before = (league.OUT_DIR / "LEAGUE.md").read_text()
+    assert bench.main(["--only", "league", "--tiny", "--rounds", "1", "--no-results"]) == 0
+    printed = capsys.readouterr().out
+    assert "EDM euler" in printed and "NFE 10: `" in printed
+    assert (league.OUT_DIR / "LEAGUE.md").read_text() == before
