@@ -152,7 +152,10 @@ class RungeKutta:
         self.tableau, self.f, self.view, self.kernel = tableau, f, view, kernel
         self.linear = view is not None if linear is None else linear
         variants = (tableau,) if alternative is None else (tableau, alternative)
-        self.plan = _PLANS.get_or_compute((variants, self.linear), lambda: _Plan(list(variants), self.linear))
+        if torch.compiler.is_compiling():  # built in the trace (the cache's lock cannot be traced)
+            self.plan = _Plan(list(variants), self.linear)
+        else:
+            self.plan = _PLANS.get_or_compute((variants, self.linear), lambda: _Plan(list(variants), self.linear))
         self.evaluations = 0
         self.nonfinite: Optional[torch.Tensor] = None
         self.step_index = 0
