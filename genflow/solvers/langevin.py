@@ -153,8 +153,9 @@ class PredictorCorrector(_ScoreSolver):
         noise = self.noise.draw(x, q.sigma, q.sigma) if self.noise is not None else {}
         if not noise:
             raise ValueError(f"solver {self.name!r} needs noise but no noise source was given")
-        return langevin_update(x, term, (a, b), snr=self.snr, alpha_i=alpha_i, norm=self.norm, out=x,
-                               backend=self.backend, **noise)
+        differentiable = torch.is_grad_enabled() and (x.requires_grad or term.requires_grad)
+        return langevin_update(x, term, (a, b), snr=self.snr, alpha_i=alpha_i, norm=self.norm,
+                               out=None if differentiable else x, backend=self.backend, **noise)
 
     def step(self, i, x):
         x = self.predict(i, x)

@@ -75,8 +75,8 @@ class _Seeds(Solver):
         for k, (r, weights) in enumerate(stages):
             end = q if r >= 1 else self.stage_points[i][r]
             state, s, det = self.stage(x, p, end, h, r, weights, x0s, previous)
-            if k == len(stages) - 1:
-                return x.copy_(state)
+            if k == len(stages) - 1:  # in place, unless autograd still needs x
+                return state if torch.is_grad_enabled() and state.requires_grad else x.copy_(state)
             x0s.append(self.data_prediction(state, s))
             previous = (state, r, s, det + [0.0] * (len(x0s) - len(det)))
 
