@@ -120,3 +120,24 @@ def make_generator(generator, device: torch.device) -> torch.Generator:
     else:
         raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
     return rng
+
+
+def check_float_dtype(name: str, dtype) -> torch.dtype:
+    """A floating-point (real) ``torch.dtype``, else a TypeError naming ``name``."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        raise TypeError(f"{name} must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
+    return dtype
+
+
+def state_dtype_for(state_dtype, input_dtype: torch.dtype, cuda_graph: bool, input_name: str) -> torch.dtype:
+    """A solver state's dtype (``gf.sample``'s and ``gf.solve``'s ``state_dtype=``): as asked, else
+    float32 for a float16/bfloat16 input and the input's dtype otherwise; under ``cuda_graph``
+    always the input's (the capture is keyed on it)."""
+    if state_dtype is None:
+        half = input_dtype in (torch.float16, torch.bfloat16)
+        return torch.float32 if half and not cuda_graph else input_dtype
+    state_dtype = check_float_dtype("state_dtype", state_dtype)
+    if cuda_graph and state_dtype != input_dtype:
+        raise ValueError(f"cuda_graph=True keeps the state in {input_name}'s dtype {input_dtype}, got "
+                         f"state_dtype={state_dtype}")
+    return state_dtype

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from genflow._checks import check_int, did_you_mean
+from genflow._checks import check_float_dtype, check_int, did_you_mean, state_dtype_for
 from genflow._extension import check_device
 from genflow.engine.loop import run
 from genflow.models import Model
@@ -71,26 +71,6 @@ def _plain_number(value):
                                          and not value.requires_grad and not value.is_complex()):
         return value.item()
     return value
-
-
-def _check_dtype(name: str, dtype) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
-        raise TypeError(f"{name} must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
-    return dtype
-
-
-def _state_dtype(state_dtype, input_dtype: torch.dtype, cuda_graph: bool) -> torch.dtype:
-    """The solver state's dtype: as asked, else float32 for half-precision inputs (float16,
-    bfloat16) and the input's dtype otherwise (always the input's under ``cuda_graph``)."""
-    if state_dtype is not None:
-        state_dtype = _check_dtype("state_dtype", state_dtype)
-        if cuda_graph and state_dtype != input_dtype:
-            raise ValueError(f"cuda_graph=True keeps the state in the input's dtype {input_dtype}, got "
-                             f"state_dtype={state_dtype}")
-        return state_dtype
-    if input_dtype in (torch.float16, torch.bfloat16) and not cuda_graph:
-        return torch.float32
-    return input_dtype
 
 
 def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str = "dpmpp_2m",
@@ -190,8 +170,8 @@ def sample(model: Model, shape: Optional[Sequence[int]] = None, *, solver: str =
     else:
         shape = _check_shape(shape)
         batch = shape[0]
-    input_dtype = x_T.dtype if x_T is not None else _check_dtype("dtype", dtype)
-    state_dtype = _state_dtype(state_dtype, input_dtype, cuda_graph)
+    input_dtype = x_T.dtype if x_T is not None else check_float_dtype("dtype", dtype)
+    state_dtype = state_dtype_for(state_dtype, input_dtype, cuda_graph, "the input")
     if ts.dim() == 2 and ts.shape[1] != batch:
         raise ValueError(f"per-sample times must have length {batch} (the batch), got {ts.shape[1]}")
     if cuda_graph:

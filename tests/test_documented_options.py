@@ -362,6 +362,15 @@ def _check_adjoint_tolerance(name):
     assert not torch.equal(loose[1], tight[1])
 
 
+def _check_state_dtype():
+    decay, seen, y0 = gf.ODE(lambda t, y: -y), [], Y0.to(torch.float16)
+    y = gf.solve(decay, y0, 0.0, 1.0, solver="rk4", steps=4, state_dtype=torch.float64,
+                 callback=lambda info: seen.append(info["x"].dtype))
+    assert y.dtype == torch.float16 and set(seen) == {torch.float64}
+    with pytest.raises(TypeError, match="state_dtype"):
+        gf.solve(decay, y0, 0.0, 1.0, solver="rk4", steps=4, state_dtype=torch.int32)
+
+
 ENGINE_CHECKS = {"steps": _check_steps, "ts": _check_ts, "rtol": lambda: _check_tolerance("rtol"),
                  "atol": lambda: _check_tolerance("atol"), "error_norm": _check_error_norm,
                  "saveat": _check_saveat_and_dense, "dense": _check_saveat_and_dense, "callback": _check_callback,
@@ -369,7 +378,7 @@ ENGINE_CHECKS = {"steps": _check_steps, "ts": _check_ts, "rtol": lambda: _check_
                  "brownian": _check_brownian, "derivative_free": _check_derivative_free, "noise": _check_noise,
                  "cuda_graph": _check_cuda_graph, "adjoint": _check_adjoint, "adjoint_params": _check_adjoint_params,
                  "adjoint_rtol": lambda: _check_adjoint_tolerance("adjoint_rtol"),
-                 "adjoint_atol": lambda: _check_adjoint_tolerance("adjoint_atol")}
+                 "adjoint_atol": lambda: _check_adjoint_tolerance("adjoint_atol"), "state_dtype": _check_state_dtype}
 
 
 def _engine_options():

@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from genflow._cache import LRU, tensor_key
-from genflow._checks import check_bool, check_choice, check_int, check_real
+from genflow._checks import check_bool, check_choice, check_int, check_real, state_dtype_for
 from genflow.engine.adjoint import AdjointSolve
 from genflow.engine.loop import NO_STEP, grid_steps, raise_diverged, run
 from genflow.engine.ode import AdaptiveRK, FixedRK
@@ -53,18 +53,6 @@ class Solution(NamedTuple):
         if self.interpolation is None:
             raise ValueError("Solution.evaluate needs gf.solve(..., dense=True) with an adaptive solver")
         return self.interpolation.evaluate(t).to(self.y.dtype)  # the state may be kept in a wider dtype
-
-
-def _state_dtype(state_dtype, input_dtype: torch.dtype, cuda_graph: bool) -> torch.dtype:
-    """The solver state's dtype: as asked, else float32 for a float16/bfloat16 ``y0`` and ``y0``'s
-    dtype otherwise (always ``y0``'s under ``cuda_graph``, whose capture is keyed on the term)."""
-    if state_dtype is None:
-        return torch.float32 if input_dtype in (torch.float16, torch.bfloat16) and not cuda_graph else input_dtype
-    if not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point or state_dtype.is_complex:
-        raise TypeError(f"state_dtype must be a floating-point torch.dtype (e.g. torch.float32), got {state_dtype!r}")
-    if cuda_graph and state_dtype != input_dtype:
-        raise ValueError(f"cuda_graph=True keeps the state in y0's dtype {input_dtype}, got state_dtype={state_dtype}")
-    return state_dtype
 
 
 def _in_dtype(term, dtype: torch.dtype):
@@ -259,7 +247,7 @@ def solve(term, y0: torch.Tensor, t0, t1, *, solver: str, steps: Optional[int] =
     if not adjoint and (adjoint_params is not None or adjoint_rtol is not None or adjoint_atol is not None):
         raise ValueError("adjoint_params, adjoint_rtol and adjoint_atol need adjoint=True")
     out_dtype = y0.dtype
-    dtype = _state_dtype(state_dtype, out_dtype, cuda_graph)
+    dtype = state_dtype_for(state_dtype, out_dtype, cuda_graph, "y0")
     if dtype != out_dtype:  # the drift runs in y0's dtype, the state in state_dtype
         if adjoint:
             adjoint_params = _adjoint_params(term.drift, adjoint_params)  # the wrapper below hides a Module's
