@@ -9,13 +9,7 @@ from genflow.noise import noise_source
 from genflow.schedules import time_grid
 from genflow.solvers import SOLVERS
 
-# dpm_solver_v3 integrates its statistics' splines (scipy/numpy) per step when a step first needs
-# them; traced, those host values become data-dependent symbols. Precomputing its step plans at
-# construction (as er_sde, pndm and sa_solver do) would make it traceable.
-NOT_YET_TRACEABLE = {"dpm_solver_v3"}
-FIXED_GRID = [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="per-step spline quadrature on the host"))
-              if name in NOT_YET_TRACEABLE else name
-              for name in sorted(name for name, cls in SOLVERS.items() if not getattr(cls, "adaptive", False))]
+FIXED_GRID = sorted(name for name, cls in SOLVERS.items() if not getattr(cls, "adaptive", False))
 STEPS = 3  # compiled steps per solver (first-order start, then the multistep updates)
 
 

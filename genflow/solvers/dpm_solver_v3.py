@@ -27,7 +27,7 @@ from genflow.ops.fused_update import MAX_TERMS
 from genflow.solvers.base import point
 from genflow.solvers.deis import ExponentialMultistep
 
-__all__ = ["DPMSolverV3", "ModelStatistics", "StatisticsProfiles", "model_statistics", "v3_coefficients"]
+__all__ = ["DPMSolverV3", "ModelStatistics", "StatisticsProfiles", "StepPlan", "model_statistics", "v3_coefficients"]
 
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(24)  # Gauss-Legendre on [-1, 1]
 _COEFFICIENTS = LRU(4096)  # (statistics, node log-SNRs, end log-SNR, pseudo) -> v3_coefficients
@@ -135,6 +135,20 @@ def v3_coefficients(profiles: StatisticsProfiles, lams, lam_t: float, *, pseudo:
     return E, [float(E * wj * ej) for wj, ej in zip(w, e)], float(E * (w @ beta) - bias)
 
 
+class StepPlan(NamedTuple):
+    """What step ``i`` of ``DPMSolverV3`` does, fixed by the grid: ``kind`` (``plan``), whether it
+    keeps ``f`` (``keep``) and the next step corrects it (``corrects_next``), ``l`` at its start, and
+    its moves as ``(nodes, v3_coefficients)``: the correction of step ``i - 1`` (or None) and the
+    prediction (None for a first-order step)."""
+
+    kind: str
+    keep: bool
+    corrects_next: bool
+    l: float
+    correction: Optional[tuple]
+    prediction: Optional[tuple]
+
+
 class DPMSolverV3(ExponentialMultistep):
     """DPM-Solver-v3, the multistep predictor(-corrector) with empirical model statistics.
 
@@ -182,8 +196,11 @@ class DPMSolverV3(ExponentialMultistep):
         self.statistics_key = value_key(statistics)
         self.pseudo = check_bool("pseudo", pseudo)
         self.corrector = check_bool("corrector", corrector)
-        self.pending = None  # (order, start x) of the previous step, awaiting correction
+        self.pending = None  # the start x of the previous step, awaiting correction
         self.ones = None  # the constant term of the bias, made at the first step that needs it
+        # every step's host numbers (l, the quadratures' coefficients), once per solve: a step reads
+        # Python floats (traceable by torch.compile)
+        self.plans = self._step_plans()
 
     @classmethod
     def expected_order(cls, *, solver_order=3, corrector=True, **options) -> int:
@@ -200,13 +217,38 @@ class DPMSolverV3(ExponentialMultistep):
         for j in [j for j in self.history if j <= i - self.solver_order - self.corrector]:
             del self.history[j]
 
-    def _move(self, x_s, f_s, p, q, nodes, *, pseudo, out, fold=(0.0, 0.0), term=None):
-        """``x`` at ``q`` from ``x_s`` at ``p`` through the ``f`` at ``nodes`` (grid indices, the
-        index of ``p`` first; ``f_s`` is ``f`` there, or None when it is folded into
+    def _coefficients(self, nodes, q, pseudo):
+        """``v3_coefficients`` of a move to grid point ``q`` through the grid points ``nodes`` (cached)."""
+        lams, lam_t = tuple(self.grid[j].lam for j in nodes), self.grid[q].lam
+        return _COEFFICIENTS.get_or_compute((self.statistics_key, lams, lam_t, pseudo), lambda: v3_coefficients(
+            self.profiles, lams, lam_t, pseudo=pseudo))
+
+    def _step_plans(self):
+        """Every step's ``StepPlan``, walking the steps in order: a step corrects the previous one when
+        that one was multistep, kept its ``f`` and ends at a finite log-SNR."""
+        plans, corrects, previous_order = [], False, 0
+        for i in range(self.steps):
+            kind, k = self.plan(i)
+            keep = self.needs_history(i) and self.finite[i]
+            correction = None
+            if corrects:
+                nodes = (i - 1, i) + tuple(i - 1 - j for j in range(1, previous_order))
+                correction = (nodes, self._coefficients(nodes, i, True))
+            prediction = None
+            if kind != "first":
+                nodes = tuple(i - j for j in range(k))
+                prediction = (nodes, self._coefficients(nodes, i + 1, self.pseudo))
+            corrects = self.corrector and kind == "multistep" and keep and self.finite[i + 1]
+            plans.append(StepPlan(kind, keep, corrects, float(self.profiles.l(self.grid[i].lam)), correction,
+                                  prediction))
+            previous_order = k
+        return plans
+
+    def _move(self, x_s, f_s, p, q, move, *, out, fold=(0.0, 0.0), term=None):
+        """``x`` at ``q`` from ``x_s`` at ``p`` by ``move = (nodes, v3_coefficients)`` (``nodes``: grid
+        indices, the index of ``p`` first; ``f_s`` is ``f`` there, or None when it is folded into
         ``x_s`` and ``term`` as ``f_s = fold[0] x_s + fold[1] term``)."""
-        lams = tuple(self.grid[j].lam for j in nodes)
-        E, F, const = _COEFFICIENTS.get_or_compute((self.statistics_key, lams, q.lam, pseudo), lambda: v3_coefficients(
-            self.profiles, lams, q.lam, pseudo=pseudo))
+        nodes, (E, F, const) = move
         c_f = [-q.alpha * Fj for Fj in F]
         coefs = [q.alpha / p.alpha * E + c_f[0] * fold[0]]
         terms = [f_s if f_s is not None else term]
@@ -227,36 +269,29 @@ class DPMSolverV3(ExponentialMultistep):
         p, q = self.grid[i], self.grid[i + 1]
         out = self.evaluate(x, p)
         term, a0, b0 = self.x0_view(x, out, p)
-        kind, k = self.plan(i)
-        l_p = float(self.profiles.l(p.lam))
+        plan = self.plans[i]
         # f = ((1 - l)/alpha) x - x0 = cf x + ct term
-        cf, ct = ((1.0 - l_p) / p.alpha - a0, -b0) if self.finite[i] else (0.0, 0.0)
+        cf, ct = ((1.0 - plan.l) / p.alpha - a0, -b0) if self.finite[i] else (0.0, 0.0)
         pending, self.pending = self.pending, None
-        keep = self.needs_history(i) and self.finite[i]
-        f = self.update(x, [term], [cf, ct]) if keep or pending is not None else None
+        f = self.update(x, [term], [cf, ct]) if plan.keep or pending is not None else None
         if pending is not None:  # correct the step i-1 -> i with i as a node; f there is kept
-            k_prev, x_prev = pending
             self.history[i] = f
-            nodes = [i - 1, i] + [i - 1 - j for j in range(1, k_prev)]
-            x = self._move(x_prev, self.history[i - 1], self.grid[i - 1], p, nodes, pseudo=True, out=x)
-        correct_next = self.corrector and kind == "multistep" and keep and self.finite[i + 1]
-        buffer = None if correct_next else x  # the corrector reads the step's start
-        nodes = [i - j for j in range(k)]
-        if kind == "first" and pending is None:
+            x = self._move(pending, self.history[i - 1], self.grid[i - 1], p, plan.correction, out=x)
+        buffer = None if plan.corrects_next else x  # the corrector reads the step's start
+        if plan.kind == "first" and pending is None:
             x_next = self.first_order(x, out, p, q, out_buffer=buffer)
-        elif kind == "first":  # x' = alpha' x0 + sigma' eps with x0 = ((1 - l)/alpha) x - f
-            a_x = q.sigma / p.sigma + (q.alpha - q.sigma * p.alpha / p.sigma) * (1.0 - l_p) / p.alpha
+        elif plan.kind == "first":  # x' = alpha' x0 + sigma' eps with x0 = ((1 - l)/alpha) x - f
+            a_x = q.sigma / p.sigma + (q.alpha - q.sigma * p.alpha / p.sigma) * (1.0 - plan.l) / p.alpha
             x_next = self.update(x, [f], [a_x, -(q.alpha - q.sigma * p.alpha / p.sigma)], out=buffer)
         elif pending is not None:
-            x_next = self._move(x, f, p, q, nodes, pseudo=self.pseudo, out=buffer)
+            x_next = self._move(x, f, p, q, plan.prediction, out=buffer)
         else:
-            x_next = self._move(x, None, p, q, nodes, pseudo=self.pseudo, out=buffer, fold=(cf, ct), term=term)
-        if keep:
+            x_next = self._move(x, None, p, q, plan.prediction, out=buffer, fold=(cf, ct), term=term)
+        if plan.keep:
             self.remember(i, f)
-        if correct_next:
-            self.pending = (k, x)
+        if plan.corrects_next:
+            self.pending = x
         return x_next
-
 
 def model_statistics(model, x_calib: torch.Tensor, *, steps: int = 100, t_start: Optional[float] = None,
                      t_end: Optional[float] = None, delta: float = 1e-3,
