@@ -226,7 +226,15 @@ def record_nonfinite(out: torch.Tensor, nonfinite: torch.Tensor, step: int) -> N
 def _needs_grad(x, terms, values, noise) -> bool:
     if not torch.is_grad_enabled():
         return False
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, noise, *terms, *values))
+    if x.requires_grad or (noise is not None and noise.requires_grad):
+        return True
+    for t in terms:  # plain loops: this runs on every solver step (no generator, no tuple)
+        if t.requires_grad:
+            return True
+    for v in values:
+        if type(v) is not float and isinstance(v, torch.Tensor) and v.requires_grad:
+            return True
+    return False
 
 
 def fused_update_unchecked(x: torch.Tensor, terms: list, values: list, *, kernel: bool,
