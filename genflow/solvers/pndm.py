@@ -247,6 +247,13 @@ class PNDM(_FixedWeights):
     ``max_order`` (1..4, default 4, the paper's) caps the Adams order. Global order 2 for
     ``max_order >= 2`` (1 for ``max_order=1``): on grids not uniform in ``s = sigma/alpha`` the
     uniform-grid weights leave an ``O(h^3)`` local error, as for ``ipndm``.
+
+    At very few steps the warm-up diverges by construction (the paper's formulas, checked against
+    a float64 transcription in tests/solvers/test_pndm.py): under ``VP`` with 1 or 2 steps, the
+    third stage's transfer from ``t = 1`` (``s = sigma/alpha ~ 152``) with ``e3`` (~45, taken at an
+    off-data midpoint) lands at ``|x| ~ 6e3``, where ``eps`` at ``sigma' = 0.0105`` is ~270, and
+    the ring mixture's samples reach ``|x| ~ 5e3`` (``plms``: ~340 at 1 step, 60 at 2); 25 at 3
+    steps, 6.3 at 6 steps (15 NFE), the data's ~6 from there on.
     """
 
     name = "pndm"

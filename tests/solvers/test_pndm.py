@@ -54,6 +54,41 @@ def test_plms_and_pndm_equal_diffusers_pndm_scheduler(solver, skip_prk_steps, st
     torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
 
 
+def _paper_pndm(model, x, ts):
+    """Liu et al. (2022) eqs. 9-11 in float64: the pseudo Runge-Kutta step with the transfer phi of eq. 11
+    in alpha-bar form and the midpoint (t + t')/2 (the steps after the third would be PLMS)."""
+    abar = lambda t: float(model.process.alpha(torch.tensor(t, dtype=torch.float64))) ** 2
+
+    def phi(x, e, t, t_next):
+        a, a_next = abar(t), abar(t_next)
+        return math.sqrt(a_next / a) * x - (a_next - a) / (
+            math.sqrt(a) * (math.sqrt((1 - a_next) * a) + math.sqrt((1 - a) * a_next))) * e
+
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        m = (t + t_next) / 2
+        e1 = model.predict(x, t, "eps")
+        e2 = model.predict(phi(x, e1, t, m), m, "eps")
+        e3 = model.predict(phi(x, e2, t, m), m, "eps")
+        e4 = model.predict(phi(x, e3, t, t_next), t_next, "eps")
+        x = phi(x, (e1 + 2 * e2 + 2 * e3 + e4) / 6, t, t_next)
+    return x
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_pndm_warmup_equals_paper_and_blows_up_at_few_steps(steps):
+    """The league's pndm outliers under VP at 1-2 steps (KL ~1e7) are the method: a float64 transcription
+    of the paper's pseudo Runge-Kutta step gives the same |x| ~ 5e3. The third stage's transfer from
+    t = 1 (s = sigma/alpha ~ 152) with e3 evaluated off the data lands at |x| ~ 6e3, where eps at
+    sigma' = 0.0105 is ~270."""
+    model = gf.GaussianMixture.ring().model(gf.VP())
+    ts = gf.schedules.time_grid(model.process, steps, "logsnr").to(torch.float64)
+    x_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = gf.sample(model, x_T=x_T, solver="pndm", schedule=ts)
+    reference = _paper_pndm(model, x_T.clone(), ts.tolist())
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+    assert (reference.norm(dim=1).max() > 1e3) == (steps < 3)
+
+
 def _comfy_ipndm(denoise, x, sigmas, max_order, variable):
     """ComfyUI's sample_ipndm / sample_ipndm_v (k-diffusion convention, EDM sigmas), in float64."""
     history = []
