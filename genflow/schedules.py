@@ -98,8 +98,8 @@ class Schedule(abc.ABC):
         return (self.name, tuple(sorted(self.options.items())), self.discrete)
 
     def __repr__(self) -> str:
-        shown = [f"{k}={v!r}" for k, v in self.options.items()]
-        if self.discrete is not None:
+        shown = [f"{k}={v!r}" for k, v in getattr(self, "options", {}).items()]  # also while __init__ raises
+        if getattr(self, "discrete", None) is not None:
             shown.append(f"discrete={self.discrete}")
         return f"{type(self).__name__}({', '.join(shown)})"
 
