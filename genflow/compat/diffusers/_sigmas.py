@@ -12,6 +12,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from genflow.schedules import karras_levels
+
 from ._base import TIMESTEP_SPACINGS, Scheduler, cached_schedule, check_steps, fused, fused_planned, grid_plans, pack
 
 __all__ = ["sigma_to_t", "karras_sigmas", "exponential_sigmas", "beta_sigmas", "SigmaScheduler", "SIGMA_GRIDS"]
@@ -51,8 +53,7 @@ def karras_sigmas(in_sigmas, num_inference_steps: int, *, sigma_min=None, sigma_
     """Karras et al. (2022) eq. 5: ``sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho``,
     with ``smin``/``smax`` the ends of ``in_sigmas`` (decreasing) unless given. float64 [n]."""
     lo, hi = _sigma_range(in_sigmas, sigma_min, sigma_max)
-    ramp = np.linspace(0, 1, num_inference_steps)
-    return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    return karras_levels(np.linspace(0, 1, num_inference_steps), lo, hi, rho)
 
 
 def exponential_sigmas(in_sigmas, num_inference_steps: int, *, sigma_min=None, sigma_max=None) -> np.ndarray:

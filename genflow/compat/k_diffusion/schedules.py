@@ -4,6 +4,7 @@ import math
 import torch
 
 from genflow._checks import check_int, check_real
+from genflow.schedules import karras_levels, polyexponential_log_levels
 
 __all__ = ["get_sigmas_exponential", "get_sigmas_karras", "get_sigmas_polyexponential", "get_sigmas_vp"]
 
@@ -23,9 +24,7 @@ def get_sigmas_karras(n, sigma_min, sigma_max, rho=7., device='cpu'):
     check_real("sigma_min", sigma_min, low=0.0)
     check_real("sigma_max", sigma_max, low=0.0, low_open=True)
     check_real("rho", rho, low=0.0, low_open=True)
-    ramp = torch.linspace(0, 1, n)
-    top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return _append_zero((top + ramp * (bottom - top)) ** rho).to(device)
+    return _append_zero(karras_levels(torch.linspace(0, 1, n), sigma_min, sigma_max, rho)).to(device)
 
 
 def get_sigmas_exponential(n, sigma_min, sigma_max, device='cpu'):
@@ -52,9 +51,8 @@ def get_sigmas_polyexponential(n, sigma_min, sigma_max, rho=1., device='cpu'):
     check_real("sigma_min", sigma_min, low=0.0, low_open=True)
     check_real("sigma_max", sigma_max, low=0.0, low_open=True)
     check_real("rho", rho, low=0.0, low_open=True)
-    ramp = torch.linspace(1, 0, n, device=device) ** rho
-    log_min = math.log(sigma_min)
-    return _append_zero(torch.exp(ramp * (math.log(sigma_max) - log_min) + log_min))
+    ramp = torch.linspace(1, 0, n, device=device)
+    return _append_zero(torch.exp(polyexponential_log_levels(ramp, math.log(sigma_min), math.log(sigma_max), rho)))
 
 
 def get_sigmas_vp(n, beta_d=19.9, beta_min=0.1, eps_s=1e-3, device='cpu'):
