@@ -248,7 +248,12 @@ def fused_update_unchecked(x: torch.Tensor, terms: list, values: list, *, kernel
     ``nonfinite`` (int32 [1] on x's device, optional) becomes ``min(nonfinite, step)`` when the
     result holds a NaN/Inf (recorded by the kernel as it writes; see ``record_nonfinite``).
     """
-    if all(type(v) is float for v in values):
+    scalar = True
+    for v in values:  # a plain loop, not all(generator): this runs on every solver step
+        if type(v) is not float:
+            scalar = False
+            break
+    if scalar:
         coef = host_tensor(values, torch.float64, "d")  # CPU: the CUDA op takes it by value
     else:
         # per-sample coefficients (host float64 [B] from the solvers' grid tables): packed on the

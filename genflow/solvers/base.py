@@ -207,8 +207,8 @@ class Solver(abc.ABC):
             if out.dtype != x.dtype:
                 return out.to(x.dtype)  # a new tensor, owned by the solver
             return self.ownership.own(out, arg, self.where)  # already the state's dtype: the model's memory
-        version = x._version
-        out = self.model.call(x, self.model.prepare_time(p.t, x))
+        model, version = self.model, x._version
+        out = model.call(x, model.prepare_time(p.t, x))
         if x._version != version:
             check_input_unchanged(x, version, self.where(p))
         return self.ownership.own(out, x, self.where)
@@ -263,7 +263,7 @@ class Solver(abc.ABC):
         """
         kept_terms, values = [], [coefs[0]]
         for term, c in zip(terms, coefs[1:]):
-            if not _is_zero(c):
+            if isinstance(c, _Tensor) or c != 0.0:  # not _is_zero(c), inlined: this runs on every step
                 kept_terms.append(term)
                 values.append(c)
         if self._kernel is None:
@@ -288,14 +288,14 @@ class Solver(abc.ABC):
 
     @staticmethod
     def pack(coefs, noise_scale=0.0):
-        """``(kept, coef)`` for ``update_packed``: which terms have a nonzero coefficient and the
-        float64 coefficient tensor the op takes, or None when ``update`` must run (per-sample
+        """``(kept, coef)`` for ``update_packed``: which terms have a nonzero coefficient (None:
+        all of them, so the step passes its terms as they are) and the float64 coefficient tensor the op takes, or None when ``update`` must run (per-sample
         coefficients, or noise). Solvers that reuse a step's coefficients across solves pack once."""
         if not _is_zero(noise_scale) or not all(type(c) is float for c in coefs):
             return None
         kept = tuple(c != 0.0 for c in coefs[1:])
         values = [coefs[0]] + [c for c in coefs[1:] if c != 0.0] + [0.0]
-        return kept, host_tensor(values, torch.float64, "d")
+        return (None if all(kept) else kept), host_tensor(values, torch.float64, "d")
 
     def step_plan(self, i: int, options, coefficients):
         """The packed noise-free coefficients of step ``i`` (see ``pack``), computed once by
@@ -311,11 +311,13 @@ class Solver(abc.ABC):
         return packed
 
     def update_packed(self, x, terms, packed, *, out):
-        """``update`` (noise-free) with coefficients packed by ``pack``: the op call alone."""
+        """``update`` (noise-free) with coefficients packed by ``pack`` (``terms``: one per
+        coefficient after ``c0``, as given to ``pack``): the op call alone."""
         kept, coef = packed
         if self._kernel is None:
             self._kernel = use_kernel(self.backend, x.device)
-        terms = [t for t, k in zip(terms, kept) if k]
+        if kept is not None:  # drop the terms whose coefficient is 0.0
+            terms = [t for t, k in zip(terms, kept) if k]
         return fused_update_packed(x, terms, coef, kernel=self._kernel, out=out, nonfinite=self.nonfinite,
                                    step=self.step_index)
 
