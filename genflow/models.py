@@ -12,7 +12,6 @@ so converting a network output ``out`` of kind ``src`` to kind ``dst`` is ``a * 
 with scalars ``(a, b) = conversion(src, dst, ...)``. Solvers fold these scalars into their
 step coefficients instead of materialising converted tensors.
 """
-import array
 from typing import Callable, Union
 
 import torch
@@ -21,7 +20,6 @@ from genflow._checks import did_you_mean
 __all__ = ["KINDS", "Model", "basis", "conversion"]
 
 KINDS = ("eps", "x0", "score", "v", "velocity")
-_SMALL_BATCH = 256  # up to this batch a CPU time vector is built from a host array (cheaper than torch.full)
 
 
 def _kind_error(name: str, value) -> ValueError:
@@ -127,12 +125,7 @@ class Model:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if type(t) is float and self.time in ("native", "reversed"):  # the common, fast case
             value = t if self.time == "native" else self.process.T - t
-            batch = x.shape[0]
-            if batch <= _SMALL_BATCH and x.device.type == "cpu" and not torch.compiler.is_compiling():
-                # a host array wrapped without a copy: ~1 us instead of torch.full's ~3 (per model call)
-                code = "d" if dtype is torch.float64 else "f"
-                return torch.frombuffer(array.array(code, (value,)) * batch, dtype=dtype)
-            return torch.full((batch,), value, dtype=dtype, device=x.device)
+            return torch.full((x.shape[0],), value, dtype=dtype, device=x.device)
         t = _time_vector(t, x)
         return self.net_time(t).to(dtype)
 
