@@ -75,3 +75,6 @@ __all__ += ["LTXEulerAncestralRFScheduler"]
 from .flow_euler import FlowMapEulerDiscreteScheduler, MiniMaxH3Scheduler
 
 __all__ += ["MiniMaxH3Scheduler", "FlowMapEulerDiscreteScheduler"]
+from .rfd4proteina import RFD4ProteinaScheduler
+
+__all__ += ["RFD4ProteinaScheduler"]
