@@ -109,3 +109,62 @@ def test_rfd4proteina_owns_its_output():
     fresh = _loop(copy.deepcopy(ours), 30)
     reused = _loop(ours, 30, velocity=reusing)
     assert all(torch.equal(a, b) for a, b in zip(fresh, reused))
+
+
+# ---------------------------------------------------------------- PiflowScheduler
+
+def _widened(x, t, n_grid):
+    """A deterministic toy model of (x, t) with ``n_grid`` velocities per channel (last axis)."""
+    t = float(t) / 1000
+    return torch.cat([torch.tanh((0.5 + 0.1 * k) * x + 0.3 * t * x.roll(1, dims=-1)) - 0.2 * k * t
+                      for k in range(n_grid)], dim=-1)
+
+
+def _piflow_loop(scheduler, steps, n_grid, dtype=torch.float32):
+    scheduler.set_timesteps(steps)
+    x = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(2)).to(dtype)
+    outs = []
+    for t in scheduler.timesteps:
+        x = scheduler.step(_widened(x, t, n_grid).to(dtype), t, x).prev_sample
+        outs.append(x)
+    return outs
+
+
+@pytest.mark.parametrize("config", [{}, dict(shift=3.0, n_grid=4, final_step_size_scale=1.0, num_policy_substeps=37)])
+@pytest.mark.parametrize("steps", [1, 4, 7])
+def test_piflow_matches_diffusers(config, steps):
+    ref = diffusers().PiflowScheduler(**config)
+    ours = gf.compat.diffusers.PiflowScheduler.from_config(ref.config)
+    n_grid = ref.config.n_grid
+    expected = _piflow_loop(ref, steps, n_grid)
+    actual = _piflow_loop(ours, steps, n_grid)
+    for name in ("timesteps", "sigmas"):
+        mine, theirs = getattr(ours, name), getattr(ref, name)
+        assert mine.dtype == theirs.dtype and torch.equal(mine, theirs), name
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        _assert_rel(a, e, f"step {i}")
+
+
+def test_piflow_errors_and_ownership():
+    ours = gf.compat.diffusers.PiflowScheduler(n_grid=3)
+    with pytest.raises(ValueError, match="n_grid"):
+        gf.compat.diffusers.PiflowScheduler(n_grid=1)
+    with pytest.raises(ValueError, match="mu"):
+        ours.set_timesteps(4, mu=1.0)
+    ours.set_timesteps(4)
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="model_output"):
+        ours.step(torch.randn(2, 3, 8), ours.timesteps[0], x)
+    with pytest.raises(ValueError, match="integer"):
+        ours.step(torch.randn(2, 3, 12), 1000, x)
+    buffer = torch.empty(2, 3, 5, 12)
+
+    def run(reuse):
+        ours.set_timesteps(4)
+        x = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(3))
+        for t in ours.timesteps:
+            out = _widened(x, t, 3)
+            x = ours.step(buffer.copy_(out) if reuse else out, t, x).prev_sample
+        return x
+
+    assert torch.equal(run(False), run(True))

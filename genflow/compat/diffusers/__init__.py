@@ -78,3 +78,6 @@ __all__ += ["MiniMaxH3Scheduler", "FlowMapEulerDiscreteScheduler"]
 from .rfd4proteina import RFD4ProteinaScheduler
 
 __all__ += ["RFD4ProteinaScheduler"]
+from .helios_dmd import HeliosDMDScheduler
+
+__all__ += ["HeliosDMDScheduler"]
