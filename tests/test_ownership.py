@@ -194,7 +194,7 @@ def test_k_diffusion_samplers_with_aliasing_models(name):
 # Their pipelines call ``step`` in their own way (diffusers' classes fail the generic loop too);
 # tests/compat/test_diffusers_zoo.py::test_static_output_buffer_in_pipeline_loops covers them.
 OWN_LOOP_SCHEDULERS = {"DDPMWuerstchenScheduler", "RePaintScheduler", "ScoreSdeVeScheduler", "CogVideoXDPMScheduler",
-                       "RFD4ProteinaScheduler", "HeliosDMDScheduler"}
+                       "RFD4ProteinaScheduler", "HeliosDMDScheduler", "PiflowScheduler"}
 
 
 def _scheduler_cases():

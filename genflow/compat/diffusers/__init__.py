@@ -81,3 +81,6 @@ __all__ += ["RFD4ProteinaScheduler"]
 from .helios_dmd import HeliosDMDScheduler
 
 __all__ += ["HeliosDMDScheduler"]
+from .piflow import PiflowScheduler
+
+__all__ += ["PiflowScheduler"]
