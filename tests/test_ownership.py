@@ -192,7 +192,8 @@ def test_k_diffusion_samplers_with_aliasing_models(name):
 
 
 # Their pipelines call ``step`` in their own way (diffusers' classes fail the generic loop too);
-# tests/compat/test_diffusers_zoo.py::test_static_output_buffer_in_pipeline_loops covers them.
+# tests/compat/test_diffusers_zoo.py::test_static_output_buffer_in_pipeline_loops, test_diffusers_zoo_extra.py
+# and test_diffusers_helios_dmd.py cover them.
 OWN_LOOP_SCHEDULERS = {"DDPMWuerstchenScheduler", "RePaintScheduler", "ScoreSdeVeScheduler", "CogVideoXDPMScheduler",
                        "RFD4ProteinaScheduler", "HeliosDMDScheduler", "PiflowScheduler"}
 
