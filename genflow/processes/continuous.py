@@ -64,6 +64,10 @@ class _LinearBeta:
     beta_min: float
     beta_max: float
 
+    def __init__(self, *, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0,
+                 t_min: float = 1e-3):
+        self.beta_min, self.beta_max, self.T, self.t_min = _check_betas(beta_min, beta_max, T, t_min)
+
     def _log_alpha(self, t):
         # -int_0^t beta / 2 = -(t beta_min / 2 + t^2 (beta_max - beta_min) / 4)
         return -t * (0.5 * self.beta_min + 0.25 * (self.beta_max - self.beta_min) * t)
@@ -102,10 +106,6 @@ class VP(_LinearBeta, _VPFamily):
         t_min (float): smallest sampling time, ``0 <= t_min < T``.
     """
 
-    def __init__(self, *, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0,
-                 t_min: float = 1e-3):
-        self.beta_min, self.beta_max, self.T, self.t_min = _check_betas(beta_min, beta_max, T, t_min)
-
     def _dlog_alpha(self, t):
         return -0.5 * self._beta(t)
 
@@ -125,10 +125,6 @@ class SubVP(_LinearBeta, Process):
         T (float): noise end.
         t_min (float): smallest sampling time, ``0 <= t_min < T``.
     """
-
-    def __init__(self, *, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0,
-                 t_min: float = 1e-3):
-        self.beta_min, self.beta_max, self.T, self.t_min = _check_betas(beta_min, beta_max, T, t_min)
 
     def _alpha(self, t):
         return torch.exp(self._log_alpha(t))

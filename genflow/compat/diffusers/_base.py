@@ -228,6 +228,18 @@ class Scheduler:
         """The network input for ``sample`` at ``timestep``: ``sample`` itself here."""
         return sample
 
+    def scaled_input(self, sample: torch.Tensor, timestep, scale) -> torch.Tensor:
+        """``scale(i) sample`` at the step index ``i`` of ``timestep`` (one fused pass, its plan kept
+        per step): the ``scale_model_input`` of the schedulers whose network input is rescaled."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        self.is_scale_input_called = True
+        key = ("scale", self._step_index)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = pack([scale(self._step_index)])
+        return fused_planned(sample, [], plan)
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
                   timesteps: Union[int, torch.Tensor]) -> torch.Tensor:
         """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (Ho et al. 2020, eq. 4).

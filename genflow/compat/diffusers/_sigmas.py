@@ -14,7 +14,7 @@ import torch
 
 from genflow.schedules import karras_levels
 
-from ._base import TIMESTEP_SPACINGS, Scheduler, cached_schedule, check_steps, fused, fused_planned, grid_plans, pack
+from ._base import TIMESTEP_SPACINGS, Scheduler, cached_schedule, check_steps, fused, grid_plans
 
 __all__ = ["sigma_to_t", "karras_sigmas", "exponential_sigmas", "beta_sigmas", "SigmaScheduler", "SIGMA_GRIDS"]
 
@@ -164,15 +164,7 @@ class SigmaScheduler(Scheduler):
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
         """The network input ``sample / sqrt(sigma^2 + 1)`` (Tensor[B, *D]) at ``timestep``."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        self.is_scale_input_called = True
-        key = ("scale", self._step_index)
-        plan = self._plans.get(key)
-        if plan is None:
-            sigma = self._sig[self._step_index]
-            plan = self._plans[key] = pack([1.0 / math.sqrt(sigma * sigma + 1.0)])
-        return fused_planned(sample, [], plan)
+        return self.scaled_input(sample, timestep, lambda i: 1.0 / math.sqrt(self._sig[i] * self._sig[i] + 1.0))
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """``x = x0 + sigma noise`` with sigma at ``timesteps`` (Tensor[B], values of

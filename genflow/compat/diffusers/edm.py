@@ -118,14 +118,7 @@ class EDMEulerScheduler(SigmaScheduler):
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
         """The network input ``c_in(sigma) sample = sample / sqrt(sigma^2 + sigma_data^2)``."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        self.is_scale_input_called = True
-        key = ("scale", self._step_index)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = pack([_c_in(self.config, self._sig[self._step_index])])
-        return fused_planned(sample, [], plan)
+        return self.scaled_input(sample, timestep, lambda i: _c_in(self.config, self._sig[i]))
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
@@ -253,14 +246,7 @@ class EDMDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
         """The network input ``c_in(sigma) sample = sample / sqrt(sigma^2 + sigma_data^2)``."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        self.is_scale_input_called = True
-        key = ("scale", self._step_index)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = pack([_c_in(self.config, self._s[self._step_index])])
-        return fused_planned(sample, [], plan)
+        return self.scaled_input(sample, timestep, lambda i: _c_in(self.config, self._s[i]))
 
 
 class CosineDPMSolverMultistepScheduler(EDMDPMSolverMultistepScheduler):
